@@ -1,0 +1,324 @@
+"""The three analyses — pair, series, overlap — as streams over aligned tensors.
+
+Each one opens its checkpoints lazily, walks the tensor names they share, cuts every tensor
+into its matrices (`families.parts_of`), feeds row chunks to a kernel accumulator and turns the
+accumulated counts into an `AnalysisResult`: the `--json` document plus the per-matrix detail
+(histograms, spectra, update maps) that goes to DuckDB.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from worker.checkpoint import Checkpoint, open_checkpoint
+from worker.contract import BLOCKS, MATRIX_TYPES
+from worker.errors import InputError
+from worker.families import Layout, Part, detect_family, parts_of
+from worker.kernels import MAP_CELLS, MaskAccumulator, PairAccumulator, bin_bounds
+
+DEFAULT_TAU = 1e-5
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current tensor)
+
+
+@dataclass
+class Options:
+    taus: list[float] = field(default_factory=lambda: [DEFAULT_TAU])
+    relative: bool = False
+    rank: bool = True
+    device: str | None = None          # None: CUDA when available, else CPU
+    chunk_elements: int | None = None  # None: per-device default
+    progress: Progress | None = None
+
+    def torch_device(self) -> torch.device:
+        if self.device in (None, "auto"):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError("--device", "CUDA was requested but no CUDA device is available")
+        return torch.device(self.device)
+
+
+@dataclass
+class AnalysisResult:
+    kind: str
+    document: dict                           # exactly what --json writes
+    details: list[dict] = field(default_factory=list)  # per matrix: histograms, spectrum, map, run
+    family: str = "generic"
+    device: str = "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment and streaming
+# ---------------------------------------------------------------------------------------------
+def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str], dict[str, list]]:
+    """Names present with the same shape everywhere, and why the others were skipped."""
+    base, others = checkpoints[0], checkpoints[1:]
+    base_names = set(base.names())
+    skipped: dict[str, list] = {"only_base": [], "only_target": [], "shape_mismatch": [], "not_numeric": []}
+    common = []
+    for name in base.names():
+        missing = [labels[i + 1] for i, c in enumerate(others) if name not in c.files]
+        if missing:
+            skipped["only_base"].append(name if len(others) == 1 else {"name": name, "missing_in": missing})
+            continue
+        shapes = [c.meta(name).shape for c in checkpoints]
+        if len(set(shapes)) > 1:
+            skipped["shape_mismatch"].append({"name": name, "shapes": [list(s) for s in shapes]})
+            continue
+        if any(c.meta(name).dtype in ("U16", "U32", "U64") for c in checkpoints):
+            skipped["not_numeric"].append(name)
+            continue
+        common.append(name)
+    for i, c in enumerate(others):
+        for name in c.names():
+            if name not in base_names:
+                skipped["only_target"].append(name if len(others) == 1 else {"name": name, "only_in": labels[i + 1]})
+    if not common:
+        raise InputError(labels[1] if len(labels) == 2 else labels[0],
+                         "no tensor in common with the base (same name and shape): nothing to compare")
+    return common, {k: v for k, v in skipped.items() if v or k != "not_numeric"}
+
+
+def as_matrix(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    if x.ndim == 0:
+        x = x.reshape(1, 1)
+    elif x.ndim == 1:
+        x = x.reshape(-1, 1)
+    elif x.ndim > 2:
+        x = x.reshape(x.shape[0], -1)
+    return x.t() if transpose else x
+
+
+def row_chunks(segments, budget_rows: int, grid_edges: list[int]) -> Iterator[tuple[int, int, int, int]]:
+    """(part row, grid row, source start, source stop): chunks within one segment and one grid row."""
+    part_row = 0
+    for start, stop in segments:
+        row = start
+        while row < stop:
+            at = part_row + row - start
+            grid_row = bisect.bisect_right(grid_edges, at) - 1
+            end = min(stop, row + budget_rows, start + grid_edges[grid_row + 1] - part_row)
+            yield at, grid_row, row, end
+            row = end
+        part_row += stop - start
+
+
+@dataclass
+class _Stream:
+    checkpoints: list[Checkpoint]
+    names: list[str]
+    family: str
+    layout: Layout
+    device: torch.device
+    chunk_elements: int
+    progress: Progress | None
+    skipped: dict[str, list]
+
+    def parts(self, make) -> Iterator[tuple[Part, list[int], str, dict]]:
+        """For every matrix: (part, its 2-D shape, stored dtype, accumulated result)."""
+        total = sum(c.meta(n).nbytes for c in self.checkpoints for n in self.names)
+        done = 0
+        for name in self.names:
+            meta = self.checkpoints[0].meta(name)
+            tensors = [c.tensor(name) for c in self.checkpoints]
+            for part in parts_of(name, meta.shape, self.family, self.layout):
+                mats = [as_matrix(t, part.transpose) for t in tensors]
+                full_rows, cols = mats[0].shape
+                segments = part.segments or ((0, full_rows),)
+                rows = sum(e - s for s, e in segments)
+                is_2d = len(meta.shape) == 2
+                grid_edges = bin_bounds(rows, min(MAP_CELLS, rows)) if is_2d else [0, rows]
+                acc = make(part, rows, cols, tensors[0].dtype, is_2d)
+                budget_rows = max(1, self.chunk_elements // max(cols, 1))
+                for at, grid_row, start, stop in row_chunks(segments, budget_rows, grid_edges):
+                    acc.add(mats[0][start:stop], [m[start:stop] for m in mats[1:]], at, grid_row)
+                yield part, [rows, cols] if (part.segments or part.transpose) else list(meta.shape), meta.dtype, acc.result()
+            del tensors
+            for c in self.checkpoints:
+                c.release(name)
+                done += c.meta(name).nbytes
+            if self.progress:
+                self.progress(done, total, name)
+
+
+def _open_all(paths: list[str], opts: Options) -> tuple[list[Checkpoint], _Stream]:
+    checkpoints = [open_checkpoint(p) for p in paths]
+    names, skipped = _align(checkpoints, [str(p) for p in paths])
+    config = next((c.config for c in checkpoints if c.config), {})
+    family = detect_family(config, names)
+    device = opts.torch_device()
+    chunk = opts.chunk_elements or (1 << 24 if device.type == "cuda" else 1 << 18)
+    return checkpoints, _Stream(checkpoints, names, family, Layout.from_config(config), device, chunk, opts.progress, skipped)
+
+
+def _part_fields(part: Part, shape: list[int], dtype: str) -> dict:
+    return dict(name=part.name, source=part.source, layer=part.layer, block=part.block, matrix=part.matrix,
+                expert=part.expert, shape=shape, numel=math.prod(shape), dtype=dtype)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _group(rows: list[dict], key: str, taus: list[float]) -> list[dict]:
+    """Parameter-weighted totals (sums of counts) per block or per layer."""
+    groups: dict = {}
+    for r in rows:
+        g = groups.setdefault(r[key], {key: r[key], "numel": 0, "changed": [0] * len(taus)})
+        g["numel"] += r["numel"]
+        g["changed"] = [x + c["count"] for x, c in zip(g["changed"], r["changed"])]
+    vocab = {"block": BLOCKS, "matrix": MATRIX_TYPES}.get(key)
+    order = (lambda g: (g[key] is None, g[key] or 0)) if vocab is None else (lambda g: vocab.index(g[key]) if g[key] in vocab else 99)
+    return [{**g, "changed": [{"tau": t, "count": c} for t, c in zip(taus, g["changed"])]}
+            for g in sorted(groups.values(), key=order)]
+
+
+# ---------------------------------------------------------------------------------------------
+# pair
+# ---------------------------------------------------------------------------------------------
+def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
+    checkpoints, stream = _open_all([base, target], opts)
+    taus = opts.taus
+    mode = "changed_rel" if opts.relative else "changed_abs"
+
+    def make(part, rows, cols, dtype, is_2d):
+        return PairAccumulator(rows, cols, dtype, taus, opts.relative, is_2d, opts.rank, part.heads,
+                               part.matrix in ("q", "k", "v"), stream.device)
+
+    tensors, details = [], []
+    sq_delta = sq_base = 0.0
+    for part, shape, dtype, r in stream.parts(make):
+        sq_delta, sq_base = sq_delta + r["sq_delta"], sq_base + r["sq_base"]
+        row = _part_fields(part, shape, dtype)
+        row["changed"] = [{"tau": t, "count": c} for t, c in zip(taus, r[mode])]
+        row["sparsity"] = [1 - c / row["numel"] if row["numel"] else None for c in r[mode]]
+        row.update(norm_delta=r["norm_delta"], norm_base=r["norm_base"], relative_change=_ratio(r["norm_delta"], r["norm_base"]),
+                   max_abs_delta=r["max_abs_delta"], mean_abs_delta=_ratio(r["sum_abs_delta"], row["numel"]))
+        for k in ("rank", "full_rank", "rank_pct", "effective_rank", "stable_rank", "rank90", "rank99"):
+            row[k] = r.get(k)
+        tensors.append(row)
+        details.append({"run": 0, "name": part.name, "row": row, **r})
+
+    numel = sum(t["numel"] for t in tensors)
+    changed = [sum(t["changed"][i]["count"] for t in tensors) for i in range(len(taus))]
+    ranked = [t["rank_pct"] for t in tensors if t["rank_pct"] is not None]
+    document = {
+        "kind": "pair", "base": str(base), "target": str(target), "taus": taus,
+        "mode": "relative" if opts.relative else "absolute", "family": stream.family,
+        "summary": {
+            "numel": numel,
+            "changed": [{"tau": t, "count": c} for t, c in zip(taus, changed)],
+            "sparsity": [{"tau": t, "value": 1 - c / numel} for t, c in zip(taus, changed)],
+            "similarity": {"tau": taus[0], "equal_share": 1 - changed[0] / numel,
+                           "relative_l2": _ratio(math.sqrt(sq_delta), math.sqrt(sq_base))},
+            "mean_rank_pct": sum(ranked) / len(ranked) if ranked else None,
+            "min_rank_pct": min(ranked) if ranked else None,
+            "by_block": _group(tensors, "block", taus),
+            "by_matrix": _group(tensors, "matrix", taus),
+            "by_layer": _group(tensors, "layer", taus),
+        },
+        "tensors": tensors,
+        "skipped": stream.skipped,
+    }
+    return AnalysisResult("pair", document, details, stream.family, str(stream.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# series and overlap: masks of several checkpoints against one base
+# ---------------------------------------------------------------------------------------------
+def _mask_stream(paths: list[str], opts: Options, series: bool):
+    checkpoints, stream = _open_all(paths, opts)
+    runs = len(paths) - 1
+    tau = opts.taus[0]
+
+    def make(part, rows, cols, dtype, is_2d):
+        return MaskAccumulator(runs, dtype, tau, opts.relative, series, stream.device)
+
+    return stream, tau, stream.parts(make)
+
+
+def _series_figures(steps: list[list[int]], union: list[int], numel: int, labels: list[str], sq_delta, sq_base) -> dict:
+    return {
+        "steps": [{"checkpoint": label, "changed": c, "outside_final": o, "transient_fraction": _ratio(o, c),
+                   "relative_l2": _ratio(math.sqrt(d), math.sqrt(sq_base))}
+                  for label, (c, o), d in zip(labels, steps, sq_delta)],
+        "categories": {"consistent": steps[-1][0], "transient": union[1], "untouched": numel - union[0]},
+    }
+
+
+def analyze_series(base: str, checkpoints: list[str], opts: Options) -> AnalysisResult:
+    if not checkpoints:
+        raise InputError(base, "a series needs at least one checkpoint after the base")
+    stream, tau, parts = _mask_stream([base, *checkpoints], opts, series=True)
+    labels = [str(c) for c in checkpoints]
+    runs = len(checkpoints)
+    tensors, details = [], []
+    steps_total, union_total = [[0, 0] for _ in range(runs)], [0, 0]
+    sq_delta_total, sq_base_total = [0.0] * runs, 0.0
+    for part, shape, dtype, r in parts:
+        row = _part_fields(part, shape, dtype)
+        row.update(_series_figures(r["steps"], r["union"], row["numel"], labels, r["sq_delta"], r["sq_base"]))
+        tensors.append(row)
+        details.append({"run": 0, "name": part.name, "row": row})
+        steps_total = [[a + x, b + y] for (a, b), (x, y) in zip(steps_total, r["steps"])]
+        union_total = [a + x for a, x in zip(union_total, r["union"])]
+        sq_delta_total = [a + x for a, x in zip(sq_delta_total, r["sq_delta"])]
+        sq_base_total += r["sq_base"]
+    numel = sum(t["numel"] for t in tensors)
+    document = {"kind": "series", "base": str(base), "checkpoints": labels, "tau": tau,
+                "mode": "relative" if opts.relative else "absolute", "family": stream.family, "numel": numel,
+                **_series_figures(steps_total, union_total, numel, labels, sq_delta_total, sq_base_total),
+                "tensors": tensors, "skipped": stream.skipped}
+    return AnalysisResult("series", document, details, stream.family, str(stream.device))
+
+
+def _overlap_figures(patterns: list[int], runs: int, numel: int) -> dict:
+    changed = [sum(n for code, n in enumerate(patterns) if code >> k & 1) for k in range(runs)]
+    pairs = []
+    for a in range(runs):
+        for b in range(a + 1, runs):
+            both = sum(n for code, n in enumerate(patterns) if code >> a & 1 and code >> b & 1)
+            either = changed[a] + changed[b] - both
+            pairs.append({"a": a, "b": b, "both": both, "o1": _ratio(both, changed[a]), "o2": _ratio(both, changed[b]),
+                          "baseline1": _ratio(changed[b], numel), "baseline2": _ratio(changed[a], numel),
+                          "jaccard": _ratio(both, either)})
+    out = {"numel": numel, "changed": changed, "pairs": pairs}
+    if runs <= 3:
+        out["venn"] = {"".join("1" if code >> k & 1 else "0" for k in range(runs)): n
+                       for code, n in enumerate(patterns) if code}
+    return out
+
+
+def analyze_overlap(base: str, runs: list[str], opts: Options) -> AnalysisResult:
+    if len(runs) < 2:
+        raise InputError(base, "an overlap needs at least two runs after the base")
+    stream, tau, parts = _mask_stream([base, *runs], opts, series=False)
+    tensors, details = [], []
+    totals = [0] * (1 << len(runs))
+    for part, shape, dtype, r in parts:
+        row = _part_fields(part, shape, dtype)
+        row.update(_overlap_figures(r["patterns"], len(runs), row["numel"]))
+        tensors.append(row)
+        details.append({"run": 0, "name": part.name, "row": row, "patterns": r["patterns"]})
+        totals = [a + b for a, b in zip(totals, r["patterns"])]
+    numel = sum(t["numel"] for t in tensors)
+    document = {"kind": "overlap", "base": str(base), "runs": [str(r) for r in runs], "tau": tau,
+                "mode": "relative" if opts.relative else "absolute", "family": stream.family,
+                "summary": _overlap_figures(totals, len(runs), numel), "tensors": tensors, "skipped": stream.skipped}
+    return AnalysisResult("overlap", document, details, stream.family, str(stream.device))
+
+
+ANALYSES = {"pair": analyze_pair, "series": analyze_series, "overlap": analyze_overlap}
+
+
+def run_analysis(kind: str, paths: list[str], opts: Options) -> AnalysisResult:
+    """Entry point shared by the CLI and the Celery task: paths in the CLI's order."""
+    if kind == "pair":
+        if len(paths) != 2:
+            raise InputError(paths[0] if paths else "pair", "a pair analysis takes exactly BASE and TARGET")
+        return analyze_pair(paths[0], paths[1], opts)
+    return ANALYSES[kind](paths[0], list(paths[1:]), opts)
+

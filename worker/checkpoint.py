@@ -1,0 +1,211 @@
+"""Lazy, memory-mapped checkpoint readers.
+
+`open_checkpoint(path)` accepts an HF directory (single or sharded safetensors, or a pickled
+`pytorch_model.bin`), a lone `.safetensors` file, or a `.bin`/`.pt` state dict. Tensors come
+back as zero-copy views of the mapped file; `release(name)` hands the pages back so resident
+memory stays O(one tensor), not O(model).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from worker.errors import InputError
+from worker.safetensors_header import TensorInfo, read_header
+
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Meta:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: BF16, F32, ...
+    nbytes: int
+
+
+class SafetensorsFile:
+    """One .safetensors file, validated, mapped once, read tensor by tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.infos: dict[str, TensorInfo] = read_header(path)[0]
+        self._map: mmap.mmap | None = None
+
+    def _mapped(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY gives a writable (never written) view, which torch.frombuffer wants.
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(self.path) else None
+        return self._map
+
+    def meta(self, name: str) -> Meta:
+        i = self.infos[name]
+        return Meta(i.shape, i.dtype, i.nbytes)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        i = self.infos[name]
+        dtype = TORCH_DTYPES[i.dtype]
+        if i.numel == 0:
+            return torch.empty(i.shape, dtype=dtype)
+        flat = torch.frombuffer(self._mapped(), dtype=dtype, count=i.numel, offset=i.start)
+        return flat.view(i.shape)
+
+    def release(self, name: str) -> None:
+        i = self.infos[name]
+        if self._map is not None and i.nbytes:
+            start = i.start - i.start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, i.end - start)
+
+
+class PickledStateDict:
+    """A torch.save'd state dict, read only through torch.load(weights_only=True)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+            raise InputError(path, f"refused: the pickle is not a plain state dict ({first[:200]})") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            raise InputError(path, f"cannot read as a torch state dict: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            raise InputError(path, "not a state dict (expected a mapping of names to tensors)")
+        self.tensors: dict[str, torch.Tensor] = obj
+        self.infos = obj
+
+    def meta(self, name: str) -> Meta:
+        t = self.tensors[name]
+        return Meta(tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)), t.numel() * t.element_size())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def release(self, name: str) -> None:
+        pass
+
+
+@dataclass
+class Checkpoint:
+    """A model checkpoint: tensor names mapped to the file that holds them, plus config.json."""
+
+    path: Path
+    files: dict[str, SafetensorsFile | PickledStateDict] = field(default_factory=dict)  # tensor name -> file
+    config: dict = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def meta(self, name: str) -> Meta:
+        return self.files[name].meta(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.files[name].tensor(name)
+
+    def release(self, name: str) -> None:
+        self.files[name].release(name)
+
+    def nbytes(self) -> int:
+        return sum(self.meta(n).nbytes for n in self.files)
+
+
+def _open_file(path: Path):
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return PickledStateDict(path)
+    raise InputError(path, "unsupported file type (expected .safetensors, .bin, .pt or a checkpoint directory)")
+
+
+def _read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(config_path, f"config.json is not valid JSON ({e})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _sharded(folder: Path, index_path: Path) -> dict[str, Path]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
+        raise InputError(index_path, "index is not JSON with a 'weight_map' object") from None
+    root = folder.resolve()
+    shards = {}
+    for name, rel in weight_map.items():
+        if not isinstance(rel, str):
+            raise InputError(index_path, f"weight_map entry for {name!r} is not a file name")
+        target = (folder / rel).resolve()
+        if root not in target.parents:
+            raise InputError(index_path, f"shard path {rel!r} leaves the checkpoint folder")
+        if not target.is_file():
+            raise InputError(index_path, f"shard {rel!r} is missing")
+        shards[name] = target
+    return shards
+
+
+def _directory_files(folder: Path) -> dict[str, Path] | list[Path]:
+    """Either {tensor: shard} from an index, or the list of weight files to read whole."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index_name).is_file():
+            return _sharded(folder, folder / index_name)
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    candidates = sorted(folder.glob("*.safetensors")) or sorted(p for s in PICKLE_SUFFIXES for p in folder.glob("*" + s))
+    if len(candidates) == 1:
+        return candidates
+    if not candidates:
+        raise InputError(folder, "no model.safetensors, index or .bin state dict in this directory")
+    raise InputError(folder, f"{len(candidates)} weight files and no index: cannot tell which is the model")
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or directory")
+    if path.is_dir():
+        found = _directory_files(path)
+        checkpoint = Checkpoint(path, config=_read_config(path))
+        if isinstance(found, dict):
+            opened: dict[Path, object] = {}
+            for name, shard in found.items():
+                if shard not in opened:
+                    opened[shard] = _open_file(shard)
+                if name not in opened[shard].infos:
+                    raise InputError(shard, f"the index names tensor {name!r} but this shard does not hold it")
+                checkpoint.files[name] = opened[shard]
+        else:
+            reader = _open_file(found[0])
+            checkpoint.files = {name: reader for name in reader.infos}
+    else:
+        reader = _open_file(path)
+        checkpoint = Checkpoint(path, files={name: reader for name in reader.infos}, config=_read_config(path.parent))
+    if not checkpoint.files:
+        raise InputError(path, "checkpoint holds no tensors")
+    return checkpoint

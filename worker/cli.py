@@ -1,0 +1,113 @@
+"""`deltalens` command line: analyze | series | overlap (see ARCHITECTURE.md, "CLI contract").
+
+Exit 0 on success; bad input exits 2 with one line on stderr naming the file and the problem.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+
+def _tau(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"τ must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"τ must be finite and >= 0, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, many_taus: bool) -> None:
+    p.add_argument("--tau", type=_tau, nargs="+", action="extend", metavar="T",
+                   help="tolerance(s) τ: a weight counts as changed when |Δ| > τ (default 1e-5)"
+                   + ("" if many_taus else "; the first one is used"))
+    p.add_argument("--relative", action="store_true", help="relative mode: changed when |Δ| > τ·|base|")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+    p.add_argument("--out", metavar="FILE.duckdb", help="add the results to this DuckDB file")
+    p.add_argument("--json", metavar="FILE|-", help="write the result object as JSON ('-' = stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltalens", description="Where did fine-tuning change a model?")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("analyze", help="base -> target: changed weights, histograms, rank, update maps")
+    p.add_argument("base")
+    p.add_argument("target")
+    _common(p, many_taus=True)
+    p.add_argument("--no-rank", action="store_true", help="skip singular spectra (faster)")
+    p = sub.add_parser("series", help="base, checkpoints..., final: transient updates over training")
+    p.add_argument("base")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    _common(p, many_taus=False)
+    p = sub.add_parser("overlap", help="base + runs: overlap of update masks against the random baseline")
+    p.add_argument("base")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    _common(p, many_taus=False)
+    return parser
+
+
+def _progress_bar(quiet: bool):
+    if quiet:
+        return None, None
+    from tqdm import tqdm
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="reading", leave=False,
+               mininterval=0.5)
+
+    def update(done: int, total: int, name: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.refresh()
+    return update, bar
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from worker.analyses import Options, run_analysis
+    from worker.errors import InputError
+    from worker.report import SUMMARIES
+
+    kind = {"analyze": "pair", "series": "series", "overlap": "overlap"}[args.command]
+    paths = [args.base, *( [args.target] if kind == "pair" else args.checkpoints if kind == "series" else args.runs)]
+    progress, bar = _progress_bar(args.quiet)
+    opts = Options(taus=args.tau or [1e-5], relative=args.relative, rank=not getattr(args, "no_rank", False),
+                   device=args.device, progress=progress)
+    try:
+        result = run_analysis(kind, paths, opts)
+        if args.out:
+            from worker.store import write_artifact
+            write_artifact(result, args.out)
+    except InputError as e:
+        print(f"deltalens: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"deltalens: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    text = json.dumps(result.document, indent=1)
+    if args.json == "-":
+        print(text)
+    else:
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+        print(SUMMARIES[kind](result.document))
+    return 0
+
+
+def main() -> None:
+    import torch  # noqa: F401  (fail early with a clear message if the engine is not installed)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The results contract shared by the worker (writer) and the backend (reader).
+
+Imports neither torch nor FastAPI: the backend may import this module freely.
+
+It fixes three things:
+  * the |Δ| histogram bins (``BIN_EDGES``) — the same for every tensor and every analysis,
+  * the DuckDB schema of a results artifact (``SCHEMA_SQL``),
+  * the vocabulary: canonical matrix types and blocks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+MATRIX_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "bias", "other")
+BLOCKS = ("embed", "attn", "mlp", "norm", "head", "other")
+
+# ---------------------------------------------------------------------------------------------
+# Histogram bins.
+#
+# Edges are 10^(k/16) for k = -192..32 (1e-12 .. 1e2, 16 per decade), each rounded to the nearest
+# bfloat16 value (relative error < 0.2 %). Being on the bfloat16 grid lets the engine bin a float
+# by its bit pattern (exact, no log) and makes "count of |Δ| > edge" exact for every edge.
+# Bins: [exactly 0], (0, E0], (E0, E1], ..., (E_{K-2}, E_{K-1}], (E_{K-1}, +inf and NaN].
+# ---------------------------------------------------------------------------------------------
+BINS_PER_DECADE = 16
+_EXPONENTS = np.arange(-12 * BINS_PER_DECADE, 2 * BINS_PER_DECADE + 1)
+
+
+def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round half to even
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+BIN_EDGES: tuple[float, ...] = tuple(float(e) for e in _round_to_bfloat16(10.0 ** (_EXPONENTS / BINS_PER_DECADE)))
+NUM_BINS = len(BIN_EDGES) + 2  # zero bin + K-1 inner bins + underflow (0, E0] + overflow
+# Index of the bfloat16-grid cell whose upper edge is each bin edge ("fine" cells, see kernels).
+EDGE_CELLS: tuple[int, ...] = tuple(int(c) for c in (np.asarray(BIN_EDGES, np.float32).view(np.uint32) >> 16))
+FINE_CELLS = 1 << 15  # fine histogram: cell 0 = exact zero, cells 1..32768 = bfloat16-grid cells
+
+
+def changed_from_histogram(counts, tau_edge_index: int) -> int:
+    """Number of values > BIN_EDGES[tau_edge_index], from a histogram over these bins (exact)."""
+    return int(sum(counts[tau_edge_index + 2:]))
+
+
+def nearest_edge_index(tau: float) -> int:
+    """Index of the bin edge nearest to tau in log space (what a τ slider snaps to)."""
+    if tau <= 0:
+        raise ValueError("histogram edges are positive; τ = 0 is read from the zero bin")
+    return int(np.argmin(np.abs(np.log10(np.asarray(BIN_EDGES)) - np.log10(tau))))
+
+
+# ---------------------------------------------------------------------------------------------
+# DuckDB schema of one results artifact. Every table carries analysis_id, so artifacts can be
+# ingested into one catalog side by side. `run` is the target index: 0 for a pair, the
+# checkpoint index (0-based) for a series, the run index for an overlap.
+# ---------------------------------------------------------------------------------------------
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS analyses (
+    analysis_id   VARCHAR PRIMARY KEY,
+    kind          VARCHAR NOT NULL,          -- pair | series | overlap
+    created_at    TIMESTAMP NOT NULL,
+    schema_version INTEGER NOT NULL,
+    base          VARCHAR NOT NULL,
+    targets       VARCHAR[] NOT NULL,         -- target / checkpoints / runs, in CLI order
+    taus          DOUBLE[] NOT NULL,
+    relative      BOOLEAN NOT NULL,
+    family        VARCHAR NOT NULL,
+    device        VARCHAR NOT NULL,
+    bin_edges     DOUBLE[] NOT NULL,
+    result_json   JSON NOT NULL              -- the exact object `--json` writes
+);
+CREATE TABLE IF NOT EXISTS tensors (
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL,
+    name VARCHAR NOT NULL, source VARCHAR NOT NULL,
+    layer INTEGER, block VARCHAR NOT NULL, matrix VARCHAR NOT NULL, expert INTEGER,
+    shape BIGINT[] NOT NULL, numel BIGINT NOT NULL, dtype VARCHAR NOT NULL,
+    norm_delta DOUBLE, norm_base DOUBLE, max_abs_delta DOUBLE, sum_abs_delta DOUBLE,
+    rank INTEGER, full_rank INTEGER, rank_pct DOUBLE, effective_rank DOUBLE, stable_rank DOUBLE,
+    rank90 INTEGER, rank99 INTEGER
+);
+CREATE TABLE IF NOT EXISTS changed (        -- exact counts at each requested τ
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL, name VARCHAR NOT NULL,
+    mode VARCHAR NOT NULL,                   -- abs | rel
+    tau DOUBLE NOT NULL, count BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS histograms (     -- counts over contract.BIN_EDGES bins
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL, name VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,                   -- abs (|Δ|) | rel (|Δ|/|b|)
+    counts BIGINT[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spectra (
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL, name VARCHAR NOT NULL,
+    idx INTEGER[] NOT NULL,                  -- 0-based positions kept (downsampled when long)
+    sigma DOUBLE[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS update_maps (    -- at the first τ, in the analysis's mode
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL, name VARCHAR NOT NULL,
+    tau DOUBLE NOT NULL, grid_rows INTEGER NOT NULL, grid_cols INTEGER NOT NULL,
+    cells DOUBLE[] NOT NULL,                 -- fraction changed, row-major grid_rows x grid_cols
+    row_frac DOUBLE[] NOT NULL, col_frac DOUBLE[] NOT NULL, -- binned to <= 1024 entries
+    head_frac DOUBLE[]                       -- per attention head, when heads are known
+);
+CREATE TABLE IF NOT EXISTS overlap_regions ( -- Venn counts; name '*' = whole model
+    analysis_id VARCHAR NOT NULL, name VARCHAR NOT NULL,
+    region VARCHAR NOT NULL,                 -- membership bits in run order, e.g. '101'
+    count BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS overlap_pairs (
+    analysis_id VARCHAR NOT NULL, name VARCHAR NOT NULL, a INTEGER NOT NULL, b INTEGER NOT NULL,
+    both_count BIGINT NOT NULL, o1 DOUBLE, o2 DOUBLE, baseline1 DOUBLE, baseline2 DOUBLE, jaccard DOUBLE
+);
+CREATE TABLE IF NOT EXISTS series_steps (   -- name '*' = whole model
+    analysis_id VARCHAR NOT NULL, name VARCHAR NOT NULL, step INTEGER NOT NULL,
+    checkpoint VARCHAR NOT NULL, changed BIGINT NOT NULL, outside_final BIGINT NOT NULL,
+    transient_fraction DOUBLE, relative_l2 DOUBLE
+);
+CREATE TABLE IF NOT EXISTS series_categories (
+    analysis_id VARCHAR NOT NULL, name VARCHAR NOT NULL,
+    consistent BIGINT NOT NULL, transient BIGINT NOT NULL, untouched BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    analysis_id VARCHAR NOT NULL, name VARCHAR NOT NULL,
+    reason VARCHAR NOT NULL                  -- only_base | only_target | shape_mismatch | ...
+);
+"""
+
+TABLES = ("analyses", "tensors", "changed", "histograms", "spectra", "update_maps",
+          "overlap_regions", "overlap_pairs", "series_steps", "series_categories", "skipped")

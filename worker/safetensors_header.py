@@ -1,0 +1,127 @@
+"""Parse and validate a safetensors header before any tensor byte is touched.
+
+Torch-free, so the API process can validate uploads with the same code the engine reads with.
+Every problem raises InputError(path, one-line problem).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+from worker.errors import InputError
+
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+DEFAULT_MAX_HEADER = 100 * 1024 * 1024
+MAX_NAME_LENGTH = 1024
+MAX_TENSORS = 1_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def read_header(path: str | os.PathLike, max_header: int = DEFAULT_MAX_HEADER) -> tuple[dict[str, TensorInfo], dict]:
+    """Return ({name: TensorInfo}, metadata) for a safetensors file, or raise InputError."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(path, f"not a safetensors file: {size} bytes, too short for the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > max_header:
+                raise InputError(path, f"header length {header_len} exceeds the limit of {max_header} bytes")
+            if 8 + header_len > size:
+                raise InputError(path, f"header length {header_len} goes beyond the end of the file ({size} bytes)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except UnicodeDecodeError:
+        raise InputError(path, "header is not UTF-8 JSON") from None
+    except ValueError as e:  # json.JSONDecodeError is a ValueError, so is our duplicate check
+        msg = str(e)
+        raise InputError(path, f"header JSON has a {msg}" if msg.startswith("duplicate") else f"header is not valid JSON ({msg})") from None
+    if not isinstance(header, dict):
+        raise InputError(path, "header JSON is not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(path, "__metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise InputError(path, f"{len(header)} tensors exceed the limit of {MAX_TENSORS}")
+
+    data_start = 8 + header_len
+    data_len = size - data_start
+    tensors = {name: _tensor_info(path, name, entry, data_start, data_len) for name, entry in header.items()}
+    _check_layout(path, tensors, data_start, data_len)
+    return tensors, metadata
+
+
+def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    if len(name) > MAX_NAME_LENGTH:
+        raise InputError(path, f"tensor name longer than {MAX_NAME_LENGTH} characters: {shown!r}")
+    if not isinstance(entry, dict):
+        raise InputError(path, f"tensor {shown!r}: entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise InputError(path, f"tensor {shown!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(path, f"tensor {shown!r}: shape must be a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise InputError(path, f"tensor {shown!r}: data_offsets must be two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise InputError(path, f"tensor {shown!r}: data_offsets [{begin}, {end}] are not ordered")
+    if end > data_len:
+        raise InputError(path, f"tensor {shown!r}: data_offsets [{begin}, {end}] out of bounds (data section is {data_len} bytes; file truncated?)")
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise InputError(path, f"tensor {shown!r}: shape {shape} x {dtype} needs {expected} bytes but data_offsets span {end - begin}")
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_layout(path: str, tensors: dict[str, TensorInfo], data_start: int, data_len: int) -> None:
+    """Tensors must tile the data section exactly: no overlap, no hole, nothing after the last."""
+    position = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start < position:
+            raise InputError(path, f"tensor {info.name!r}: data_offsets overlap the previous tensor")
+        if info.start > position:
+            raise InputError(path, f"tensor {info.name!r}: {info.start - position} unindexed bytes before its data")
+        position = info.end
+    if position != data_start + data_len:
+        raise InputError(path, f"{data_start + data_len - position} trailing bytes after the last tensor")
