@@ -185,7 +185,7 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
     mode = "changed_rel" if opts.relative else "changed_abs"
 
     def make(part, rows, cols, dtype, is_2d):
-        return PairAccumulator(rows, cols, dtype, taus, opts.relative, is_2d, opts.rank, part.heads,
+        return PairAccumulator(rows, cols, taus, opts.relative, is_2d, opts.rank, part.heads,
                                part.matrix in ("q", "k", "v"), stream.device)
 
     tensors, details = [], []
@@ -235,7 +235,7 @@ def _mask_stream(paths: list[str], opts: Options, series: bool):
     tau = opts.taus[0]
 
     def make(part, rows, cols, dtype, is_2d):
-        return MaskAccumulator(runs, dtype, tau, opts.relative, series, stream.device)
+        return MaskAccumulator(runs, tau, opts.relative, series, stream.device)
 
     return stream, tau, stream.parts(make)
 

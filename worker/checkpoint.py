@@ -11,6 +11,8 @@ import json
 import mmap
 import os
 import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,15 +78,13 @@ class PickledStateDict:
     def __init__(self, path: Path):
         self.path = path
         try:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = self._load(path)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-            raise InputError(path, f"refused: the pickle is not a plain state dict ({first[:200]})") from None
+            culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"it calls {culprit.group(1)}" if culprit else "it holds more than tensors"
+            raise InputError(path, f"refused to unpickle: {what}; only plain state dicts of tensors are read") from None
         except (RuntimeError, EOFError, ValueError, OSError) as e:
             raise InputError(path, f"cannot read as a torch state dict: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -93,6 +93,15 @@ class PickledStateDict:
             raise InputError(path, "not a state dict (expected a mapping of names to tensors)")
         self.tensors: dict[str, torch.Tensor] = obj
         self.infos = obj
+
+    @staticmethod
+    def _load(path: Path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
 
     def meta(self, name: str) -> Meta:
         t = self.tensors[name]

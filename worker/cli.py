@@ -51,19 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(quiet: bool):
-    if quiet:
-        return None, None
-    from tqdm import tqdm
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="reading", leave=False,
-               mininterval=0.5)
+class ProgressBar:
+    """A tqdm bar over bytes read, created on first use (after validation), only on a terminal."""
 
-    def update(done: int, total: int, name: str) -> None:
-        bar.total = total
-        bar.n = done
-        bar.set_postfix_str(name[-40:], refresh=False)
-        bar.refresh()
-    return update, bar
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False,
+                            desc="comparing", mininterval=0.25)
+        self.bar.n = done
+        self.bar.set_postfix_str(name[-40:], refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -74,7 +82,7 @@ def run(argv: list[str] | None = None) -> int:
 
     kind = {"analyze": "pair", "series": "series", "overlap": "overlap"}[args.command]
     paths = [args.base, *( [args.target] if kind == "pair" else args.checkpoints if kind == "series" else args.runs)]
-    progress, bar = _progress_bar(args.quiet)
+    progress = ProgressBar(enabled=not args.quiet)
     opts = Options(taus=args.tau or [1e-5], relative=args.relative, rank=not getattr(args, "no_rank", False),
                    device=args.device, progress=progress)
     try:
@@ -89,8 +97,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"deltalens: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     text = json.dumps(result.document, indent=1)
     if args.json == "-":
         print(text)

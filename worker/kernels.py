@@ -1,10 +1,9 @@
 """Per-tensor metric kernels (torch; CPU or CUDA), fed one row chunk at a time.
 
 Exactness rules (ARCHITECTURE.md invariant 3):
-  * Δ = t − b is taken in float32 for ≤16-bit inputs (exact: a difference of two bfloat16/fp16
-    values always fits float32's 24-bit mantissa) and in float64 for wider inputs.
-  * |Δ| > τ is compared against the largest compute-dtype value ≤ τ, which equals the real
-    comparison for every representable |Δ|. Relative mode |Δ| > τ·|b| is evaluated in float64.
+  * Δ = t − b, |Δ| > τ and |Δ| > τ·|b| are evaluated in float64 for every input dtype: the same
+    IEEE operations as a float64 NumPy reference, so counts agree to the last weight. (float32 is
+    not enough: bf16 0.01 minus bf16 -1e-7 rounds in float32 and lands on a bin edge.)
   * Histograms bin a value by its bit pattern on the bfloat16 grid (see contract.BIN_EDGES), so
     "count of values > edge" read from a histogram is exact.
 """
@@ -25,25 +24,12 @@ _EDGE_CELLS = torch.tensor(EDGE_CELLS, dtype=torch.int64)
 _F64_TO_CELL = ((1023 - 127) << 7) - 1  # float64 exponent bias shift, mapped to bfloat16-grid cells
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    narrow = dtype.is_floating_point and torch.finfo(dtype).bits <= 16
-    return torch.float32 if narrow or dtype in (torch.bool, torch.uint8, torch.int8, torch.int16) else torch.float64
-
-
-def strict_threshold(tau: float, dtype: torch.dtype) -> float:
-    """Largest value of `dtype` that is ≤ tau: for x in dtype, x > it  <=>  x > tau (real)."""
-    if dtype == torch.float64:
-        return float(tau)
-    t32 = np.float32(tau)
-    if float(t32) > tau:
-        t32 = np.nextafter(t32, np.float32(-np.inf))
-    return float(t32)
-
-
 def fine_cells(x: torch.Tensor) -> torch.Tensor:
-    """Cell index of each non-negative value: 0 for exact zero, else its bfloat16-grid cell (lo, hi]."""
-    if x.dtype == torch.float32:
-        return ((x.view(torch.int32) - 1) >> 16) + 1
+    """Cell of each non-negative float64: 0 for exact zero, else its bfloat16-grid cell (lo, hi].
+
+    (bits - 1) >> 45 keeps sign, exponent and 7 mantissa bits of the value just below x, so a
+    value equal to a grid point falls in the cell below it: cells are closed on the right.
+    """
     cells = ((x.view(torch.int64) - 1) >> 45) - _F64_TO_CELL
     return cells.clamp_(1, FINE_CELLS).masked_fill_(x == 0, 0)
 
@@ -89,8 +75,7 @@ class Spectrum:
 
     def add(self, delta: torch.Tensor) -> None:
         if self.tall:
-            d = delta.double()
-            self.gram.addmm_(d.T, d)
+            self.gram.addmm_(delta.T, delta)
         else:
             self.chunks.append(delta.clone())
 
@@ -103,7 +88,7 @@ class Spectrum:
             gram = torch.zeros(self.rows, self.rows, dtype=torch.float64, device=full.device)
             step = max(1, (1 << 22) // self.rows)
             for c in range(0, self.cols, step):
-                d = full[:, c:c + step].double()
+                d = full[:, c:c + step]
                 gram.addmm_(d, d.T)
         eig = torch.linalg.eigvalsh(gram).clamp_(min=0).flip(0)
         return eig.sqrt().cpu().numpy()
@@ -179,11 +164,10 @@ class UpdateMap:
 class PairAccumulator:
     """Everything `pair` reports for one matrix: counts, histograms, magnitudes, map, spectrum."""
 
-    def __init__(self, rows: int, cols: int, native: torch.dtype, taus: list[float], relative: bool,
+    def __init__(self, rows: int, cols: int, taus: list[float], relative: bool,
                  matrix_2d: bool, want_rank: bool, heads: int | None, heads_on_rows: bool, device: torch.device):
-        self.device, self.cdtype = device, compute_dtype(native)
+        self.device = device
         self.taus, self.relative = taus, relative
-        self.thresholds = [strict_threshold(t, self.cdtype) for t in taus]
         self.rows, self.cols = rows, cols
         zeros = lambda n, dt=torch.int64: torch.zeros(n, dtype=dt, device=device)  # noqa: E731
         self.fine_abs, self.fine_rel = zeros(FINE_CELLS + 1), zeros(FINE_CELLS + 1)
@@ -195,20 +179,19 @@ class PairAccumulator:
 
     def add(self, base: torch.Tensor, runs: list[torch.Tensor], row0: int, grid_row: int) -> None:
         """One row chunk of the base and of the target (runs[0]); rows row0.. lie in map row grid_row."""
-        b = base.to(self.device, self.cdtype)
-        d = runs[0].to(self.device, self.cdtype) - b
-        a = d.abs()
+        b = base.to(self.device, torch.float64)
+        d = runs[0].to(self.device, torch.float64) - b
+        a, b = d.abs(), b.abs_()
         self.fine_abs += fine_histogram(a)
-        self.changed_abs += torch.stack([(a > t).sum() for t in self.thresholds])
-        a64, b64 = a.double(), b.double().abs_()
-        ratio = torch.nan_to_num_(a64 / b64, nan=0.0, posinf=math.inf)  # 0/0 -> 0: unchanged
+        self.changed_abs += torch.stack([(a > t).sum() for t in self.taus])
+        ratio = torch.nan_to_num_(a / b, nan=0.0, posinf=math.inf)  # 0/0 -> 0: unchanged
         self.fine_rel += fine_histogram(ratio)
-        self.changed_rel += torch.stack([(a64 > t * b64).sum() for t in self.taus])
-        self.moments += torch.stack([d.square().sum(dtype=torch.float64), b64.square().sum(), a.sum(dtype=torch.float64)])
+        self.changed_rel += torch.stack([(a > t * b).sum() for t in self.taus])
+        self.moments += torch.stack([d.square().sum(), b.square().sum(), a.sum()])
         if a.numel():
-            self.max_abs = torch.maximum(self.max_abs, a.max().double())
+            self.max_abs = torch.maximum(self.max_abs, a.max())
         if self.map is not None:
-            mask = (a64 > self.taus[0] * b64) if self.relative else (a > self.thresholds[0])
+            mask = (a > self.taus[0] * b) if self.relative else (a > self.taus[0])
             self.map.add(mask, row0, grid_row)
         if self.spectrum is not None:
             self.spectrum.add(d)
@@ -237,12 +220,11 @@ class MaskAccumulator:
 
     MAX_OVERLAP_RUNS = 12
 
-    def __init__(self, runs: int, native: torch.dtype, tau: float, relative: bool, series: bool, device: torch.device):
+    def __init__(self, runs: int, tau: float, relative: bool, series: bool, device: torch.device):
         if not series and runs > self.MAX_OVERLAP_RUNS:
             raise ValueError(f"at most {self.MAX_OVERLAP_RUNS} runs per overlap")
-        self.device, self.cdtype = device, compute_dtype(native)
+        self.device = device
         self.tau, self.relative, self.runs, self.series = tau, relative, runs, series
-        self.threshold = strict_threshold(tau, self.cdtype)
         self.patterns = torch.zeros(1 << runs if not series else 1, dtype=torch.int64, device=device)
         self.steps = torch.zeros(runs, 2, dtype=torch.int64, device=device)   # |M_k|, |M_k ∧ ¬M_final|
         self.union = torch.zeros(2, dtype=torch.int64, device=device)         # |∪M|, |∪M ∧ ¬M_final|
@@ -250,14 +232,14 @@ class MaskAccumulator:
         self.sq_base = torch.zeros(1, dtype=torch.float64, device=device)
 
     def _mask(self, b: torch.Tensor, run: torch.Tensor, k: int) -> torch.Tensor:
-        d = run.to(self.device, self.cdtype) - b
-        self.sq_delta[k] += d.square().sum(dtype=torch.float64)
+        d = run.to(self.device, torch.float64) - b
+        self.sq_delta[k] += d.square().sum()
         a = d.abs_()
-        return (a.double() > self.tau * b.double().abs()) if self.relative else (a > self.threshold)
+        return (a > self.tau * b.abs()) if self.relative else (a > self.tau)
 
     def add(self, base: torch.Tensor, runs: list[torch.Tensor], row0: int = 0, grid_row: int = 0) -> None:
-        b = base.to(self.device, self.cdtype)
-        self.sq_base += b.square().sum(dtype=torch.float64)
+        b = base.to(self.device, torch.float64)
+        self.sq_base += b.square().sum()
         if not self.series:
             code = torch.zeros(b.shape, dtype=torch.int32, device=self.device)
             for k, run in enumerate(runs):
