@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from worker.contract import BIN_EDGES, NUM_BINS, changed_from_histogram, nearest_edge_index
+from worker.fused import FusedPairAccumulator
 from worker.kernels import PairAccumulator
 
 finite32 = st.floats(min_value=-1e3, max_value=1e3, width=32, allow_subnormal=True)
@@ -16,21 +17,28 @@ near_edges = st.sampled_from(BIN_EDGES).flatmap(
     lambda e: st.sampled_from([e, float(np.nextafter(np.float32(e), np.float32(0))), float(np.nextafter(np.float32(e), np.float32(1e9))), -e]))
 
 
-def _histogram(base: np.ndarray, target: np.ndarray, dtype: torch.dtype) -> PairAccumulator:
+def _histogram(base: np.ndarray, target: np.ndarray, dtype: torch.dtype, fused: bool):
     b, t = torch.from_numpy(base).to(dtype).reshape(-1, 1), torch.from_numpy(target).to(dtype).reshape(-1, 1)
-    acc = PairAccumulator(b.shape[0], 1, [1e-5], False, False, False, None, True, torch.device("cpu"))
-    acc.add(b, [t], 0, 0)
+    args = (b.shape[0], 1, [1e-5], False, False, False, None, True)
+    if not fused:
+        acc = PairAccumulator(*args, torch.device("cpu"))
+        acc.add(b, [t], 0, 0)
+        return acc
+    if dtype == torch.bfloat16:
+        b, t = b.view(torch.uint16), t.view(torch.uint16)
+    acc = FusedPairAccumulator(*args)
+    acc.add(b.numpy(), [t.numpy()], 0)
     return acc
 
 
 @settings(max_examples=200, deadline=None)
 @given(arrays(np.float32, st.integers(1, 300), elements=finite32),
        arrays(np.float32, st.integers(1, 300), elements=st.one_of(finite32, near_edges)),
-       st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-def test_histogram_gives_exact_counts_at_every_edge(base, delta, dtype):
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), st.booleans())
+def test_histogram_gives_exact_counts_at_every_edge(base, delta, dtype, fused):
     n = min(len(base), len(delta))
     base, target = base[:n], base[:n] + delta[:n]
-    acc = _histogram(base, target, dtype)
+    acc = _histogram(base, target, dtype, fused)
     result = acc.result()
     counts = result["hist_abs"]
     assert len(counts) == NUM_BINS and sum(counts) == n

@@ -24,9 +24,12 @@ def expected_parts(base, target):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("relative", [False, True])
-def test_counts_and_histograms_match_numpy(family_pair, kind, relative):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_counts_and_histograms_match_numpy(family_pair, kind, relative, fused):
     base, target = family_pair(kind)
-    result = run_analysis("pair", [str(base), str(target)], Options(taus=TAUS, relative=relative, device="cpu"))
+    # small chunks, so every matrix is cut into several row chunks
+    result = run_analysis("pair", [str(base), str(target)],
+                          Options(taus=TAUS, relative=relative, device="cpu", fused=fused, chunk_elements=500))
     parts = expected_parts(base, target)
     details = {d["name"]: d for d in result.details}
     assert set(details) == set(parts)
@@ -73,10 +76,12 @@ def test_rank_and_spectrum_match_svd(family_pair, kind):
 
 
 @pytest.mark.parametrize("kind,heads_key", [("llama", "num_attention_heads"), ("gpt2", "n_head"), ("neox", "num_attention_heads")])
-def test_update_maps_match_numpy(family_pair, kind, heads_key):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_update_maps_match_numpy(family_pair, kind, heads_key, fused):
     base, target = family_pair(kind)
     tau = 1e-5
-    result = run_analysis("pair", [str(base), str(target)], Options(taus=[tau], device="cpu", rank=False))
+    result = run_analysis("pair", [str(base), str(target)], Options(taus=[tau], device="cpu", rank=False, fused=fused,
+                                                                    chunk_elements=700))
     parts = expected_parts(base, target)
     config = config_of(base)
     for d in result.details:

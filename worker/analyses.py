@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
+from worker import fused
 from worker.checkpoint import Checkpoint, open_checkpoint
 from worker.contract import BLOCKS, MATRIX_TYPES
 from worker.errors import InputError
 from worker.families import Layout, Part, detect_family, parts_of
-from worker.kernels import MAP_CELLS, MaskAccumulator, PairAccumulator, bin_bounds
+from worker.metrics import MAP_CELLS, bin_bounds
 
 DEFAULT_TAU = 1e-5
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current tensor)
@@ -31,14 +32,26 @@ class Options:
     rank: bool = True
     device: str | None = None          # None: CUDA when available, else CPU
     chunk_elements: int | None = None  # None: per-device default
+    fused: bool | None = None          # pair on CPU: one-pass numba kernel (None: when available)
     progress: Progress | None = None
 
-    def torch_device(self) -> torch.device:
+    def resolved_device(self) -> str:
         if self.device in (None, "auto"):
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            return "cuda" if _cuda_available() else "cpu"
+        if self.device.startswith("cuda") and not _cuda_available():
             raise InputError("--device", "CUDA was requested but no CUDA device is available")
-        return torch.device(self.device)
+        return self.device
+
+    def use_fused(self, device: str) -> bool:
+        return device == "cpu" and fused.AVAILABLE and self.fused is not False
+
+
+def _cuda_available() -> bool:
+    """Without an NVIDIA device node there is no CUDA: answer without importing torch."""
+    if not (Path("/dev/nvidiactl").exists() or os.environ.get("CUDA_VISIBLE_DEVICES")):
+        return False
+    import torch
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -89,7 +102,7 @@ def as_matrix(x: torch.Tensor, transpose: bool) -> torch.Tensor:
         x = x.reshape(-1, 1)
     elif x.ndim > 2:
         x = x.reshape(x.shape[0], -1)
-    return x.t() if transpose else x
+    return x.T if transpose else x
 
 
 def row_chunks(segments, budget_rows: int, grid_edges: list[int]) -> Iterator[tuple[int, int, int, int]]:
@@ -112,27 +125,36 @@ class _Stream:
     names: list[str]
     family: str
     layout: Layout
-    device: torch.device
-    chunk_elements: int
+    device: str
+    fused: bool          # stream NumPy arrays to the one-pass CPU kernel where the dtype allows
+    chunk_elements: int | None
     progress: Progress | None
     skipped: dict[str, list]
 
     def parts(self, make) -> Iterator[tuple[Part, list[int], str, dict]]:
-        """For every matrix: (part, its 2-D shape, stored dtype, accumulated result)."""
+        """For every matrix: (part, its 2-D shape, stored dtype, accumulated result).
+
+        make(part, rows, cols, is_2d, numpy) builds the accumulator; numpy says whether chunks
+        come as NumPy arrays (fused kernel) or torch tensors.
+        """
         total = sum(c.meta(n).nbytes for c in self.checkpoints for n in self.names)
         done = 0
         for name in self.names:
             meta = self.checkpoints[0].meta(name)
-            tensors = [c.tensor(name) for c in self.checkpoints]
+            numpy = self.fused and all(c.meta(name).dtype in fused.DTYPES for c in self.checkpoints) \
+                and len({c.meta(name).dtype for c in self.checkpoints}) == 1
+            tensors = [c.array(name) if numpy else c.tensor(name) for c in self.checkpoints]
             for part in parts_of(name, meta.shape, self.family, self.layout):
                 mats = [as_matrix(t, part.transpose) for t in tensors]
                 full_rows, cols = mats[0].shape
                 segments = part.segments or ((0, full_rows),)
                 rows = sum(e - s for s, e in segments)
                 is_2d = len(meta.shape) == 2
-                grid_edges = bin_bounds(rows, min(MAP_CELLS, rows)) if is_2d else [0, rows]
-                acc = make(part, rows, cols, tensors[0].dtype, is_2d)
-                budget_rows = max(1, self.chunk_elements // max(cols, 1))
+                # the torch kernel needs each chunk inside one update-map row; the fused one does not
+                grid_edges = bin_bounds(rows, min(MAP_CELLS, rows)) if is_2d and not numpy else [0, rows]
+                acc = make(part, rows, cols, is_2d, numpy)
+                chunk = self.chunk_elements or (1 << 20 if numpy else 1 << 24 if self.device.startswith("cuda") else 1 << 18)
+                budget_rows = max(1, chunk // max(cols, 1))
                 for at, grid_row, start, stop in row_chunks(segments, budget_rows, grid_edges):
                     acc.add(mats[0][start:stop], [m[start:stop] for m in mats[1:]], at, grid_row)
                 yield part, [rows, cols] if (part.segments or part.transpose) else list(meta.shape), meta.dtype, acc.result()
@@ -144,14 +166,13 @@ class _Stream:
                 self.progress(done, total, name)
 
 
-def _open_all(paths: list[str], opts: Options) -> tuple[list[Checkpoint], _Stream]:
+def _open_all(paths: list[str], opts: Options, fused_ok: bool = False) -> tuple[list[Checkpoint], _Stream]:
     checkpoints = [open_checkpoint(p) for p in paths]
     names, skipped = _align(checkpoints, [str(p) for p in paths])
     config = next((c.config for c in checkpoints if c.config), {})
-    family = detect_family(config, names)
-    device = opts.torch_device()
-    chunk = opts.chunk_elements or (1 << 24 if device.type == "cuda" else 1 << 18)
-    return checkpoints, _Stream(checkpoints, names, family, Layout.from_config(config), device, chunk, opts.progress, skipped)
+    device = opts.resolved_device()
+    return checkpoints, _Stream(checkpoints, names, detect_family(config, names), Layout.from_config(config), device,
+                                fused_ok and opts.use_fused(device), opts.chunk_elements, opts.progress, skipped)
 
 
 def _part_fields(part: Part, shape: list[int], dtype: str) -> dict:
@@ -180,13 +201,17 @@ def _group(rows: list[dict], key: str, taus: list[float]) -> list[dict]:
 # pair
 # ---------------------------------------------------------------------------------------------
 def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
-    checkpoints, stream = _open_all([base, target], opts)
+    checkpoints, stream = _open_all([base, target], opts, fused_ok=True)
     taus = opts.taus
     mode = "changed_rel" if opts.relative else "changed_abs"
 
-    def make(part, rows, cols, dtype, is_2d):
-        return PairAccumulator(rows, cols, taus, opts.relative, is_2d, opts.rank, part.heads,
-                               part.matrix in ("q", "k", "v"), stream.device)
+    def make(part, rows, cols, is_2d, numpy):
+        args = (rows, cols, taus, opts.relative, is_2d, opts.rank, part.heads, part.matrix in ("q", "k", "v"))
+        if numpy:
+            return fused.FusedPairAccumulator(*args)
+        import torch
+        from worker.kernels import PairAccumulator
+        return PairAccumulator(*args, torch.device(stream.device))
 
     tensors, details = [], []
     sq_delta = sq_base = 0.0
@@ -234,8 +259,10 @@ def _mask_stream(paths: list[str], opts: Options, series: bool):
     runs = len(paths) - 1
     tau = opts.taus[0]
 
-    def make(part, rows, cols, dtype, is_2d):
-        return MaskAccumulator(runs, tau, opts.relative, series, stream.device)
+    def make(part, rows, cols, is_2d, numpy):
+        import torch
+        from worker.kernels import MaskAccumulator
+        return MaskAccumulator(runs, tau, opts.relative, series, torch.device(stream.device))
 
     return stream, tau, stream.parts(make)
 

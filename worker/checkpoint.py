@@ -2,8 +2,9 @@
 
 `open_checkpoint(path)` accepts an HF directory (single or sharded safetensors, or a pickled
 `pytorch_model.bin`), a lone `.safetensors` file, or a `.bin`/`.pt` state dict. Tensors come
-back as zero-copy views of the mapped file; `release(name)` hands the pages back so resident
-memory stays O(one tensor), not O(model).
+back as zero-copy views of the mapped file — NumPy arrays (`array`, bfloat16 as raw uint16) or
+torch tensors (`tensor`); `release(name)` hands the pages back so resident memory stays
+O(one tensor), not O(model). torch is imported only when a torch tensor is asked for.
 """
 from __future__ import annotations
 
@@ -16,18 +17,33 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from worker.errors import InputError
 from worker.safetensors_header import TensorInfo, read_header
 
-TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+# safetensors dtype -> NumPy storage (bfloat16 and float8 kept as raw bits)
+NUMPY_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "F16": np.float16, "BF16": np.uint16,
+    "F32": np.float32, "F64": np.float64, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+RAW_BITS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # torch dtype names
+
+
+def torch_dtype_name(dtype: str) -> str:
+    return RAW_BITS.get(dtype) or {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
+                                   "I64": "int64", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+                                   "F16": "float16", "F32": "float32", "F64": "float64"}[dtype]
+
+
+def to_torch(array: np.ndarray, dtype: str):
+    """Zero-copy torch view of a NumPy array read from a file (raw bits reinterpreted)."""
+    import torch
+    tensor = torch.from_numpy(array)
+    return tensor.view(getattr(torch, RAW_BITS[dtype])) if dtype in RAW_BITS else tensor
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
@@ -49,7 +65,7 @@ class SafetensorsFile:
     def _mapped(self) -> mmap.mmap:
         if self._map is None:
             with open(self.path, "rb") as f:
-                # ACCESS_COPY gives a writable (never written) view, which torch.frombuffer wants.
+                # ACCESS_COPY: writable (never written) arrays, which torch.from_numpy accepts silently.
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(self.path) else None
         return self._map
 
@@ -57,13 +73,15 @@ class SafetensorsFile:
         i = self.infos[name]
         return Meta(i.shape, i.dtype, i.nbytes)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def array(self, name: str) -> np.ndarray:
         i = self.infos[name]
-        dtype = TORCH_DTYPES[i.dtype]
+        dtype = NUMPY_DTYPES[i.dtype]
         if i.numel == 0:
-            return torch.empty(i.shape, dtype=dtype)
-        flat = torch.frombuffer(self._mapped(), dtype=dtype, count=i.numel, offset=i.start)
-        return flat.view(i.shape)
+            return np.empty(i.shape, dtype=dtype)
+        return np.frombuffer(self._mapped(), dtype=dtype, count=i.numel, offset=i.start).reshape(i.shape)
+
+    def tensor(self, name: str):
+        return to_torch(self.array(name), self.infos[name].dtype)
 
     def release(self, name: str) -> None:
         i = self.infos[name]
@@ -76,6 +94,7 @@ class PickledStateDict:
     """A torch.save'd state dict, read only through torch.load(weights_only=True)."""
 
     def __init__(self, path: Path):
+        import torch
         self.path = path
         try:
             with warnings.catch_warnings():
@@ -91,11 +110,14 @@ class PickledStateDict:
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             raise InputError(path, "not a state dict (expected a mapping of names to tensors)")
-        self.tensors: dict[str, torch.Tensor] = obj
+        self.tensors = obj
         self.infos = obj
+        names = {getattr(torch, torch_dtype_name(k)): k for k in NUMPY_DTYPES}
+        self.dtypes = {name: names.get(t.dtype, str(t.dtype)) for name, t in obj.items()}
 
     @staticmethod
     def _load(path: Path):
+        import torch
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
@@ -105,10 +127,17 @@ class PickledStateDict:
 
     def meta(self, name: str) -> Meta:
         t = self.tensors[name]
-        return Meta(tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)), t.numel() * t.element_size())
+        return Meta(tuple(t.shape), self.dtypes[name], t.numel() * t.element_size())
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str):
         return self.tensors[name]
+
+    def array(self, name: str) -> np.ndarray:
+        t, dtype = self.tensors[name], self.dtypes[name]
+        if dtype in RAW_BITS:  # NumPy has no bfloat16 / float8: hand out the raw bits
+            import torch
+            t = t.view(torch.uint16 if dtype == "BF16" else torch.uint8)
+        return t.numpy()
 
     def release(self, name: str) -> None:
         pass
@@ -128,8 +157,11 @@ class Checkpoint:
     def meta(self, name: str) -> Meta:
         return self.files[name].meta(name)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str):
         return self.files[name].tensor(name)
+
+    def array(self, name: str) -> np.ndarray:
+        return self.files[name].array(name)
 
     def release(self, name: str) -> None:
         self.files[name].release(name)
@@ -218,3 +250,4 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not checkpoint.files:
         raise InputError(path, "checkpoint holds no tensors")
     return checkpoint
+
