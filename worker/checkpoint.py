@@ -45,6 +45,7 @@ def to_torch(array: np.ndarray, dtype: str):
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,13 @@ class SafetensorsFile:
         dtype = NUMPY_DTYPES[i.dtype]
         if i.numel == 0:
             return np.empty(i.shape, dtype=dtype)
-        return np.frombuffer(self._mapped(), dtype=dtype, count=i.numel, offset=i.start).reshape(i.shape)
+        mapped = self._mapped()
+        start = i.start - i.start % mmap.PAGESIZE
+        try:  # fault the tensor's pages in with one call instead of one fault per 4 KiB page
+            mapped.madvise(MADV_POPULATE_READ, start, i.end - start)
+        except OSError:
+            pass  # kernels before Linux 5.14: pages fault in as they are read
+        return np.frombuffer(mapped, dtype=dtype, count=i.numel, offset=i.start).reshape(i.shape)
 
     def tensor(self, name: str):
         return to_torch(self.array(name), self.infos[name].dtype)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
 
@@ -110,9 +109,6 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    import torch  # noqa: F401  (fail early with a clear message if the engine is not installed)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     sys.exit(run())
 
 

@@ -36,9 +36,16 @@ def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
 
 BIN_EDGES: tuple[float, ...] = tuple(float(e) for e in _round_to_bfloat16(10.0 ** (_EXPONENTS / BINS_PER_DECADE)))
 NUM_BINS = len(BIN_EDGES) + 2  # zero bin + K-1 inner bins + underflow (0, E0] + overflow
-# Index of the bfloat16-grid cell whose upper edge is each bin edge ("fine" cells, see kernels).
-EDGE_CELLS: tuple[int, ...] = tuple(int(c) for c in (np.asarray(BIN_EDGES, np.float32).view(np.uint32) >> 16))
-FINE_CELLS = 1 << 15  # fine histogram: cell 0 = exact zero, cells 1..32768 = bfloat16-grid cells
+# Kernels first count values per bfloat16-grid cell (lo, hi] — a "fine" histogram — and fold
+# that into the bins above. A positive value's grid cell is ((float64 bits - 1) >> 45) minus
+# F64_CELL_OFFSET (the float32 bit pattern's top 16 bits, +1). Only cells between the first and
+# the last edge matter, so the fine histogram keeps: [0] exact zero, [1] every cell up to E0,
+# then one slot per cell, then one slot for everything above the last edge (and NaN).
+F64_CELL_OFFSET = ((1023 - 127) << 7) - 1
+_GRID_CELLS = np.asarray(BIN_EDGES, np.float32).view(np.uint32) >> 16  # grid cell whose upper edge is each edge
+FINE_LO, FINE_HI = int(_GRID_CELLS[0]), int(_GRID_CELLS[-1]) + 1
+FINE_CELLS = FINE_HI - FINE_LO + 2
+EDGE_CELLS: tuple[int, ...] = tuple(int(c) - FINE_LO + 1 for c in _GRID_CELLS)  # fine slot of each edge
 
 
 def changed_from_histogram(counts, tau_edge_index: int) -> int:

@@ -1,107 +1,63 @@
-"""One-pass CPU kernel for `pair` (numba + NumPy; no torch import on this path).
+"""One-pass CPU kernel for `pair`: NumPy row chunks in, every per-element figure out.
 
-The torch kernel (worker.kernels) makes ~15 passes over each chunk; this one reads each element
-once, keeps every intermediate in registers and skips all work for weights that did not move.
-Same float64 arithmetic and the same bins, so its counts equal the torch kernel's (the tests run
-both against the NumPy reference). bfloat16 arrives as raw uint16 and is widened in the kernel.
+The torch kernel (worker.kernels) makes ~15 passes over each chunk; the C kernel in
+`_fastpair.c` reads each element once, keeps every intermediate in registers and does no work
+for weights that did not move. It is compiled by `pip install` and called through ctypes, which
+releases the GIL, so one Python thread per core runs its own block of rows. No torch on this
+path. Same float64 arithmetic and bins as the torch kernel: identical counts (the tests run
+both against the NumPy reference). Without the compiled library, `AVAILABLE` is False and the
+torch kernel is used.
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
-from worker.contract import FINE_CELLS
+from worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO
 from worker.metrics import Spectrum, UpdateMap, pair_result
 
-try:
-    import numba
-    from numba import njit, prange
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - numba is a declared dependency; torch still works without it
-    AVAILABLE = False
-
-# dtypes (safetensors spelling) the kernel reads directly, and how NumPy holds them
+# dtypes (safetensors spelling) the kernel reads, as NumPy holds them (float16 is widened first)
 DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
-_F64_TO_CELL = ((1023 - 127) << 7) - 1
-
-if AVAILABLE:
-    @njit(inline="always")
-    def _cell(bits):
-        """bfloat16-grid cell (lo, hi] of a positive float64 given by its bits (see kernels.fine_cells)."""
-        c = ((bits - 1) >> 45) - _F64_TO_CELL
-        return 1 if c < 1 else (FINE_CELLS if c > FINE_CELLS else c)
-
-    @njit(inline="always")
-    def _widen_row(src, r, out, scratch32, scratch_f32, bf16):
-        if bf16:
-            for j in range(out.shape[0]):
-                scratch32[j] = np.uint32(src[r, j]) << 16
-            for j in range(out.shape[0]):
-                out[j] = scratch_f32[j]
-        else:
-            for j in range(out.shape[0]):
-                out[j] = src[r, j]
-
-    @njit(parallel=True, cache=True, nogil=True, error_model="numpy")  # x/0 -> inf, as IEEE says
-    def pair_chunk(b, t, bf16, taus, relative, want_map, row_bin, col_bin,
-                   hist_abs, hist_rel, changed, moments, max_abs, row_counts, col_counts, grid):
-        """One row chunk. b, t: (rows, cols) float32/float64, or uint16 holding bfloat16 when bf16.
-        Per-partition accumulators (axis 0 = partition): hist_* (P, cells), changed (P, 2, T)
-        [abs, rel], moments (P, 3) [ΣΔ², Σb², Σ|Δ|], max_abs (P,), col_counts (P, cols),
-        grid (P, grid_rows, grid_cols). row_counts (rows,) and row_bin (rows,) cover this chunk."""
-        rows, cols = b.shape
-        parts = hist_abs.shape[0]
-        n_taus = taus.shape[0]
-        for p in prange(parts):
-            r0, r1 = p * rows // parts, (p + 1) * rows // parts
-            bv, tv = np.empty(cols), np.empty(cols)
-            bv_bits, tv_bits = bv.view(np.int64), tv.view(np.int64)
-            scratch = np.empty(cols, np.uint32)
-            scratch_f32 = scratch.view(np.float32)
-            h_abs, h_rel, cnt = hist_abs[p], hist_rel[p], changed[p]
-            sq_d, sq_b, sum_a, top, zeros = 0.0, 0.0, 0.0, max_abs[p], 0
-            for r in range(r0, r1):
-                _widen_row(b, r, bv, scratch, scratch_f32, bf16)
-                _widen_row(t, r, tv, scratch, scratch_f32, bf16)
-                in_row = 0
-                g = grid[p, row_bin[r]] if want_map else grid[p, 0]
-                for j in range(cols):
-                    base = bv[j]
-                    sq_b += base * base
-                    d = tv[j] - base
-                    if d == 0.0:
-                        zeros += 1
-                        continue
-                    a = abs(d)
-                    ab = abs(base)
-                    sq_d += d * d
-                    sum_a += a
-                    if a > top:
-                        top = a
-                    for k in range(n_taus):
-                        if a > taus[k]:
-                            cnt[0, k] += 1
-                        if a > taus[k] * ab:
-                            cnt[1, k] += 1
-                    if want_map and (a > taus[0] * ab if relative else a > taus[0]):
-                        in_row += 1
-                        col_counts[p, j] += 1
-                        g[col_bin[j]] += 1
-                    tv[j] = a               # reuse the row buffers to read the bits of |Δ| and |Δ|/|b|
-                    bv[j] = a / ab
-                    h_abs[_cell(tv_bits[j])] += 1
-                    h_rel[_cell(bv_bits[j])] += 1
-                if want_map:
-                    row_counts[r] = in_row
-            h_abs[0] += zeros
-            h_rel[0] += zeros
-            moments[p, 0] += sq_d
-            moments[p, 1] += sq_b
-            moments[p, 2] += sum_a
-            max_abs[p] = top
+_KINDS = {np.dtype(np.uint16): 0, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+_SLOT_OFFSET, _TOP_SLOT = F64_CELL_OFFSET + FINE_LO - 1, FINE_HI - FINE_LO + 1
+_MIN_PARALLEL = 1 << 16  # elements below which one thread does the whole chunk
 
 
-def threads() -> int:
-    return numba.get_num_threads() if AVAILABLE else 1
+def _load_kernel():
+    spec = importlib.util.find_spec("worker._fastpair")
+    if spec is None or not spec.origin:
+        return None
+    fn = ctypes.CDLL(spec.origin).pair_rows
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ptr, ptr, i64, i64,
+                   ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64]
+    fn.restype = None
+    return fn
+
+
+_pair_rows = _load_kernel()
+AVAILABLE = _pair_rows is not None
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+
+
+def _run_parallel(calls: list) -> None:
+    global _pool
+    if len(calls) == 1:
+        calls[0]()
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="deltalens-kernel")
+    for future in [_pool.submit(c) for c in calls]:
+        future.result()
+
+
+def _ptr(array: np.ndarray, offset_items: int = 0) -> int:
+    return array.ctypes.data + offset_items * array.itemsize
 
 
 class FusedPairAccumulator:
@@ -109,30 +65,41 @@ class FusedPairAccumulator:
 
     def __init__(self, rows: int, cols: int, taus: list[float], relative: bool, matrix_2d: bool, want_rank: bool,
                  heads: int | None, heads_on_rows: bool):
-        parts = threads()
+        parts = THREADS
         self.rows, self.cols, self.relative = rows, cols, relative
         self.taus = np.asarray(taus, dtype=np.float64)
-        self.hist = np.zeros((2, parts, FINE_CELLS + 1), dtype=np.int64)
+        self.hist = np.zeros((2, parts, FINE_CELLS), dtype=np.int64)
         self.changed = np.zeros((parts, 2, len(taus)), dtype=np.int64)
         self.moments = np.zeros((parts, 3))
         self.max_abs = np.zeros(parts)
         self.map = UpdateMap(rows, cols, heads, heads_on_rows, parts) if matrix_2d else None
         self.spectrum = Spectrum(rows, cols, np) if matrix_2d and want_rank else None
-        # without a map the kernel gets 1-element stand-ins it never touches
-        self._no_map = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((parts, 1), np.int64),
-                        np.zeros((parts, 1, 1), np.int64))
+        if self.map is None:  # the kernel still wants map buffers; give it small ones it never touches
+            self._sink = np.zeros((parts, max(cols, 1)), np.int64)
 
     def add(self, base: np.ndarray, runs: list[np.ndarray], row0: int, grid_row: int = 0) -> None:
         target = runs[0]
-        if base.dtype == np.float16:  # numba has no float16; widening to float32 is exact
+        if base.dtype == np.float16:  # no float16 in the kernel; widening to float32 is exact
             base, target = base.astype(np.float32), target.astype(np.float32)
-        rows = base.shape[0]
+        base, target = np.ascontiguousarray(base), np.ascontiguousarray(target)
+        rows, cols = base.shape
+        kind = _KINDS[base.dtype]
         m = self.map
-        row_bin, row_counts, col_counts, grid = (m.row_bin[row0:row0 + rows], m.row_counts[row0:row0 + rows],
-                                                 m.col_counts, m.grid) if m else self._no_map
-        pair_chunk(base, target, base.dtype == np.uint16, self.taus, self.relative, m is not None, row_bin,
-                   m.col_bin if m else row_bin, self.hist[0], self.hist[1], self.changed, self.moments, self.max_abs,
-                   row_counts, col_counts, grid)
+        parts = len(self.max_abs) if rows * cols >= _MIN_PARALLEL else 1
+        bounds = [p * rows // parts for p in range(parts + 1)]
+
+        def call(p: int):
+            r0, n = bounds[p], bounds[p + 1] - bounds[p]
+            col_counts = m.col_counts[p] if m else self._sink[p]
+            return lambda: _pair_rows(
+                kind, _ptr(base, r0 * cols), _ptr(target, r0 * cols), n, cols, _ptr(self.taus), len(self.taus),
+                int(self.relative), int(m is not None), _ptr(m.row_bin, row0 + r0) if m else 0,
+                _ptr(m.col_bin) if m else 0, _SLOT_OFFSET, _TOP_SLOT, _ptr(self.hist[0, p]), _ptr(self.hist[1, p]),
+                _ptr(self.changed[p]), _ptr(self.moments[p]), _ptr(self.max_abs, p),
+                _ptr(m.row_counts, row0 + r0) if m else 0, _ptr(col_counts), _ptr(m.grid[p]) if m else _ptr(col_counts),
+                m.grid_cols if m else 0)
+
+        _run_parallel([call(p) for p in range(parts) if bounds[p + 1] > bounds[p]])
         if self.spectrum is not None:
             self.spectrum.add(widen(target) - widen(base))
 

@@ -11,24 +11,23 @@ from __future__ import annotations
 
 import torch
 
-from worker.contract import FINE_CELLS
+from worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO
 from worker.metrics import Spectrum, UpdateMap, pair_result
-
-_F64_TO_CELL = ((1023 - 127) << 7) - 1  # float64 exponent bias shift, mapped to bfloat16-grid cells
 
 
 def fine_cells(x: torch.Tensor) -> torch.Tensor:
-    """Cell of each non-negative float64: 0 for exact zero, else its bfloat16-grid cell (lo, hi].
+    """Fine-histogram slot of each non-negative float64 (see contract): 0 for exact zero, else its
+    bfloat16-grid cell (lo, hi], with everything below the first edge and above the last merged.
 
     (bits - 1) >> 45 keeps sign, exponent and 7 mantissa bits of the value just below x, so a
     value equal to a grid point falls in the cell below it: cells are closed on the right.
     """
-    cells = ((x.view(torch.int64) - 1) >> 45) - _F64_TO_CELL
-    return cells.clamp_(1, FINE_CELLS).masked_fill_(x == 0, 0)
+    cells = ((x.view(torch.int64) - 1) >> 45) - (F64_CELL_OFFSET + FINE_LO - 1)
+    return cells.clamp_(1, FINE_HI - FINE_LO + 1).masked_fill_(x == 0, 0)
 
 
 def fine_histogram(x: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(fine_cells(x).flatten(), minlength=FINE_CELLS + 1)[: FINE_CELLS + 1]
+    return torch.bincount(fine_cells(x).flatten(), minlength=FINE_CELLS)[:FINE_CELLS]
 
 
 class PairAccumulator:
@@ -40,7 +39,7 @@ class PairAccumulator:
         self.device, self.taus, self.relative = device, taus, relative
         self.rows, self.cols = rows, cols
         zeros = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
-        self.fine = zeros(2, FINE_CELLS + 1)           # [abs, rel] x cell
+        self.fine = zeros(2, FINE_CELLS)           # [abs, rel] x cell
         self.changed = zeros(2, len(taus))             # [abs, rel] x τ
         self.moments = zeros(3, dt=torch.float64)      # Σ Δ², Σ b², Σ |Δ|
         self.max_abs = zeros(1, dt=torch.float64)

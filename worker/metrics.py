@@ -17,9 +17,9 @@ _EDGE_CELLS = np.asarray(EDGE_CELLS, dtype=np.int64)
 
 
 def coarse_histogram(fine: np.ndarray) -> list[int]:
-    """Fold a fine histogram (FINE_CELLS + 1 cells) into contract.BIN_EDGES bins:
+    """Fold a fine histogram (contract.FINE_CELLS slots) into contract.BIN_EDGES bins:
     [0], (0,E0], (E0,E1], ..., (E_last, inf]."""
-    cumulative = np.cumsum(np.asarray(fine, dtype=np.int64)[: FINE_CELLS + 1])
+    cumulative = np.cumsum(np.asarray(fine, dtype=np.int64)[:FINE_CELLS])
     at = np.concatenate([cumulative[:1], cumulative[_EDGE_CELLS], cumulative[-1:]])
     return np.diff(at, prepend=0).tolist()
 
