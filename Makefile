@@ -1,0 +1,29 @@
+# deltalens — `make test` installs everything a fresh machine lacks, then runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test bench clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	@command -v gcc >/dev/null || (apt-get update && apt-get install -y gcc)  # builds the C kernel
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned to 2.13.0 (constraints.txt) for local and CI installs: the CPU build on this disk
+$(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+test: install
+	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+bench: install
+	$(BIN)/python bench/pair.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info worker/*.so .pytest_cache .hypothesis

