@@ -77,18 +77,23 @@ def family_pair(tmp_path_factory):
     return get
 
 
+def variants(kind: str, root: Path, moves: dict[str, tuple[int, float]]) -> list[Path]:
+    """[base, *one checkpoint per name]: each is the base perturbed with its own (seed, fraction)."""
+    model = build(kind)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = [save(model, kind, root / "base")]
+    for name, (seed, fraction) in moves.items():
+        model.load_state_dict(base_state)
+        perturb_(model, seed=seed, fraction=fraction)
+        paths.append(save(model, kind, root / name))
+    return paths
+
+
 @pytest.fixture(scope="session")
 def llama_series(tmp_path_factory):
-    """base, 3 intermediate checkpoints and a final one, where some updates revert (transients)."""
-    root = tmp_path_factory.mktemp("series")
-    model = build("llama")
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    paths = [save(model, "llama", root / "base")]
-    for step in range(1, 5):
-        model.load_state_dict(base_state)
-        perturb_(model, seed=100 + step, fraction=0.1 * step)  # later steps move more, different weights
-        paths.append(save(model, "llama", root / f"step{step}"))
-    return paths
+    """base, 3 intermediate checkpoints and a final one, where some updates revert (transients):
+    later steps move more weights, and different ones."""
+    return variants("llama", tmp_path_factory.mktemp("series"), {f"step{s}": (100 + s, 0.1 * s) for s in range(1, 5)})
 
 
 def config_of(path: Path) -> dict:

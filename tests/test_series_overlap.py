@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from conftest import build, perturb_, save
+from conftest import variants
 from worker.analyses import Options, run_analysis
 from worker.errors import InputError
 
@@ -44,15 +44,7 @@ def test_series_matches_numpy(llama_series, relative):
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    model = build("qwen2")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    paths = [save(model, "qwen2", root / "base")]
-    for seed in (11, 12, 13):
-        model.load_state_dict(state)
-        perturb_(model, seed=seed, fraction=0.25)
-        paths.append(save(model, "qwen2", root / f"run{seed}"))
-    return paths
+    return variants("qwen2", tmp_path_factory.mktemp("runs"), {f"run{seed}": (seed, 0.25) for seed in (11, 12, 13)})
 
 
 @pytest.mark.parametrize("runs", [2, 3])
