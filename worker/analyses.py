@@ -139,6 +139,8 @@ class _Stream:
         """
         total = sum(c.meta(n).nbytes for c in self.checkpoints for n in self.names)
         done = 0
+        if self.progress:
+            self.progress(0, total, self.names[0])
         for name in self.names:
             meta = self.checkpoints[0].meta(name)
             numpy = self.fused and all(c.meta(name).dtype in fused.DTYPES for c in self.checkpoints) \

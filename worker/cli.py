@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 
 
@@ -63,8 +64,9 @@ class ProgressBar:
             return
         if self.bar is None:
             from tqdm import tqdm
+            width = shutil.get_terminal_size((0, 0)).columns or 100  # a fresh pty may report 0 columns
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False,
-                            desc="comparing", mininterval=0.25)
+                            desc="comparing", mininterval=0.25, ncols=width)
         self.bar.n = done
         self.bar.set_postfix_str(name[-40:], refresh=False)
         self.bar.refresh()

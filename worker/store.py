@@ -26,6 +26,7 @@ def _targets(doc: dict) -> list[str]:
 def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
     doc = result.document
     taus = doc.get("taus") or [doc["tau"]]
+    mode = "rel" if doc["mode"] == "relative" else "abs"
     rows: dict[str, list[tuple]] = {t: [] for t in ("tensors", "changed", "histograms", "spectra", "update_maps",
                                                    "overlap_regions", "overlap_pairs", "series_steps",
                                                    "series_categories", "skipped")}
@@ -49,12 +50,12 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
                 rows["update_maps"].append((aid, run, name, taus[0], m["grid_rows"], m["grid_cols"], m["cells"],
                                             m["row_frac"], m["col_frac"], m["head_frac"]))
         elif result.kind == "overlap":
-            _overlap_rows(rows, aid, name, t, d["patterns"], len(doc["runs"]), taus[0])
+            _overlap_rows(rows, aid, name, t, d["patterns"], len(doc["runs"]), taus[0], mode)
         else:
             _series_rows(rows, aid, name, t)
     if result.kind == "overlap":
         total = [sum(col) for col in zip(*(d["patterns"] for d in result.details))]
-        _overlap_rows(rows, aid, "*", doc["summary"], total, len(doc["runs"]), taus[0])
+        _overlap_rows(rows, aid, "*", doc["summary"], total, len(doc["runs"]), taus[0], mode)
     if result.kind == "series":
         _series_rows(rows, aid, "*", doc)
     for reason, entries in doc["skipped"].items():
@@ -62,13 +63,13 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
     return rows
 
 
-def _overlap_rows(rows, aid, name, fig, patterns, runs, tau):
+def _overlap_rows(rows, aid, name, fig, patterns, runs, tau, mode):
     rows["overlap_regions"] += [(aid, name, "".join("1" if code >> k & 1 else "0" for k in range(runs)), n)
                                 for code, n in enumerate(patterns)]
     rows["overlap_pairs"] += [(aid, name, p["a"], p["b"], p["both"], p["o1"], p["o2"], p["baseline1"], p["baseline2"],
                                p["jaccard"]) for p in fig["pairs"]]
     if name != "*":
-        rows["changed"] += [(aid, run, name, "abs", tau, c) for run, c in enumerate(fig["changed"])]
+        rows["changed"] += [(aid, run, name, mode, tau, c) for run, c in enumerate(fig["changed"])]
 
 
 def _series_rows(rows, aid, name, fig):
