@@ -8,8 +8,11 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+# system packages: gcc builds the C kernel; redis-server is started by the service tests
+APT_PACKAGES := gcc redis-server
 $(BIN)/python:
-	@command -v gcc >/dev/null || (apt-get update && apt-get install -y gcc)  # builds the C kernel
+	@missing=""; for c in gcc redis-server; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES); fi
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned to 2.13.0 (constraints.txt) for local and CI installs: the CPU build on this disk

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import sys
+from pathlib import Path
 
 
 def _tau(text: str) -> float:
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base")
     p.add_argument("runs", nargs="+", metavar="RUN")
     _common(p, many_taus=False)
+    p = sub.add_parser("up", help="run the API and a worker on this machine (no Docker, no Redis)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--data-dir", type=Path, default=Path("deltalens-data"))
     return parser
 
 
@@ -78,6 +83,9 @@ class ProgressBar:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "up":
+        from backend.local import up  # the CLI is the one place that starts the service
+        return up(args.port, args.data_dir, args.host)
     from worker.analyses import Options, run_analysis
     from worker.errors import InputError
     from worker.report import SUMMARIES

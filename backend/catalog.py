@@ -1,0 +1,134 @@
+"""The catalog: one DuckDB file, opened read-write by the API process only (invariant 1).
+
+It holds registered checkpoints, analysis jobs, short links and — once a worker has published an
+analysis artifact — that analysis's result rows, copied in one transaction (never half of them).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from worker.contract import SCHEMA_SQL, TABLES
+
+CATALOG_SQL = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, source VARCHAR NOT NULL,   -- upload | path
+    path VARCHAR NOT NULL, files JSON NOT NULL, bytes BIGINT NOT NULL, sha256 VARCHAR, created_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    checkpoints VARCHAR[] NOT NULL, taus DOUBLE[] NOT NULL, relative BOOLEAN NOT NULL, rank BOOLEAN NOT NULL,
+    created_at TIMESTAMP NOT NULL, updated_at TIMESTAMP NOT NULL,
+    progress DOUBLE NOT NULL DEFAULT 0, detail JSON, error_code VARCHAR, error_message VARCHAR
+);
+CREATE TABLE IF NOT EXISTS links (code VARCHAR PRIMARY KEY, url VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL);
+"""
+JOB_FIELDS = ("id", "kind", "status", "checkpoints", "taus", "relative", "rank", "created_at", "updated_at",
+              "progress", "detail", "error_code", "error_message")
+CHECKPOINT_FIELDS = ("id", "name", "source", "path", "files", "bytes", "sha256", "created_at")
+TERMINAL = ("done", "failed", "cancelled")
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Catalog:
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = duckdb.connect(str(path))
+        self.lock = threading.RLock()
+        with self.lock:
+            self.db.execute(CATALOG_SQL)
+            self.db.execute(SCHEMA_SQL)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        with self.lock:
+            return self.db.execute(sql, params or []).fetchall()
+
+    def rows(self, sql: str, params: list | None = None) -> list[dict]:
+        with self.lock:
+            cur = self.db.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def add_checkpoint(self, **c: Any) -> None:
+        c = {**c, "files": json.dumps(c["files"]), "created_at": now()}
+        with self.lock:
+            self.db.execute(f"INSERT INTO checkpoints VALUES ({', '.join('?' * len(CHECKPOINT_FIELDS))})",
+                            [c[k] for k in CHECKPOINT_FIELDS])
+
+    def checkpoint(self, cid: str) -> dict | None:
+        found = self.rows("SELECT * FROM checkpoints WHERE id = ?", [cid])
+        return {**found[0], "files": json.loads(found[0]["files"])} if found else None
+
+    def checkpoints(self) -> list[dict]:
+        return [{**r, "files": json.loads(r["files"])} for r in self.rows("SELECT * FROM checkpoints ORDER BY created_at")]
+
+    # --- jobs --------------------------------------------------------------------------------
+    def add_job(self, jid: str, kind: str, checkpoints: list[str], taus: list[float], relative: bool, rank: bool) -> None:
+        t = now()
+        with self.lock:
+            self.db.execute("INSERT INTO jobs (id, kind, status, checkpoints, taus, relative, rank, created_at, updated_at) "
+                            "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)", [jid, kind, checkpoints, taus, relative, rank, t, t])
+
+    def job(self, jid: str) -> dict | None:
+        found = self.rows("SELECT * FROM jobs WHERE id = ?", [jid])
+        return found[0] if found else None
+
+    def jobs(self, active_only: bool = False) -> list[dict]:
+        where = f"WHERE status NOT IN {TERMINAL}" if active_only else ""
+        return self.rows(f"SELECT * FROM jobs {where} ORDER BY created_at")
+
+    def update_job(self, jid: str, **fields: Any) -> None:
+        fields["updated_at"] = now()
+        if "detail" in fields and not isinstance(fields["detail"], str):
+            fields["detail"] = json.dumps(fields["detail"])
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.lock:
+            self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), jid])
+
+    def delete_job(self, jid: str) -> None:
+        with self.lock:
+            self.db.execute("BEGIN")
+            for table in TABLES:
+                self.db.execute(f"DELETE FROM {table} WHERE analysis_id = ?", [jid])
+            self.db.execute("DELETE FROM jobs WHERE id = ?", [jid])
+            self.db.execute("COMMIT")
+
+    def ingest(self, jid: str, artifact: Path) -> None:
+        """Copy a published artifact's rows in, and mark the job done — all or nothing."""
+        with self.lock:
+            quoted = artifact.as_posix().replace("'", "''")
+            self.db.execute(f"ATTACH '{quoted}' AS artifact (READ_ONLY)")
+            try:
+                self.db.execute("BEGIN")
+                for table in TABLES:
+                    self.db.execute(f"DELETE FROM {table} WHERE analysis_id = ?", [jid])
+                    self.db.execute(f"INSERT INTO {table} SELECT * FROM artifact.{table} WHERE analysis_id = ?", [jid])
+                self.db.execute("UPDATE jobs SET status = 'done', progress = 1, updated_at = ? WHERE id = ?", [now(), jid])
+                self.db.execute("COMMIT")
+            except Exception:
+                self.db.execute("ROLLBACK")
+                raise
+            finally:
+                self.db.execute("DETACH artifact")
+
+    # --- short links -------------------------------------------------------------------------
+    def add_link(self, code: str, url: str) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO links VALUES (?, ?, ?) ON CONFLICT DO NOTHING", [code, url, now()])
+
+    def link(self, code: str) -> str | None:
+        found = self.query("SELECT url FROM links WHERE code = ?", [code])
+        return found[0][0] if found else None

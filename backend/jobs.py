@@ -1,0 +1,107 @@
+"""Analysis jobs: queue them on Celery, follow them, ingest what the workers publish.
+
+The API never runs an analysis and never waits for one: `submit` sends the task (by name, so no
+engine code is imported here) and a background thread (`follow`) polls the result backend for
+progress and final states, ingesting published artifacts into the catalog.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import uuid
+from pathlib import Path
+
+from celery import Celery
+
+from backend.catalog import Catalog
+from backend.errors import ApiError, not_found
+from worker.celery_app import ANALYSIS_TASK
+from worker.settings import Settings
+
+log = logging.getLogger("deltalens.jobs")
+MIN_CHECKPOINTS = {"pair": (2, 2), "series": (2, 64), "overlap": (3, 13)}  # base included
+
+
+class Jobs:
+    def __init__(self, settings: Settings, catalog: Catalog, celery: Celery):
+        self.settings, self.catalog, self.celery = settings, catalog, celery
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, kind: str, checkpoint_ids: list[str], taus: list[float], relative: bool, rank: bool) -> str:
+        low, high = MIN_CHECKPOINTS[kind]
+        if not low <= len(checkpoint_ids) <= high:
+            raise ApiError(422, "invalid_request", f"a {kind} analysis takes {low}"
+                           + (f" to {high}" if high != low else "") + f" checkpoints (base first); got {len(checkpoint_ids)}")
+        if not taus or any(not math.isfinite(t) or t < 0 for t in taus):
+            raise ApiError(422, "invalid_request", "taus must be finite numbers >= 0")
+        paths = []
+        for cid in checkpoint_ids:
+            checkpoint = self.catalog.checkpoint(cid)
+            if checkpoint is None:
+                raise not_found("checkpoint", cid)
+            paths.append(checkpoint["path"])
+        jid = uuid.uuid4().hex[:12]
+        self.catalog.add_job(jid, kind, checkpoint_ids, taus, relative, rank)
+        self.celery.send_task(ANALYSIS_TASK, args=[jid, kind, paths, taus, relative, rank], task_id=jid,
+                              queue=self.settings.queue)
+        return jid
+
+    def cancel(self, jid: str) -> None:
+        job = self.catalog.job(jid)
+        if job is None:
+            raise not_found("analysis", jid)
+        if job["status"] in ("done", "failed", "cancelled"):
+            raise ApiError(409, "already_finished", f"analysis {jid} is already {job['status']}")
+        (self.settings.path("cancel") / jid).touch()  # the worker checks this between tensors
+        self.catalog.update_job(jid, status="cancelled")
+
+    def delete(self, jid: str) -> None:
+        job = self.catalog.job(jid)
+        if job is None:
+            raise not_found("analysis", jid)
+        if job["status"] not in ("done", "failed", "cancelled"):
+            (self.settings.path("cancel") / jid).touch()
+        self.catalog.delete_job(jid)
+        (self.settings.path("results") / f"{jid}.duckdb").unlink(missing_ok=True)
+
+    # --- following the workers ---------------------------------------------------------------
+    def sync(self) -> None:
+        """One pass over unfinished jobs: progress, results, failures."""
+        for job in self.catalog.jobs(active_only=True):
+            try:
+                self._sync_job(job)
+            except Exception:  # a broken backend connection must not stop the loop
+                log.exception("could not follow analysis %s", job["id"])
+
+    def _sync_job(self, job: dict) -> None:
+        result = self.celery.AsyncResult(job["id"])
+        state = result.state
+        if state in ("STARTED", "PROGRESS"):
+            info = result.info if isinstance(result.info, dict) else {}
+            self.catalog.update_job(job["id"], status="running", progress=float(info.get("progress", 0.0)), detail=info)
+        elif state == "SUCCESS":
+            outcome = result.result or {}
+            if outcome.get("status") == "done":
+                self.catalog.ingest(job["id"], Path(outcome["artifact"]))
+            elif outcome.get("status") == "cancelled":
+                self.catalog.update_job(job["id"], status="cancelled")
+            else:
+                error = outcome.get("error") or {"code": "failed", "message": "the analysis failed"}
+                self.catalog.update_job(job["id"], status="failed", error_code=error["code"], error_message=error["message"])
+        elif state == "FAILURE":
+            self.catalog.update_job(job["id"], status="failed", error_code="worker_error",
+                                    error_message=f"{type(result.result).__name__}: {result.result}"[:2000])
+
+    def follow(self, interval: float = 0.5) -> None:
+        def loop():
+            while not self._stop.wait(interval):
+                self.sync()
+        self._thread = threading.Thread(target=loop, name="deltalens-follow", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)

@@ -1,0 +1,130 @@
+"""Analyses: create, follow, cancel, delete — and read their results."""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field
+
+from backend import results
+from backend.deps import CatalogDep, JobsDep, WriteAccess
+from backend.errors import ApiError, not_found
+
+router = APIRouter(prefix="/api", tags=["analyses"])
+Mode = Literal["abs", "rel"]
+
+
+class AnalysisIn(BaseModel):
+    kind: Literal["pair", "series", "overlap"]
+    checkpoints: list[str] = Field(description="checkpoint ids in the CLI's order: base first")
+    taus: list[float] = Field([1e-5], max_length=16)
+    relative: bool = False
+    rank: bool = True
+
+
+def status_of(job: dict) -> dict:
+    error = {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None
+    return {"id": job["id"], "kind": job["kind"], "status": job["status"], "progress": job["progress"], "error": error,
+            "checkpoints": job["checkpoints"], "taus": job["taus"], "relative": job["relative"],
+            "created_at": job["created_at"].isoformat() + "Z", "updated_at": job["updated_at"].isoformat() + "Z",
+            "detail": json.loads(job["detail"]) if job["detail"] else None}
+
+
+def _job(catalog, aid: str) -> dict:
+    job = catalog.job(aid)
+    if job is None:
+        raise not_found("analysis", aid)
+    return job
+
+
+@router.post("/analyses", status_code=202, dependencies=WriteAccess)
+def create(body: AnalysisIn, jobs: JobsDep) -> dict:
+    return {"id": jobs.submit(body.kind, body.checkpoints, body.taus, body.relative, body.rank)}
+
+
+@router.get("/analyses")
+def list_analyses(catalog: CatalogDep) -> list[dict]:
+    return [status_of(j) for j in catalog.jobs()]
+
+
+@router.get("/analyses/{aid}")
+def get_analysis(aid: str, catalog: CatalogDep) -> dict:
+    return status_of(_job(catalog, aid))
+
+
+@router.post("/analyses/{aid}/cancel", dependencies=WriteAccess)
+def cancel(aid: str, jobs: JobsDep, catalog: CatalogDep) -> dict:
+    jobs.cancel(aid)
+    return status_of(_job(catalog, aid))
+
+
+@router.delete("/analyses/{aid}", status_code=204, dependencies=WriteAccess)
+def delete(aid: str, jobs: JobsDep) -> Response:
+    jobs.delete(aid)
+    return Response(status_code=204)
+
+
+@router.get("/analyses/{aid}/result")
+def result(aid: str, catalog: CatalogDep) -> dict:
+    """The same object `deltalens ... --json` writes."""
+    return results.document(catalog, aid)
+
+
+@router.get("/analyses/{aid}/summary")
+def summary(aid: str, catalog: CatalogDep) -> dict:
+    doc = results.document(catalog, aid)
+    keep = {k: v for k, v in doc.items() if k not in ("tensors",)}
+    return {**keep, "tensor_count": len(doc.get("tensors", []))}
+
+
+@router.get("/analyses/{aid}/heatmap")
+def heatmap(aid: str, catalog: CatalogDep, metric: str = "sparsity", tau: float = 1e-5, mode: Mode = "abs") -> dict:
+    """Layer × matrix type grid of a metric; τ snaps to the nearest histogram edge."""
+    return results.heatmap(catalog, aid, metric, tau, mode)
+
+
+@router.get("/analyses/{aid}/sparsity-curve")
+def sparsity_curve(aid: str, catalog: CatalogDep, mode: Mode = "abs") -> dict:
+    return results.sparsity_curve(catalog, aid, mode)
+
+
+@router.get("/analyses/{aid}/tensors")
+def tensors(aid: str, catalog: CatalogDep) -> list[dict]:
+    return results.document(catalog, aid)["tensors"]
+
+
+@router.get("/analyses/{aid}/tensors/{name:path}")
+def tensor(aid: str, name: str, catalog: CatalogDep) -> dict:
+    """Histograms, singular spectrum, update map and counts of one matrix."""
+    return results.tensor_detail(catalog, aid, name)
+
+
+@router.get("/analyses/{aid}/series")
+def series(aid: str, catalog: CatalogDep) -> dict:
+    doc = results.document(catalog, aid)
+    if doc["kind"] != "series":
+        raise ApiError(409, "wrong_kind", f"analysis {aid} is a {doc['kind']}, not a series")
+    return {k: doc[k] for k in ("checkpoints", "tau", "numel", "steps", "categories")}
+
+
+@router.get("/analyses/{aid}/overlap")
+def overlap(aid: str, catalog: CatalogDep) -> dict:
+    doc = results.document(catalog, aid)
+    if doc["kind"] != "overlap":
+        raise ApiError(409, "wrong_kind", f"analysis {aid} is a {doc['kind']}, not an overlap")
+    per_layer = {}
+    for t in doc["tensors"]:
+        layer = per_layer.setdefault(t["layer"], {"layer": t["layer"], "numel": 0, "changed": [0] * len(doc["runs"]),
+                                                  "both": [0] * len(t["pairs"])})
+        layer["numel"] += t["numel"]
+        layer["changed"] = [a + b for a, b in zip(layer["changed"], t["changed"])]
+        layer["both"] = [a + p["both"] for a, p in zip(layer["both"], t["pairs"])]
+    return {"runs": doc["runs"], "tau": doc["tau"], "summary": doc["summary"],
+            "layers": sorted(per_layer.values(), key=lambda r: (r["layer"] is None, r["layer"] or 0))}
+
+
+@router.get("/compare")
+def compare(catalog: CatalogDep, ids: str = Query(description="comma-separated pair analysis ids"),
+            tau: float = 1e-5, mode: Mode = "abs") -> dict:
+    return results.compare(catalog, [i for i in ids.split(",") if i], tau, mode)

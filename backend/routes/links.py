@@ -1,0 +1,37 @@
+"""Short links: a code for a dashboard URL (path + query = the whole view state)."""
+from __future__ import annotations
+
+import hashlib
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Request
+from fastapi.responses import RedirectResponse
+from pydantic import BaseModel, Field
+
+from backend.deps import CatalogDep
+from backend.errors import ApiError, not_found
+
+router = APIRouter(tags=["links"])
+
+
+class LinkIn(BaseModel):
+    url: str = Field(max_length=4000, description="a dashboard path with its query, e.g. /analyses/ab12?tau=1e-4")
+
+
+@router.post("/api/links", status_code=201)
+def create_link(body: LinkIn, request: Request, catalog: CatalogDep) -> dict:
+    parts = urlsplit(body.url)
+    if parts.scheme or parts.netloc or not parts.path.startswith("/"):
+        raise ApiError(422, "invalid_request", "url must be a path on this dashboard, e.g. /analyses/ab12?tau=1e-4")
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    code = hashlib.sha256(path.encode()).hexdigest()[:10]  # same view, same code
+    catalog.add_link(code, path)
+    return {"code": code, "url": path, "short_url": str(request.base_url).rstrip("/") + f"/s/{code}"}
+
+
+@router.get("/s/{code}", include_in_schema=False)
+def follow_link(code: str, catalog: CatalogDep) -> RedirectResponse:
+    url = catalog.link(code)
+    if url is None:
+        raise not_found("short link", code)
+    return RedirectResponse(url, status_code=307)
