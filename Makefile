@@ -4,15 +4,18 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install system-deps test bench clean
 
-install: $(STAMP)
+install: system-deps $(STAMP)
 
 # system packages: gcc builds the C kernel; redis-server is started by the service tests
 APT_PACKAGES := gcc redis-server
+system-deps:
+	@missing=""; for c in $(APT_PACKAGES); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
 $(BIN)/python:
-	@missing=""; for c in gcc redis-server; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
-	if [ -n "$$missing" ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(APT_PACKAGES); fi
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned to 2.13.0 (constraints.txt) for local and CI installs: the CPU build on this disk

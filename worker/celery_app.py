@@ -12,7 +12,8 @@ ANALYSIS_TASK = "deltalens.run_analysis"
 def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     app = Celery("deltalens", broker=s.broker_url, backend=s.result_backend)
-    transport = {"visibility_timeout": s.task_time_limit + 3600}  # longer than any task may run
+    # a message unacknowledged this long is handed out again: longer than any task may run
+    transport = {"visibility_timeout": s.task_time_limit + max(30, s.task_time_limit // 10)}
     if s.broker_url.startswith("filesystem://"):
         queue_dir = str(s.path("broker"))
         transport.update(data_folder_in=queue_dir, data_folder_out=queue_dir, processed_folder=str(s.path("broker-done")))
@@ -24,7 +25,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,        # one task at a time per worker process
         worker_concurrency=1,
         task_time_limit=s.task_time_limit,
-        task_soft_time_limit=s.task_time_limit - 60,
+        task_soft_time_limit=max(1, s.task_time_limit * 19 // 20),
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,

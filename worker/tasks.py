@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from worker.celery_app import ANALYSIS_TASK, celery_app
 from worker.errors import InputError
 from worker.settings import get_settings
@@ -89,6 +91,9 @@ def run_analysis_task(self, analysis_id: str, kind: str, paths: list[str], taus:
         write_artifact(result, artifact, analysis_id)
     except Cancelled:
         return {"status": "cancelled"}
+    except SoftTimeLimitExceeded:
+        return {"status": "failed", "error": {"code": "time_limit", "message":
+                f"the analysis ran longer than DELTALENS_TASK_TIME_LIMIT ({settings.task_time_limit} s)"}}
     except InputError as e:
         return {"status": "failed", "error": {"code": "invalid_checkpoint", "message": str(e)}}
     return {"status": "done", "artifact": str(artifact)}
