@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.installed
 
 install: system-deps $(STAMP)
 
-# system packages: gcc builds the C kernel; redis-server is started by the service tests
-APT_PACKAGES := gcc redis-server
+# system packages: gcc builds the C kernel; redis-server is started by the service tests;
+# docker-compose validates docker-compose.yml (no Docker engine is needed for that)
+APT_PACKAGES := gcc redis-server docker-compose
 system-deps:
 	@missing=""; for c in $(APT_PACKAGES); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
