@@ -249,3 +249,23 @@ def test_openapi_documents_the_api(stack):
     spec = client.get("/openapi.json").json()
     for path in ("/api/checkpoints", "/api/uploads", "/api/analyses", "/api/analyses/{aid}/heatmap", "/api/compare"):
         assert path in spec["paths"]
+
+
+@pytest.mark.parametrize("fmt", ["bool", "packed"])
+def test_mask_export_matches_numpy(stack, pair, family_pair, fmt):
+    import numpy as np
+    from safetensors.numpy import load as load_safetensors
+
+    import reference as ref
+    client, _ = stack
+    base, target = family_pair("llama")
+    r = client.get(f"/api/analyses/{pair[0]}/mask", params={"tau": 1e-4, "format": fmt})
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
+    masks = load_safetensors(r.content)
+    b, t = ref.load(base), ref.load(target)
+    assert set(masks) == set(b)
+    for name, stored in masks.items():
+        expected = np.abs(t[name] - b[name]) > 1e-4
+        if fmt == "packed":
+            stored = np.unpackbits(stored, bitorder="little")[: expected.size].reshape(expected.shape).astype(bool)
+        assert np.array_equal(stored, expected), name

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Literal
 
 from fastapi import APIRouter, Query, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from backend import results
+from backend import masks, results
 from backend.deps import CatalogDep, JobsDep, WriteAccess
 from backend.errors import ApiError, not_found
 
@@ -128,3 +130,25 @@ def overlap(aid: str, catalog: CatalogDep) -> dict:
 def compare(catalog: CatalogDep, ids: str = Query(description="comma-separated pair analysis ids"),
             tau: float = 1e-5, mode: Mode = "abs") -> dict:
     return results.compare(catalog, [i for i in ids.split(",") if i], tau, mode)
+
+
+@router.get("/analyses/{aid}/mask", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def mask(aid: str, catalog: CatalogDep, tau: float | None = None, relative: bool | None = None,
+         format: Literal["bool", "packed"] = "bool",
+         run: int = Query(-1, description="which target/run/checkpoint (default: the last one)")) -> StreamingResponse:
+    """The update mask (|Δ| > τ per weight) as safetensors, for sparse fine-tuning of the subnetwork."""
+    job = _job(catalog, aid)
+    ids = job["checkpoints"]
+    if not -len(ids) < run < len(ids) or run % len(ids) == 0:
+        raise ApiError(422, "invalid_request", f"run must pick one of the {len(ids) - 1} checkpoints after the base")
+    base, target = catalog.checkpoint(ids[0]), catalog.checkpoint(ids[run])
+    if base is None or target is None:
+        raise ApiError(409, "checkpoint_gone", "a checkpoint of this analysis is no longer registered")
+    tau = job["taus"][0] if tau is None else tau
+    if not (math.isfinite(tau) and tau >= 0):
+        raise ApiError(422, "invalid_request", "tau must be a finite number >= 0")
+    relative = job["relative"] if relative is None else relative
+    size, body = masks.mask_file(base["path"], target["path"], tau, relative, format == "packed")
+    headers = {"Content-Length": str(size), "Content-Disposition": f'attachment; filename="mask-{aid}-{format}.safetensors"'}
+    return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
