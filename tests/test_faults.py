@@ -1,8 +1,8 @@
 """Jobs survive faults: a worker killed mid-analysis, a Redis restart with a job queued."""
 from __future__ import annotations
 
-import signal
 import os
+import signal
 
 import httpx
 import pytest
@@ -30,13 +30,14 @@ def slow_pair(tmp_path_factory):
 
 @pytest.fixture
 def stack(tmp_path, slow_pair):
+    """redis + API (+ registered slow pair); each test starts the workers it needs."""
     redis = Redis(tmp_path / "redis").start()
     env = service_env(tmp_path / "data", f"{redis.url}/0", f"{redis.url}/1", "faults", [slow_pair[0].parent],
                       DELTALENS_MAX_ATTEMPTS="2", DELTALENS_TASK_TIME_LIMIT="20")
     api = Api(env, tmp_path / "api.log").start()
     client = httpx.Client(base_url=api.url, timeout=30)
     ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in slow_pair]
-    yield redis, env, client, ids, tmp_path
+    yield redis, env, client, ids, tmp_path, api
     client.close()
     api.stop()
     redis.stop()
@@ -55,7 +56,7 @@ def _kill_pool_child(worker: Worker) -> None:
 
 
 def test_killed_worker_process_is_retried_and_finishes(stack):
-    redis, env, client, ids, tmp = stack
+    redis, env, client, ids, tmp, api = stack
     with running(Worker(env, tmp / "worker.log")) as (worker,):
         aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
         wait_for(lambda: _running(client, aid), 60, what="the analysis to be under way")
@@ -68,7 +69,7 @@ def test_killed_worker_process_is_retried_and_finishes(stack):
 
 
 def test_attempt_cap_ends_in_failed_with_a_reason(stack):
-    redis, env, client, ids, tmp = stack
+    redis, env, client, ids, tmp, api = stack
     with running(Worker(env, tmp / "worker.log")) as (worker,):
         aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
         for attempt in range(2):  # DELTALENS_MAX_ATTEMPTS=2: two losses, then the third delivery gives up
@@ -84,7 +85,7 @@ def test_attempt_cap_ends_in_failed_with_a_reason(stack):
 
 
 def test_whole_worker_killed_then_restarted(stack):
-    redis, env, client, ids, tmp = stack
+    redis, env, client, ids, tmp, api = stack
     worker = Worker(env, tmp / "worker.log").start()
     aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids, "rank": False}).json()["id"]
     wait_for(lambda: _running(client, aid, 1), 60, what="the analysis to be under way")
@@ -95,7 +96,7 @@ def test_whole_worker_killed_then_restarted(stack):
 
 
 def test_queued_job_survives_a_redis_restart(stack):
-    redis, env, client, ids, tmp = stack
+    redis, env, client, ids, tmp, api = stack
     aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids, "rank": False}).json()["id"]
     assert client.get(f"/api/analyses/{aid}").json()["status"] == "queued"
     redis.stop()
@@ -103,3 +104,30 @@ def test_queued_job_survives_a_redis_restart(stack):
     with running(Worker(env, tmp / "worker.log")):
         status = wait_done(client, aid, 120)
     assert status["status"] == "done", status
+
+
+def test_cancel_stops_a_running_analysis(stack):
+    redis, env, client, ids, tmp, api = stack
+    with running(Worker(env, tmp / "worker.log")):
+        aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
+        wait_for(lambda: _running(client, aid, 1), 60, what="the analysis to be under way")
+        r = client.post(f"/api/analyses/{aid}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        # the worker drops it at the next tensor and is free for the next job
+        nxt = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids, "rank": False}).json()["id"]
+        assert wait_done(client, nxt, 120)["status"] == "done"
+    assert client.get(f"/api/analyses/{aid}").json()["status"] == "cancelled"
+    assert client.get(f"/api/analyses/{aid}/result").status_code == 409
+
+
+def test_api_restart_mid_analysis_loses_nothing(stack):
+    redis, env, client, ids, tmp, api = stack
+    with running(Worker(env, tmp / "worker.log")):
+        aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
+        wait_for(lambda: _running(client, aid, 1), 60, what="the analysis to be under way")
+        api.proc.kill()  # SIGKILL: no shutdown hooks run
+        api.proc.wait(10)
+        api.start()      # same port, same catalog file
+        status = wait_done(client, aid, 120)
+    assert status["status"] == "done"
+    assert len(client.get(f"/api/analyses/{aid}/result").json()["tensors"]) == LAYERS
