@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps test bench clean
+.PHONY: install system-deps up test bench clean
 
 install: system-deps $(STAMP)
 
@@ -25,12 +25,17 @@ $(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# the API and a worker on this machine, no Docker, no Redis: http://127.0.0.1:8000/
+up: install
+	$(BIN)/deltalens up --port $${PORT:-8000} --data-dir $${DATA_DIR:-deltalens-data}
+
 test: install
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 bench: install
 	$(BIN)/python bench/pair.py
+	$(BIN)/python bench/upload.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info worker/*.so .pytest_cache .hypothesis
