@@ -33,7 +33,7 @@ def stack(tmp_path, slow_pair):
     """redis + API (+ registered slow pair); each test starts the workers it needs."""
     redis = Redis(tmp_path / "redis").start()
     env = service_env(tmp_path / "data", f"{redis.url}/0", f"{redis.url}/1", "faults", [slow_pair[0].parent],
-                      DELTALENS_MAX_ATTEMPTS="2", DELTALENS_TASK_TIME_LIMIT="20")
+                      DELTALENS_MAX_ATTEMPTS="2", DELTALENS_TASK_TIME_LIMIT="40")
     api = Api(env, tmp_path / "api.log").start()
     client = httpx.Client(base_url=api.url, timeout=30)
     ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in slow_pair]
@@ -87,7 +87,7 @@ def test_attempt_cap_ends_in_failed_with_a_reason(stack):
 def test_whole_worker_killed_then_restarted(stack):
     redis, env, client, ids, tmp, api = stack
     worker = Worker(env, tmp / "worker.log").start()
-    aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids, "rank": False}).json()["id"]
+    aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
     wait_for(lambda: _running(client, aid, 1), 60, what="the analysis to be under way")
     worker.kill()
     with running(Worker(env, tmp / "worker2.log")):  # the unacknowledged task comes back after the visibility timeout
