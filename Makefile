@@ -6,11 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install system-deps up test bench clean
 
-install: system-deps $(STAMP)
+install: system-deps $(STAMP) frontend/dist/index.html
 
 # system packages: gcc builds the C kernel; redis-server is started by the service tests;
-# docker-compose validates docker-compose.yml (no Docker engine is needed for that)
-APT_PACKAGES := gcc redis-server docker-compose
+# docker-compose validates docker-compose.yml (no Docker engine is needed for that);
+# chromium runs the dashboard tests (driven by Playwright; never `playwright install`)
+APT_PACKAGES := gcc redis-server docker-compose chromium
 system-deps:
 	@missing=""; for c in $(APT_PACKAGES); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
@@ -29,7 +30,16 @@ $(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | $(BIN)/python
 up: install
 	$(BIN)/deltalens up --port $${PORT:-8000} --data-dir $${DATA_DIR:-deltalens-data}
 
+# the dashboard: npm packages from the lock file, then the static build the API serves
+frontend/node_modules/.installed: frontend/package.json frontend/package-lock.json
+	cd frontend && npm ci --no-audit --no-fund
+	touch $@
+
+frontend/dist/index.html: frontend/node_modules/.installed frontend/index.html frontend/vite.config.ts $(wildcard frontend/src/*.ts frontend/src/*/*.ts frontend/src/*.css)
+	cd frontend && npm run build
+
 test: install
+	cd frontend && npx vitest run
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
@@ -38,4 +48,4 @@ bench: install
 	$(BIN)/python bench/upload.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info worker/*.so .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info worker/*.so .pytest_cache .hypothesis frontend/node_modules frontend/dist

@@ -5,10 +5,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from backend.catalog import Catalog
-from backend.errors import install_handlers
+from backend.errors import ApiError, install_handlers
 from backend.jobs import Jobs
 from backend.routes import analyses, checkpoints, links
 from backend.uploads import Uploads
@@ -42,9 +43,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def health() -> dict:
         return {"status": "ok"}
 
-    if FRONTEND.is_dir():
-        app.mount("/", StaticFiles(directory=FRONTEND, html=True), name="frontend")
+    if (FRONTEND / "index.html").is_file():
+        serve_dashboard(app)
     return app
+
+
+def serve_dashboard(app: FastAPI) -> None:
+    """The built dashboard: its assets, and index.html for every view path (the SPA routes itself)."""
+    app.mount("/assets", StaticFiles(directory=FRONTEND / "assets"), name="assets")
+    index = (FRONTEND / "index.html").read_text()
+
+    @app.get("/{path:path}", include_in_schema=False)
+    def dashboard(path: str) -> HTMLResponse:
+        if path.startswith("api/"):
+            raise ApiError(404, "not_found", f"no endpoint /{path}")
+        file = (FRONTEND / path).resolve()
+        if path and FRONTEND in file.parents and file.is_file():
+            return FileResponse(file)
+        return HTMLResponse(index)
 
 
 app = create_app()

@@ -77,6 +77,24 @@ def heatmap(catalog: Catalog, aid: str, metric: str, tau: float, mode: str) -> d
             "changed": grid(lambda s: int(s["changed"])), "numel": grid(lambda s: int(s["numel"]))}
 
 
+def heatmap_cube(catalog: Catalog, aid: str, mode: str) -> dict:
+    """Per layer × matrix cell, the summed histogram: the dashboard's τ slider reads any τ from it."""
+    doc = document(catalog, aid)
+    if doc["kind"] != "pair":
+        raise ApiError(409, "wrong_kind", f"heatmaps are drawn for pair analyses; {aid} is a {doc['kind']}")
+    cells: dict = {}
+    for layer, matrix, numel, counts in catalog.query(
+            "SELECT t.layer, t.matrix, t.numel, h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
+            "WHERE t.analysis_id = ? AND h.kind = ?", [aid, mode]):
+        n, hist = cells.get((layer, matrix), (0, [0] * len(counts)))
+        cells[(layer, matrix)] = (n + numel, [a + b for a, b in zip(hist, counts)])
+    layers = sorted({k[0] for k in cells}, key=lambda x: (x is None, x or 0))
+    matrices = [m for m in MATRIX_TYPES if any(k[1] == m for k in cells)]
+    pick = lambda i: [[cells[(layer, m)][i] if (layer, m) in cells else None for m in matrices] for layer in layers]  # noqa: E731
+    return {"analysis": aid, "mode": mode, "layers": layers, "matrices": matrices, "numel": pick(0), "hist": pick(1),
+            "bin_edges": list(BIN_EDGES)}
+
+
 def sparsity_curve(catalog: Catalog, aid: str, mode: str) -> dict:
     """Model sparsity at every histogram edge: the whole sparsity-vs-τ curve."""
     document(catalog, aid)

@@ -88,16 +88,22 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool children), like the OOM killer would."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group: pool children too, even if the main one is gone
+        except ProcessLookupError:
+            pass
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            self.kill()
 
 
 class Api:

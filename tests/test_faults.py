@@ -87,9 +87,11 @@ def test_attempt_cap_ends_in_failed_with_a_reason(stack):
 def test_whole_worker_killed_then_restarted(stack):
     redis, env, client, ids, tmp, api = stack
     worker = Worker(env, tmp / "worker.log").start()
-    aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
-    wait_for(lambda: _running(client, aid, 1), 60, what="the analysis to be under way")
-    worker.kill()
+    try:
+        aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
+        wait_for(lambda: _running(client, aid, 1), 60, what="the analysis to be under way")
+    finally:
+        worker.kill()
     with running(Worker(env, tmp / "worker2.log")):  # the unacknowledged task comes back after the visibility timeout
         status = wait_done(client, aid, 150)
     assert status["status"] == "done", status

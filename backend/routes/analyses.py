@@ -86,6 +86,12 @@ def heatmap(aid: str, catalog: CatalogDep, metric: str = "sparsity", tau: float 
     return results.heatmap(catalog, aid, metric, tau, mode)
 
 
+@router.get("/analyses/{aid}/heatmap-cube")
+def heatmap_cube(aid: str, catalog: CatalogDep, mode: Mode = "abs") -> dict:
+    """Summed |Δ| histograms per layer × matrix cell: sparsity at every τ without another request."""
+    return results.heatmap_cube(catalog, aid, mode)
+
+
 @router.get("/analyses/{aid}/sparsity-curve")
 def sparsity_curve(aid: str, catalog: CatalogDep, mode: Mode = "abs") -> dict:
     return results.sparsity_curve(catalog, aid, mode)

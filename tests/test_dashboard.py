@@ -1,0 +1,165 @@
+"""The dashboard in a real browser (Debian's Chromium driven by Playwright) against a running stack
+with a real worker: upload through the page, follow progress, heatmap, τ slider, click to a
+matrix, permalinks in a fresh context. Screenshots of every view go to test-output/."""
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+from service import ROOT, Api, Worker, running, service_env, wait_done
+from worker.contract import BIN_EDGES, changed_from_histogram
+
+playwright = pytest.importorskip("playwright.sync_api")
+DIST = ROOT / "frontend" / "dist" / "index.html"
+SHOTS = ROOT / "test-output" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-quic",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, family_pair, llama_series):
+    assert DIST.exists(), "build the dashboard first: make test runs `npm run build` in frontend/"
+    root = tmp_path_factory.mktemp("dash")
+    (root / "results").mkdir()
+    roots = [family_pair("llama")[0].parent, llama_series[0].parent]
+    env = service_env(root / "data", "filesystem://", f"file://{root / 'results'}", "dash", roots)
+    with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (_, api):
+        yield api.url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def new_page(browser, **kw):
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, **kw)
+    return context, context.new_page()
+
+
+def test_upload_analyse_slide_click_and_share(site, browser, family_pair):
+    base, target = family_pair("llama")
+    context, page = new_page(browser)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(site + "/new")
+    for folder, name in ((base, "llama-base"), (target, "llama-target")):
+        page.fill("#upload-name", name)
+        page.set_input_files("#file-input", [str(p) for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".json")])
+        page.get_by_text(f"Uploaded and validated: {name}").wait_for(timeout=30_000)
+    assert page.locator("progress").count() >= 2  # a bar per file
+    shot(page, "new-analysis")
+    page.fill("#taus", "1e-5")
+    page.click("#submit")
+    started = time.monotonic()
+    page.wait_for_url(re.compile(r"/analyses/[0-9a-f]+$"), timeout=120_000)
+    page.locator("#heatmap .nsewdrag").wait_for(timeout=60_000)
+    print(f"time from submit to first heatmap: {time.monotonic() - started:.2f}s")
+    aid = page.url.rsplit("/", 1)[1]
+    shot(page, "overview")
+
+    # the numbers on the page are the engine's: global sparsity at the snapped τ, from the histograms
+    detail = httpx.get(f"{site}/api/analyses/{aid}/heatmap-cube").json()
+    def expected(k):
+        changed = sum(changed_from_histogram(h, k) for row in detail["hist"] for h in row if h)
+        numel = sum(n for row in detail["numel"] for n in row if n)
+        return f"{100 * (1 - changed / numel):.2f}%"
+    slider = page.locator("#tau-slider")
+    k0 = int(slider.input_value())
+    assert BIN_EDGES[k0] == pytest.approx(1e-5, rel=0.01)
+    before = page.locator("#global-sparsity").inner_text()
+    assert before == expected(k0)
+    slider.focus()
+    for _ in range(40):
+        page.keyboard.press("ArrowRight")  # keyboard reachable; each step is one histogram edge
+    after = page.locator("#global-sparsity").inner_text()
+    assert after != before and after == expected(k0 + 40)
+    slider.dispatch_event("change")
+    page.wait_for_url(re.compile(r"tau="))
+    shot(page, "overview-tau-moved")
+
+    # click a heatmap cell: layer 0, first matrix type -> that matrix's view
+    box = page.locator("#heatmap .nsewdrag").bounding_box()
+    rows, cols = len(detail["layers"]), len(detail["matrices"])
+    page.mouse.click(box["x"] + box["width"] / cols / 2, box["y"] + box["height"] / rows / 2)
+    page.wait_for_url(re.compile(r"/tensor\?name="), timeout=10_000)
+    name = page.locator("#tensor-name").inner_text()
+    assert name.startswith("model.layers.0.")
+    page.locator(".plot .main-svg").first.wait_for()
+    shot(page, "tensor")
+
+    # copy the permalink and open it in a fresh context: the identical view
+    page.click("#copy-link")
+    page.wait_for_function("document.body.dataset.shortLink !== undefined")
+    link, short = page.evaluate("[document.body.dataset.lastLink, document.body.dataset.shortLink]")
+    assert link == page.url and "tau=" in link
+    other, fresh = new_page(browser)
+    fresh.goto(link)
+    assert fresh.locator("#tensor-name").inner_text() == name
+    fresh.goto(short)
+    fresh.locator("#tensor-name").wait_for()
+    assert fresh.url == link and fresh.locator("#tensor-name").inner_text() == name
+    other.close()
+    # neighbours are one click away
+    page.click("[data-nav=next]")
+    page.wait_for_function("(document.querySelector('#tensor-name')?.textContent ?? '').startsWith('model.layers.1.')")
+    assert not errors, errors
+    context.close()
+
+
+def test_browse_series_overlap_compare_views(site, browser, llama_series, family_pair):
+    client = httpx.Client(base_url=site, timeout=30)
+    ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in llama_series]
+    series = client.post("/api/analyses", json={"kind": "series", "checkpoints": ids}).json()["id"]
+    overlap = client.post("/api/analyses", json={"kind": "overlap", "checkpoints": ids[:4]}).json()["id"]
+    pairs = [client.post("/api/analyses", json={"kind": "pair", "checkpoints": [ids[0], ids[i]]}).json()["id"] for i in (1, 4)]
+    for aid in (series, overlap, *pairs):
+        assert wait_done(client, aid)["status"] == "done"
+    context, page = new_page(browser, color_scheme="dark")
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(site + "/")
+    page.locator(f"tr[data-analysis='{series}']").wait_for()
+    shot(page, "browse")
+    page.fill("input[type=search]", "overlap")
+    page.wait_for_url(re.compile(r"q=overlap"))
+    assert page.locator("tbody tr").count() >= 1 and page.locator(f"tr[data-analysis='{series}']").count() == 0
+    page.goto(f"{site}/analyses/{series}")
+    page.wait_for_url(re.compile(r"/series$"))
+    page.locator("#transient").wait_for()
+    doc = client.get(f"/api/analyses/{series}/series").json()
+    assert page.locator("#transient").inner_text() == f"{100 * doc['categories']['transient'] / doc['numel']:.2f}%"
+    page.locator(".plot .main-svg").first.wait_for()
+    shot(page, "series")
+    page.goto(f"{site}/analyses/{overlap}")
+    page.wait_for_url(re.compile(r"/overlap$"))
+    page.locator("#overlap-pairs").wait_for()
+    page.locator(".plot .main-svg").first.wait_for()
+    assert page.locator("#overlap-pairs tbody tr").count() == 3
+    shot(page, "overlap")
+    page.goto(f"{site}/compare?ids={pairs[0]},{pairs[1]}")
+    page.locator(".plot .main-svg").first.wait_for()
+    assert page.locator("table tbody tr").count() == 2
+    shot(page, "compare")
+    assert not errors, errors
+    context.close()
+
+
+def test_errors_are_shown_not_thrown(site, browser):
+    context, page = new_page(browser)
+    page.goto(site + "/analyses/0123456789ab")
+    page.locator(".error").wait_for()
+    assert "no analysis" in page.locator(".error").inner_text()
+    context.close()
