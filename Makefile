@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps up test bench clean
+.PHONY: install system-deps up demo test bench clean
 
 install: system-deps $(STAMP) frontend/dist/index.html
 
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | $(BIN)/python
 # the API and a worker on this machine, no Docker, no Redis: http://127.0.0.1:8000/
 up: install
 	$(BIN)/deltalens up --port $${PORT:-8000} --data-dir $${DATA_DIR:-deltalens-data}
+
+# the showcase: train the tiny demo models once (CPU, minutes), then serve them with their analyses
+demo: install
+	@test -f demo-data/log.json || $(BIN)/deltalens demo-data demo-data
+	$(BIN)/deltalens up --port $${PORT:-8000} --data-dir $${DATA_DIR:-deltalens-data} --demo demo-data
 
 # the dashboard: npm packages from the lock file, then the static build the API serves
 frontend/node_modules/.installed: frontend/package.json frontend/package-lock.json

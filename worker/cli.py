@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--data-dir", type=Path, default=Path("deltalens-data"))
+    p.add_argument("--demo", type=Path, metavar="DIR", help="register DIR (from demo-data) and queue its analyses")
+    p = sub.add_parser("demo-data", help="train a tiny Llama through pretrain / SFT / RL / DPO into OUT (CPU, minutes)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--quick", action="store_true", help="a seconds-long version (fewer steps, smaller model)")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -85,7 +90,12 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         from backend.local import up  # the CLI is the one place that starts the service
-        return up(args.port, args.data_dir, args.host)
+        return up(args.port, args.data_dir, args.host, demo=args.demo)
+    if args.command == "demo-data":
+        from worker.demo import DemoConfig, make_demo_data
+        summary = make_demo_data(args.out, DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed)
+        print(f"demo checkpoints in {args.out} ({summary['seconds']} s); training log: {args.out / 'log.json'}")
+        return 0
     from worker.analyses import Options, run_analysis
     from worker.errors import InputError
     from worker.report import SUMMARIES
