@@ -17,6 +17,13 @@ def not_found(what: str, key: str) -> ApiError:
     return ApiError(404, "not_found", f"no {what} {key!r}")
 
 
+def found(value, what: str, key: str):
+    """value, or a 404 {code, message} when it is None."""
+    if value is None:
+        raise not_found(what, key)
+    return value
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError):

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from backend import masks, results
 from backend.deps import CatalogDep, JobsDep, WriteAccess
-from backend.errors import ApiError, not_found
+from backend.errors import ApiError, found
 
 router = APIRouter(prefix="/api", tags=["analyses"])
 Mode = Literal["abs", "rel"]
@@ -34,10 +34,7 @@ def status_of(job: dict) -> dict:
 
 
 def _job(catalog, aid: str) -> dict:
-    job = catalog.job(aid)
-    if job is None:
-        raise not_found("analysis", aid)
-    return job
+    return found(catalog.job(aid), "analysis", aid)
 
 
 @router.post("/analyses", status_code=202, dependencies=WriteAccess)

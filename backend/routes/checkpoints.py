@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from backend.deps import CatalogDep, SettingsDep, UploadsDep, WriteAccess
-from backend.errors import not_found
+from backend.errors import found
 from backend.uploads import register_path
 
 router = APIRouter(prefix="/api", tags=["checkpoints"])
@@ -37,10 +37,7 @@ def list_checkpoints(catalog: CatalogDep) -> list[dict]:
 
 @router.get("/checkpoints/{cid}")
 def get_checkpoint(cid: str, catalog: CatalogDep) -> dict:
-    checkpoint = catalog.checkpoint(cid)
-    if checkpoint is None:
-        raise not_found("checkpoint", cid)
-    return checkpoint
+    return found(catalog.checkpoint(cid), "checkpoint", cid)
 
 
 @router.post("/uploads", status_code=201, dependencies=WriteAccess)

@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 
 from backend.deps import CatalogDep
-from backend.errors import ApiError, not_found
+from backend.errors import ApiError, found
 
 router = APIRouter(tags=["links"])
 
@@ -31,7 +31,4 @@ def create_link(body: LinkIn, request: Request, catalog: CatalogDep) -> dict:
 
 @router.get("/s/{code}", include_in_schema=False)
 def follow_link(code: str, catalog: CatalogDep) -> RedirectResponse:
-    url = catalog.link(code)
-    if url is None:
-        raise not_found("short link", code)
-    return RedirectResponse(url, status_code=307)
+    return RedirectResponse(found(catalog.link(code), "short link", code), status_code=307)
