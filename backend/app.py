@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from backend.catalog import Catalog
@@ -54,7 +54,7 @@ def serve_dashboard(app: FastAPI) -> None:
     index = (FRONTEND / "index.html").read_text()
 
     @app.get("/{path:path}", include_in_schema=False)
-    def dashboard(path: str) -> HTMLResponse:
+    def dashboard(path: str) -> Response:
         if path.startswith("api/"):
             raise ApiError(404, "not_found", f"no endpoint /{path}")
         file = (FRONTEND / path).resolve()
