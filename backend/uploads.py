@@ -25,6 +25,7 @@ from worker.errors import InputError
 from worker.safetensors_header import read_header
 from worker.settings import Settings
 
+STEP_NAME = re.compile(r"^(step|checkpoint|ckpt|global_step|iter)[-_]?\d+$", re.IGNORECASE)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -213,7 +214,9 @@ def register_path(path: str, settings: Settings, catalog: Catalog) -> str:
         raise ApiError(422, "invalid_checkpoint", str(e)) from None
     files = [resolved] if resolved.is_file() else sorted(p for p in resolved.iterdir() if p.is_file())
     cid = uuid.uuid4().hex[:12]
-    catalog.add_checkpoint(id=cid, name=resolved.name, source="path", path=str(resolved),
+    # "run-a/checkpoint-500" says more than "checkpoint-500"
+    name = f"{resolved.parent.name}/{resolved.name}" if STEP_NAME.match(resolved.name) else resolved.name
+    catalog.add_checkpoint(id=cid, name=name, source="path", path=str(resolved),
                            files=[{"name": p.name, "size": p.stat().st_size} for p in files],
                            bytes=sum(p.stat().st_size for p in files), sha256=None)
     return cid
