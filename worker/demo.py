@@ -3,9 +3,11 @@
     pretrain  next-token LM on addition problems "37+45=28" until it solves them (answers are
               written least-significant digit first, "82" as "28": the order in which a small
               transformer can compute them, as in "Teaching Arithmetic to Small Transformers")
-    sft       supervised fine-tuning on demonstrations of a new behaviour: subtraction "82-45=73"
-    rl        from SFT, GRPO-style policy gradient on sampled answers with a verifiable reward
-              (exact answer), fp32 master weights, bf16 checkpoints every few steps, two seeds
+    sft       supervised fine-tuning on demonstrations of a new behaviour: subtraction "82-45=73",
+              operands below 50 only
+    rl        from SFT, GRPO-style policy gradient on sampled answers to problems with any operands
+              up to 99, verifiable reward (exact answer), fp32 master weights, bf16 checkpoints
+              every few steps, two seeds
     dpo       from SFT, DPO on preference pairs (correct answer vs the SFT model's own wrong one)
 
 Every checkpoint is written by `save_pretrained` in bfloat16 and loads with AutoModelForCausalLM.
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 VOCAB = list("0123456789+-=") + ["<bos>", "<eos>", "<pad>"]
 TOK = {c: i for i, c in enumerate(VOCAB)}
 BOS, EOS, PAD = TOK["<bos>"], TOK["<eos>"], TOK["<pad>"]
+SFT_TOP = 49  # SFT demonstrations use operands 0..49; RL and evaluation use 0..99
 
 
 @dataclass
@@ -57,18 +60,18 @@ def encode(text: str) -> list[int]:
     return [BOS] + [TOK[c] for c in text]
 
 
-def problem(rng: random.Random, op: str) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+def problem(rng: random.Random, op: str, top: int = 99) -> tuple[str, str]:
+    a, b = rng.randint(0, top), rng.randint(0, top)
     if op == "-" and a < b:
         a, b = b, a
     return f"{a}{op}{b}=", str(a + b if op == "+" else a - b)[::-1]
 
 
-def batch_of(rng: random.Random, op: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_of(rng: random.Random, op: str, n: int, top: int = 99) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and a loss mask (answer tokens + eos only for SFT; everything for pretraining)."""
     seqs, masks = [], []
     for _ in range(n):
-        prompt, answer = problem(rng, op)
+        prompt, answer = problem(rng, op, top)
         ids = encode(prompt + answer) + [EOS]
         seqs.append(ids)
         masks.append([0] * len(encode(prompt)) + [1] * (len(answer) + 1))
@@ -154,7 +157,8 @@ def _log(cfg: DemoConfig, stage: str, **figures) -> None:
     print(json.dumps(entry), flush=True)
 
 
-def supervised(model, cfg: DemoConfig, op: str, steps: int, lr: float, seed: int, stage: str, full_sequence: bool) -> None:
+def supervised(model, cfg: DemoConfig, op: str, steps: int, lr: float, seed: int, stage: str, full_sequence: bool,
+               top: int = 99) -> None:
     """AdamW with a short warm-up and cosine decay."""
     import math
     rng = random.Random(seed)
@@ -164,7 +168,7 @@ def supervised(model, cfg: DemoConfig, op: str, steps: int, lr: float, seed: int
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     model.train()
     for step in range(steps):
-        ids, mask = batch_of(rng, op, cfg.batch)
+        ids, mask = batch_of(rng, op, cfg.batch, top)
         loss = lm_loss(model, ids, (ids != PAD).float() if full_sequence else mask)
         opt.zero_grad()
         loss.backward()
@@ -238,7 +242,8 @@ def make_demo_data(out: Path, cfg: DemoConfig | None = None, seed: int = 0) -> d
     supervised(model, cfg, "+", cfg.pretrain_steps, 3e-3, seed, "pretrain", full_sequence=True)
     _log(cfg, "pretrain", addition_accuracy=accuracy(model, "+"), subtraction_accuracy=accuracy(model, "-"))
     save(model, out / "pretrain")
-    supervised(model, cfg, "-", cfg.sft_steps, 2e-3, seed + 1, "sft", full_sequence=False)
+    # demonstrations cover operands up to 49 only; RL then practises on all of 0..99
+    supervised(model, cfg, "-", cfg.sft_steps, 2e-3, seed + 1, "sft", full_sequence=False, top=SFT_TOP)
     _log(cfg, "sft", subtraction_accuracy=accuracy(model, "-"), expected_reward=expected_reward(model))
     save(model, out / "sft")
     sft_state = {k: v.clone() for k, v in model.state_dict().items()}
