@@ -95,7 +95,9 @@ def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str],
     return common, {k: v for k, v in skipped.items() if v or k != "not_numeric"}
 
 
-def as_matrix(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+def as_matrix(x, transpose: bool):
+    """A NumPy array or torch tensor as a 2-D (rows, cols) view: scalars (1, 1), vectors (n, 1),
+    higher ranks (first dim, rest); transposed for Conv1D-style weights."""
     if x.ndim == 0:
         x = x.reshape(1, 1)
     elif x.ndim == 1:
