@@ -186,7 +186,7 @@ def validate_folder(folder: Path, settings: Settings) -> None:
                 try:
                     if not isinstance(json.loads(f.read_text()), dict):
                         raise ValueError("not an object")
-                except (ValueError, UnicodeDecodeError) as e:
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:
                     raise InputError(f, f"not a JSON object ({e})") from None
         if not any(f.suffix in PICKLE_SUFFIXES for f in folder.iterdir()):
             open_checkpoint(folder)  # index confinement, shards present, index names held by shards

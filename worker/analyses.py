@@ -161,13 +161,32 @@ class _Stream:
                 budget_rows = max(1, chunk // max(cols, 1))
                 for at, grid_row, start, stop in row_chunks(segments, budget_rows, grid_edges):
                     acc.add(mats[0][start:stop], [m[start:stop] for m in mats[1:]], at, grid_row)
-                yield part, [rows, cols] if (part.segments or part.transpose) else list(meta.shape), meta.dtype, acc.result()
+                result = acc.result()
+                if not _finite(result):
+                    self.refuse_nonfinite(name)
+                yield part, [rows, cols] if (part.segments or part.transpose) else list(meta.shape), meta.dtype, result
             del tensors
             for c in self.checkpoints:
                 c.release(name)
                 done += c.meta(name).nbytes
             if self.progress:
                 self.progress(done, total, name)
+
+
+    def refuse_nonfinite(self, name: str) -> None:
+        """Σ Δ² or Σ b² came out NaN/Inf: name the checkpoint whose tensor holds NaN or Inf values."""
+        for c in self.checkpoints:
+            nan, inf = c.nonfinite(name)
+            if nan or inf:
+                raise InputError(c.path, f"tensor {name!r} holds {nan} NaN and {inf} infinite values; "
+                                         f"weight changes are only defined for finite weights")
+        raise InputError(self.checkpoints[0].path, f"tensor {name!r}: weight changes overflow float64")
+
+
+def _finite(result: dict) -> bool:
+    """Σ Δ² and Σ b² are finite exactly when every b and Δ are: a free NaN/Inf check."""
+    sq_delta = result["sq_delta"]
+    return math.isfinite(sum(sq_delta) if isinstance(sq_delta, list) else sq_delta) and math.isfinite(result["sq_base"])
 
 
 def _open_all(paths: list[str], opts: Options, fused_ok: bool = False) -> tuple[list[Checkpoint], _Stream]:

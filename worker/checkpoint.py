@@ -28,6 +28,7 @@ NUMPY_DTYPES = {
     "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "F16": np.float16, "BF16": np.uint16,
     "F32": np.float32, "F64": np.float64, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 RAW_BITS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # torch dtype names
 
 
@@ -176,6 +177,18 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(self.meta(n).nbytes for n in self.files)
 
+    def nonfinite(self, name: str, chunk: int = 1 << 22) -> tuple[int, int]:
+        """(NaN count, ±Inf count) of one tensor, read in chunks (the rare error path)."""
+        dtype, flat = self.meta(name).dtype, self.array(name).reshape(-1)
+        if dtype not in FLOAT_DTYPES:
+            return 0, 0
+        nan = inf = 0
+        for start in range(0, flat.size, chunk):
+            part = flat[start:start + chunk]
+            values = to_torch(part, dtype).float().numpy() if dtype in RAW_BITS else part
+            nan, inf = nan + int(np.isnan(values).sum()), inf + int(np.isinf(values).sum())
+        return nan, inf
+
 
 def _open_file(path: Path):
     if path.suffix == ".safetensors":
@@ -191,7 +204,7 @@ def _read_config(folder: Path) -> dict:
         return {}
     try:
         config = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(config_path, f"config.json is not valid JSON ({e})") from None
     return config if isinstance(config, dict) else {}
 
@@ -201,7 +214,7 @@ def _sharded(folder: Path, index_path: Path) -> dict[str, Path]:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
         assert isinstance(weight_map, dict)
-    except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError, RecursionError):
         raise InputError(index_path, "index is not JSON with a 'weight_map' object") from None
     root = folder.resolve()
     shards = {}

@@ -96,10 +96,9 @@ class Spectrum:
         """delta: a fresh float64 (rows, cols) chunk; kept by reference for wide matrices."""
         if not self.tall:
             self.chunks.append(delta)
-        elif self.gram is None:
-            self.gram = delta.T @ delta
-        else:
-            self.gram += delta.T @ delta
+            return
+        with np.errstate(all="ignore"):  # NaN/Inf deltas are refused after the pass, not warned about here
+            self.gram = delta.T @ delta if self.gram is None else self.gram + delta.T @ delta
 
     def singular_values(self) -> np.ndarray:
         gram = self.gram
@@ -150,6 +149,6 @@ def pair_result(fine_abs, fine_rel, changed_abs, changed_rel, moments, max_abs, 
                max_abs_delta=float(max_abs), sq_delta=sq_delta, sq_base=sq_base)
     if update_map is not None:
         out["update_map"] = update_map.result()
-    if spectrum is not None:
+    if spectrum is not None and np.isfinite(sq_delta):  # non-finite Δ: refused by the caller, no spectrum
         out.update(spectrum_metrics(spectrum.singular_values(), rows, cols))
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import struct
 from dataclasses import dataclass
@@ -19,9 +20,12 @@ DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }
-DEFAULT_MAX_HEADER = 100 * 1024 * 1024
+DEFAULT_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 MAX_NAME_LENGTH = 1024
-MAX_TENSORS = 1_000_000
+MAX_TENSORS = 100_000  # per file; the largest published checkpoints hold a few thousand per shard
+# Tensor names are data, but no real checkpoint needs markup, quotes, control characters or '..'
+# path segments in one: such names are refused (and would be escaped / parameterised anyway).
+UNSAFE_NAME = re.compile(r"[<>\"'`\\\x00-\x1f\x7f-\x9f]|(^|[/.])\.\.($|/)|^/")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ def read_header(path: str | os.PathLike, max_header: int = DEFAULT_MAX_HEADER) -
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError:
         raise InputError(path, "header is not UTF-8 JSON") from None
+    except RecursionError:
+        raise InputError(path, "header JSON is nested too deeply") from None
     except ValueError as e:  # json.JSONDecodeError is a ValueError, so is our duplicate check
         msg = str(e)
         raise InputError(path, f"header JSON has a {msg}" if msg.startswith("duplicate") else f"header is not valid JSON ({msg})") from None
@@ -93,6 +99,8 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
     shown = name if len(name) <= 80 else name[:77] + "..."
     if len(name) > MAX_NAME_LENGTH:
         raise InputError(path, f"tensor name longer than {MAX_NAME_LENGTH} characters: {shown!r}")
+    if UNSAFE_NAME.search(name):
+        raise InputError(path, f"tensor name {shown!r} holds markup, quotes, control characters or a '..' segment")
     if not isinstance(entry, dict):
         raise InputError(path, f"tensor {shown!r}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")

@@ -5,14 +5,15 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from backend.deps import CatalogDep, SettingsDep, UploadsDep, WriteAccess
-from backend.errors import found
+from backend.errors import WRITE, ApiError, errors, found, link
 from backend.uploads import register_path
 
 router = APIRouter(prefix="/api", tags=["checkpoints"])
 
 
 class PathIn(BaseModel):
-    path: str = Field(description="a checkpoint folder or .safetensors file under DELTALENS_ALLOWED_ROOTS")
+    path: str = Field(description="a checkpoint folder or .safetensors file under DELTALENS_ALLOWED_ROOTS",
+                      max_length=4096, pattern=r"^[^\x00]*$")
 
 
 class FileIn(BaseModel):
@@ -25,9 +26,47 @@ class UploadIn(BaseModel):
     files: list[FileIn] = Field(max_length=10_000)
 
 
-@router.post("/checkpoints", status_code=201, dependencies=WriteAccess)
+class Created(BaseModel):
+    id: str
+
+
+class UploadFileOut(FileIn):
+    received: int = Field(description="bytes of the file's contiguous prefix the server holds")
+
+
+class UploadOut(BaseModel):
+    id: str
+    name: str
+    files: list[UploadFileOut]
+    complete: bool
+
+
+class ChunkOut(BaseModel):
+    name: str
+    received: int
+    size: int
+
+
+TO_CHECKPOINT = {"GetCheckpoint": link("/api/checkpoints/{cid}", "get", "the registered checkpoint",
+                                       cid="$response.body#/id")}
+TO_UPLOAD = {
+    "GetUpload": link("/api/uploads/{sid}", "get", "the session's progress", sid="$response.body#/id"),
+    "SendChunk": link("/api/uploads/{sid}/files/{name}", "put", "send bytes of the first file",
+                      sid="$response.body#/id", name="$response.body#/files/0/name"),
+    "CompleteUpload": link("/api/uploads/{sid}/complete", "post", "finish the upload", sid="$response.body#/id"),
+}
+# PUT .../files/{name} streams the raw request body; declared here since the route reads it itself
+RAW_BODY = {"requestBody": {"required": False, "description": "bytes [offset, offset + length) of the file",
+                            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("/checkpoints", status_code=201, dependencies=WriteAccess, response_model=Created,
+             responses={**WRITE, **errors(403, 404), 201: {"links": TO_CHECKPOINT}})
 def register(body: PathIn, settings: SettingsDep, catalog: CatalogDep) -> dict:
-    return {"id": register_path(body.path, settings, catalog)}
+    try:
+        return {"id": register_path(body.path, settings, catalog)}
+    except OSError as e:  # a name too long for the file system, a folder it may not read, ...
+        raise ApiError(422, "invalid_path", f"{body.path[:200]}: {e.strerror or e}") from None
 
 
 @router.get("/checkpoints")
@@ -35,29 +74,32 @@ def list_checkpoints(catalog: CatalogDep) -> list[dict]:
     return catalog.checkpoints()
 
 
-@router.get("/checkpoints/{cid}")
+@router.get("/checkpoints/{cid}", responses=errors(404))
 def get_checkpoint(cid: str, catalog: CatalogDep) -> dict:
     return found(catalog.checkpoint(cid), "checkpoint", cid)
 
 
-@router.post("/uploads", status_code=201, dependencies=WriteAccess)
+@router.post("/uploads", status_code=201, dependencies=WriteAccess, response_model=UploadOut,
+             responses={**WRITE, **errors(413, 415), 201: {"links": TO_UPLOAD}})
 def create_upload(body: UploadIn, uploads: UploadsDep) -> dict:
     return uploads.create(body.name, [f.model_dump() for f in body.files])
 
 
-@router.get("/uploads/{sid}")
+@router.get("/uploads/{sid}", response_model=UploadOut, responses=errors(404))
 def upload_status(sid: str, uploads: UploadsDep) -> dict:
     return uploads.status(sid)
 
 
-@router.put("/uploads/{sid}/files/{name}", dependencies=WriteAccess)
+@router.put("/uploads/{sid}/files/{name}", dependencies=WriteAccess, response_model=ChunkOut,
+            responses={**WRITE, **errors(404, 409, 413)}, openapi_extra=RAW_BODY)
 async def upload_chunk(sid: str, name: str, request: Request, uploads: UploadsDep,
                        offset: int = Query(0, ge=0, description="byte offset of this chunk in the file")) -> dict:
     """Send bytes [offset, offset+len) of one file. Resend freely: bytes already received are skipped."""
     return await uploads.write(sid, name, offset, request.stream())
 
 
-@router.post("/uploads/{sid}/complete", status_code=201, dependencies=WriteAccess)
+@router.post("/uploads/{sid}/complete", status_code=201, dependencies=WriteAccess,
+             response_model=Created, responses={**WRITE, **errors(404, 409), 201: {"links": TO_CHECKPOINT}})
 def complete_upload(sid: str, uploads: UploadsDep) -> dict:
     """Validate every file, store it by sha256 and register the checkpoint."""
     return {"id": uploads.complete(sid)}
