@@ -10,6 +10,7 @@ from fastapi.staticfiles import StaticFiles
 
 from backend.catalog import Catalog
 from backend.errors import ApiError, install_handlers
+from backend.headers import SecurityHeaders
 from backend.jobs import Jobs
 from backend.routes import analyses, checkpoints, links
 from backend.uploads import Uploads
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="deltalens", version="0.1.0", lifespan=lifespan,
                   description="What did fine-tuning change? Checkpoints in, per-tensor change metrics out.")
     install_handlers(app)
+    app.add_middleware(SecurityHeaders)
     for module in (checkpoints, analyses, links):
         app.include_router(module.router)
 

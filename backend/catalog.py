@@ -2,11 +2,19 @@
 
 It holds registered checkpoints, analysis jobs, short links and — once a worker has published an
 analysis artifact — that analysis's result rows, copied in one transaction (never half of them).
+
+Writes go through the one connection under `lock`. Result reads (`read`, `read_rows`) use a pool
+of cursors instead — each its own DuckDB connection to the same database — so dashboard reads run
+side by side, and do not wait for an ingest: they see the last committed state (MVCC). What is
+derived from the results of a finished analysis is immutable until that analysis is ingested again
+or deleted, so it may be kept in `cache`, which both of those invalidate (after their commit).
 """
 from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,18 +46,107 @@ def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+class ResultCache:
+    """An LRU of values derived from one analysis's results, bounded in (estimated) bytes.
+
+    Keys are (analysis id, what). A reader takes `version(aid)` before it reads the catalog and
+    hands it to `put`, which drops the value when the analysis was ingested again or deleted in
+    between: a value computed from rows that were replaced meanwhile is never kept.
+    """
+
+    def __init__(self, max_bytes: int = 192 << 20):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._versions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def version(self, aid: str) -> int:
+        with self._lock:
+            return self._versions.get(aid, 0)
+
+    def get(self, key: tuple) -> Any | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return found[0]
+
+    def put(self, key: tuple, value: Any, size: int, version: int) -> None:
+        with self._lock:
+            if self._versions.get(key[0], 0) != version or size > self.max_bytes:
+                return
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+
+    def invalidate(self, aid: str) -> None:
+        with self._lock:
+            self._versions[aid] = self._versions.get(aid, 0) + 1
+            for key in [k for k in self._items if k[0] == aid]:
+                self.bytes -= self._items.pop(key)[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            for aid in {k[0] for k in self._items}:
+                self._versions[aid] = self._versions.get(aid, 0) + 1
+            self._items.clear()
+            self.bytes = 0
+
+
 class Catalog:
     def __init__(self, path: Path):
         self.path = path
         self.db = duckdb.connect(str(path))
         self.lock = threading.RLock()
+        self.cache = ResultCache()
+        self._idle: list[duckdb.DuckDBPyConnection] = []   # read cursors not in use
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
         with self.lock:
             self.db.execute(CATALOG_SQL)
             self.db.execute(SCHEMA_SQL)
 
     def close(self) -> None:
         with self.lock:
+            for cursor in self._cursors:
+                cursor.close()
+            self._cursors.clear()
+            self._idle.clear()
+            self.cache.clear()
             self.db.close()
+
+    @contextmanager
+    def _cursor(self):
+        with self.lock:  # pool bookkeeping only; the query itself runs outside the lock
+            cursor = self._idle.pop() if self._idle else None
+            if cursor is None:
+                cursor = self.db.cursor()
+                self._cursors.append(cursor)
+        try:
+            yield cursor
+        finally:
+            with self.lock:
+                if cursor in self._cursors:
+                    self._idle.append(cursor)
+
+    def read(self, sql: str, params: list | None = None) -> list[tuple]:
+        """A read-only query on a pooled cursor: concurrent with other reads and with writes."""
+        with self._cursor() as cursor:
+            return cursor.execute(sql, params or []).fetchall()
+
+    def read_rows(self, sql: str, params: list | None = None) -> list[dict]:
+        with self._cursor() as cursor:
+            cur = cursor.execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
         with self.lock:
@@ -105,6 +202,7 @@ class Catalog:
                 self.db.execute(f"DELETE FROM {table} WHERE analysis_id = ?", [jid])
             self.db.execute("DELETE FROM jobs WHERE id = ?", [jid])
             self.db.execute("COMMIT")
+            self.cache.invalidate(jid)
 
     def ingest(self, jid: str, artifact: Path) -> None:
         """Copy a published artifact's rows in, and mark the job done — all or nothing."""
@@ -123,11 +221,18 @@ class Catalog:
                 raise
             finally:
                 self.db.execute("DETACH artifact")
+                self.cache.invalidate(jid)
 
     # --- short links -------------------------------------------------------------------------
-    def add_link(self, code: str, url: str) -> None:
+    def add_link(self, code: str, url: str) -> str:
         with self.lock:
             self.db.execute("INSERT INTO links VALUES (?, ?, ?) ON CONFLICT DO NOTHING", [code, url, now()])
+        return code
+
+    def link_code(self, url: str) -> str | None:
+        """The code already made for this view, if any (one view, one link)."""
+        found = self.query("SELECT code FROM links WHERE url = ? ORDER BY created_at LIMIT 1", [url])
+        return found[0][0] if found else None
 
     def link(self, code: str) -> str | None:
         found = self.query("SELECT url FROM links WHERE code = ?", [code])

@@ -6,6 +6,8 @@ import json
 import math
 from collections import defaultdict
 
+import numpy as np
+
 from backend.catalog import Catalog
 from backend.errors import ApiError, not_found
 from worker.contract import BIN_EDGES, MATRIX_TYPES, changed_from_histogram, nearest_edge_index
@@ -22,13 +24,92 @@ HEATMAP_METRICS = {
 
 
 def document(catalog: Catalog, aid: str) -> dict:
-    found = catalog.query("SELECT result_json FROM analyses WHERE analysis_id = ?", [aid])
+    found = catalog.read("SELECT result_json FROM analyses WHERE analysis_id = ?", [aid])
     if not found:
-        job = catalog.job(aid)
-        if job is None:
-            raise not_found("analysis", aid)
-        raise ApiError(409, "not_ready", f"analysis {aid} is {job['status']}; results appear when it is done")
+        _not_ready(catalog, aid)
     return json.loads(found[0][0])
+
+
+def _not_ready(catalog: Catalog, aid: str):
+    job = catalog.job(aid)
+    if job is None:
+        raise not_found("analysis", aid)
+    raise ApiError(409, "not_ready", f"analysis {aid} is {job['status']}; results appear when it is done")
+
+
+def _meta(catalog: Catalog, aid: str) -> dict:
+    """kind, base and targets of a finished analysis, without parsing its whole result document."""
+    key = (aid, "meta")
+    meta = catalog.cache.get(key)
+    if meta is None:
+        version = catalog.cache.version(aid)
+        found = catalog.read("SELECT kind, base, targets FROM analyses WHERE analysis_id = ?", [aid])
+        if not found:
+            _not_ready(catalog, aid)
+        meta = dict(zip(("kind", "base", "targets"), found[0]))
+        catalog.cache.put(key, meta, 200, version)
+    return meta
+
+
+SUMMED = ("numel", "sq_delta", "sq_base", "sum_abs", "ranked", "rank_pct", "effective_rank")
+
+
+class Cells:
+    """One pair analysis's tensors summed per layer × matrix cell, in one mode: what every heatmap,
+    the τ cube, the sparsity curve and the comparison are read from (immutable once built)."""
+
+    def __init__(self, rows: list[tuple]):
+        sums: dict = {}
+        hists: dict = {}
+        for layer, matrix, numel, norm_delta, norm_base, sum_abs, rank_pct, effective_rank, counts in rows:
+            s = sums.get((layer, matrix))
+            if s is None:
+                s = sums[(layer, matrix)] = dict.fromkeys(SUMMED, 0.0)
+                hists[(layer, matrix)] = np.zeros(len(counts), np.int64)
+            s["numel"] += numel
+            s["sq_delta"] += (norm_delta or 0) ** 2
+            s["sq_base"] += (norm_base or 0) ** 2
+            s["sum_abs"] += sum_abs or 0
+            if rank_pct is not None:
+                s["ranked"] += 1
+                s["rank_pct"] += rank_pct
+                s["effective_rank"] += effective_rank
+            hists[(layer, matrix)] += np.asarray(counts, np.int64)
+        self.layers = sorted({k[0] for k in sums}, key=lambda x: (x is None, x or 0))
+        self.matrices = [m for m in MATRIX_TYPES if any(k[1] == m for k in sums)]
+        self.keys = list(sums)
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.sums = [sums[k] for k in self.keys]
+        self.numel = [int(s["numel"]) for s in self.sums]
+        width = len(next(iter(hists.values()))) if hists else len(BIN_EDGES) + 2
+        self.hist = np.stack([hists[k] for k in self.keys]) if hists else np.zeros((0, width), np.int64)
+        # suffix[:, j] = sum of bins j.. (exact int64): values above an edge in O(1) per cell
+        self.suffix = np.cumsum(self.hist[:, ::-1], axis=1)[:, ::-1]
+        self.nbytes = self.hist.nbytes * 2 + 400 * len(self.keys) + 1000
+
+    def changed(self, edge: int | None) -> list[int]:
+        """Per cell, values > BIN_EDGES[edge] (edge None: values != 0), as changed_from_histogram counts."""
+        column = 1 if edge is None else edge + 2
+        if column >= self.suffix.shape[1]:
+            return [0] * len(self.keys)
+        return self.suffix[:, column].tolist()
+
+    def grid(self, values: list) -> list[list]:
+        return [[values[self.index[(layer, m)]] if (layer, m) in self.index else None for m in self.matrices]
+                for layer in self.layers]
+
+
+def _cells(catalog: Catalog, aid: str, mode: str) -> Cells:
+    key = (aid, "cells", mode)
+    cells = catalog.cache.get(key)
+    if cells is None:
+        version = catalog.cache.version(aid)
+        cells = Cells(catalog.read(
+            "SELECT t.layer, t.matrix, t.numel, t.norm_delta, t.norm_base, t.sum_abs_delta, t.rank_pct, t.effective_rank, "
+            "h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
+            "WHERE t.analysis_id = ? AND h.kind = ?", [aid, mode]))
+        catalog.cache.put(key, cells, cells.nbytes, version)
+    return cells
 
 
 def snap_tau(tau: float) -> tuple[float, int | None]:
@@ -41,90 +122,66 @@ def snap_tau(tau: float) -> tuple[float, int | None]:
     return BIN_EDGES[k], k
 
 
-def _changed(counts: list[int], edge: int | None) -> int:
-    return sum(counts[1:]) if edge is None else changed_from_histogram(counts, edge)
-
-
 def heatmap(catalog: Catalog, aid: str, metric: str, tau: float, mode: str) -> dict:
-    doc = document(catalog, aid)
-    if doc["kind"] != "pair":
-        raise ApiError(409, "wrong_kind", f"heatmaps are drawn for pair analyses; {aid} is a {doc['kind']}")
+    kind = _meta(catalog, aid)["kind"]
+    if kind != "pair":
+        raise ApiError(409, "wrong_kind", f"heatmaps are drawn for pair analyses; {aid} is a {kind}")
     if metric not in HEATMAP_METRICS:
         raise ApiError(422, "invalid_request", f"metric must be one of {', '.join(HEATMAP_METRICS)}")
     snapped, edge = snap_tau(tau)
-    rows = catalog.rows(
-        "SELECT t.layer, t.matrix, t.numel, t.norm_delta, t.norm_base, t.sum_abs_delta, t.rank_pct, t.effective_rank, "
-        "h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
-        "WHERE t.analysis_id = ? AND h.kind = ?", [aid, mode])
-    cells: dict = defaultdict(lambda: defaultdict(float))
-    for r in rows:
-        s = cells[(r["layer"], r["matrix"])]
-        s["numel"] += r["numel"]
-        s["changed"] += _changed(r["counts"], edge)
-        s["sq_delta"] += (r["norm_delta"] or 0) ** 2
-        s["sq_base"] += (r["norm_base"] or 0) ** 2
-        s["sum_abs"] += r["sum_abs_delta"] or 0
-        if r["rank_pct"] is not None:
-            s["ranked"] += 1
-            s["rank_pct"] += r["rank_pct"]
-            s["effective_rank"] += r["effective_rank"]
-    layers = sorted({k[0] for k in cells}, key=lambda x: (x is None, x or 0))
-    matrices = [m for m in MATRIX_TYPES if any(k[1] == m for k in cells)]
+    cells = _cells(catalog, aid, mode)
+    changed = cells.changed(edge)
     value = HEATMAP_METRICS[metric]
-    grid = lambda f: [[f(cells[(layer, m)]) if (layer, m) in cells else None for m in matrices] for layer in layers]  # noqa: E731
+    values = [value({**s, "changed": c}) for s, c in zip(cells.sums, changed)]
     return {"analysis": aid, "metric": metric, "mode": mode, "tau": snapped, "tau_requested": tau,
-            "layers": layers, "matrices": matrices, "values": grid(value),
-            "changed": grid(lambda s: int(s["changed"])), "numel": grid(lambda s: int(s["numel"]))}
+            "layers": cells.layers, "matrices": cells.matrices, "values": cells.grid(values),
+            "changed": cells.grid(changed), "numel": cells.grid(cells.numel)}
 
 
 def heatmap_cube(catalog: Catalog, aid: str, mode: str) -> dict:
     """Per layer × matrix cell, the summed histogram: the dashboard's τ slider reads any τ from it."""
-    doc = document(catalog, aid)
-    if doc["kind"] != "pair":
-        raise ApiError(409, "wrong_kind", f"heatmaps are drawn for pair analyses; {aid} is a {doc['kind']}")
-    cells: dict = {}
-    for layer, matrix, numel, counts in catalog.query(
-            "SELECT t.layer, t.matrix, t.numel, h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
-            "WHERE t.analysis_id = ? AND h.kind = ?", [aid, mode]):
-        n, hist = cells.get((layer, matrix), (0, [0] * len(counts)))
-        cells[(layer, matrix)] = (n + numel, [a + b for a, b in zip(hist, counts)])
-    layers = sorted({k[0] for k in cells}, key=lambda x: (x is None, x or 0))
-    matrices = [m for m in MATRIX_TYPES if any(k[1] == m for k in cells)]
-    pick = lambda i: [[cells[(layer, m)][i] if (layer, m) in cells else None for m in matrices] for layer in layers]  # noqa: E731
-    return {"analysis": aid, "mode": mode, "layers": layers, "matrices": matrices, "numel": pick(0), "hist": pick(1),
-            "bin_edges": list(BIN_EDGES)}
+    kind = _meta(catalog, aid)["kind"]
+    if kind != "pair":
+        raise ApiError(409, "wrong_kind", f"heatmaps are drawn for pair analyses; {aid} is a {kind}")
+    cells = _cells(catalog, aid, mode)
+    return {"analysis": aid, "mode": mode, "layers": cells.layers, "matrices": cells.matrices,
+            "numel": cells.grid(cells.numel), "hist": cells.grid(cells.hist.tolist()), "bin_edges": list(BIN_EDGES)}
 
 
 def sparsity_curve(catalog: Catalog, aid: str, mode: str) -> dict:
     """Model sparsity at every histogram edge: the whole sparsity-vs-τ curve."""
-    document(catalog, aid)
-    rows = catalog.query("SELECT h.counts, t.numel FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
-                         "WHERE t.analysis_id = ? AND h.kind = ?", [aid, mode])
-    total = [0] * (len(BIN_EDGES) + 2)
-    for counts, _ in rows:
-        total = [a + b for a, b in zip(total, counts)]
-    numel = sum(n for _, n in rows)
+    _meta(catalog, aid)
+    cells = _cells(catalog, aid, mode)
+    total = cells.hist.sum(axis=0).tolist()
+    numel = sum(cells.numel)
     return {"analysis": aid, "mode": mode, "tau": list(BIN_EDGES),
             "sparsity": [1 - changed_from_histogram(total, k) / numel for k in range(len(BIN_EDGES))],
             "zero_share": total[0] / numel if numel else None}
 
 
 def tensor_detail(catalog: Catalog, aid: str, name: str) -> dict:
-    document(catalog, aid)
-    found = catalog.rows("SELECT * FROM tensors WHERE analysis_id = ? AND name = ?", [aid, name])
+    key = (aid, "tensor", name)
+    cached = catalog.cache.get(key)
+    if cached is not None:
+        return json.loads(cached)  # a fresh object per request
+    version = catalog.cache.version(aid)
+    _meta(catalog, aid)
+    found = catalog.read_rows("SELECT * FROM tensors WHERE analysis_id = ? AND name = ?", [aid, name])
     if not found:
         raise not_found("tensor", name)
     out = {k: v for k, v in found[0].items() if k != "analysis_id"}
-    out["histograms"] = {kind: counts for kind, counts in catalog.query(
+    out["histograms"] = {kind: counts for kind, counts in catalog.read(
         "SELECT kind, counts FROM histograms WHERE analysis_id = ? AND name = ?", [aid, name])}
     out["bin_edges"] = list(BIN_EDGES)
-    spectrum = catalog.rows("SELECT idx, sigma FROM spectra WHERE analysis_id = ? AND name = ?", [aid, name])
+    spectrum = catalog.read_rows("SELECT idx, sigma FROM spectra WHERE analysis_id = ? AND name = ?", [aid, name])
     out["spectrum"] = spectrum[0] if spectrum else None
-    maps = catalog.rows("SELECT tau, grid_rows, grid_cols, cells, row_frac, col_frac, head_frac FROM update_maps "
-                        "WHERE analysis_id = ? AND name = ?", [aid, name])
+    maps = catalog.read_rows("SELECT tau, grid_rows, grid_cols, cells, row_frac, col_frac, head_frac FROM update_maps "
+                             "WHERE analysis_id = ? AND name = ?", [aid, name])
     out["update_map"] = maps[0] if maps else None
-    out["changed"] = [{"mode": m, "tau": t, "count": c} for m, t, c in catalog.query(
+    out["changed"] = [{"mode": m, "tau": t, "count": c} for m, t, c in catalog.read(
         "SELECT mode, tau, count FROM changed WHERE analysis_id = ? AND name = ? ORDER BY mode, tau", [aid, name])]
+    encoded = json.dumps(out)
+    catalog.cache.put(key, encoded, len(encoded) + 100, version)
     return out
 
 
@@ -133,18 +190,17 @@ def compare(catalog: Catalog, ids: list[str], tau: float, mode: str) -> dict:
     snapped, edge = snap_tau(tau)
     out = []
     for aid in ids:
-        doc = document(catalog, aid)
-        if doc["kind"] != "pair":
-            raise ApiError(409, "wrong_kind", f"only pair analyses can be compared; {aid} is a {doc['kind']}")
+        meta = _meta(catalog, aid)
+        if meta["kind"] != "pair":
+            raise ApiError(409, "wrong_kind", f"only pair analyses can be compared; {aid} is a {meta['kind']}")
+        cells = _cells(catalog, aid, mode)
         per_layer: dict = defaultdict(lambda: [0, 0])
-        for layer, numel, counts in catalog.query(
-                "SELECT t.layer, t.numel, h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
-                "WHERE t.analysis_id = ? AND h.kind = ?", [aid, mode]):
-            per_layer[layer][0] += _changed(counts, edge)
-            per_layer[layer][1] += numel
+        for (layer, _), c, n in zip(cells.keys, cells.changed(edge), cells.numel):
+            per_layer[layer][0] += c
+            per_layer[layer][1] += n
         changed = sum(c for c, _ in per_layer.values())
         numel = sum(n for _, n in per_layer.values())
-        out.append({"analysis": aid, "base": doc["base"], "target": doc["target"], "sparsity": 1 - changed / numel,
+        out.append({"analysis": aid, "base": meta["base"], "target": meta["targets"][0], "sparsity": 1 - changed / numel,
                     "layers": [{"layer": k, "sparsity": 1 - c / n, "changed": c, "numel": n}
                                for k, (c, n) in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]})
     return {"tau": snapped, "mode": mode, "analyses": out}

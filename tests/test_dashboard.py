@@ -45,15 +45,19 @@ def shot(page, name: str) -> None:
 
 
 def new_page(browser, **kw):
+    """A fresh context's page; page errors and Content-Security-Policy violations land in page.errors."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, **kw)
-    return context, context.new_page()
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("console", lambda m: page.errors.append(m.text) if "Content Security Policy" in m.text else None)
+    return context, page
 
 
 def test_upload_analyse_slide_click_and_share(site, browser, family_pair):
     base, target = family_pair("llama")
     context, page = new_page(browser)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    errors = page.errors
     page.goto(site + "/new")
     for folder, name in ((base, "llama-base"), (target, "llama-target")):
         page.fill("#upload-name", name)
@@ -102,7 +106,7 @@ def test_upload_analyse_slide_click_and_share(site, browser, family_pair):
 
     # copy the permalink and open it in a fresh context: the identical view
     page.click("#copy-link")
-    page.wait_for_function("document.body.dataset.shortLink !== undefined")
+    page.wait_for_function("() => document.body.dataset.shortLink !== undefined")
     link, short = page.evaluate("[document.body.dataset.lastLink, document.body.dataset.shortLink]")
     assert link == page.url and "tau=" in link
     other, fresh = new_page(browser)
@@ -114,7 +118,7 @@ def test_upload_analyse_slide_click_and_share(site, browser, family_pair):
     other.close()
     # neighbours are one click away
     page.click("[data-nav=next]")
-    page.wait_for_function("(document.querySelector('#tensor-name')?.textContent ?? '').startsWith('model.layers.1.')")
+    page.wait_for_function("() => (document.querySelector('#tensor-name')?.textContent ?? '').startsWith('model.layers.1.')")
     assert not errors, errors
     context.close()
 
@@ -128,8 +132,7 @@ def test_browse_series_overlap_compare_views(site, browser, llama_series, family
     for aid in (series, overlap, *pairs):
         assert wait_done(client, aid)["status"] == "done"
     context, page = new_page(browser, color_scheme="dark")
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    errors = page.errors
     page.goto(site + "/")
     page.locator(f"tr[data-analysis='{series}']").wait_for()
     shot(page, "browse")

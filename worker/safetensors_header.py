@@ -82,7 +82,8 @@ def read_header(path: str | os.PathLike, max_header: int = DEFAULT_MAX_HEADER) -
         raise InputError(path, f"header JSON has a {msg}" if msg.startswith("duplicate") else f"header is not valid JSON ({msg})") from None
     if not isinstance(header, dict):
         raise InputError(path, "header JSON is not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(path, "__metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:

@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 
 from backend.deps import CatalogDep, SettingsDep, UploadsDep, WriteAccess
 from backend.errors import WRITE, ApiError, errors, found, link
-from backend.uploads import register_path
+from backend.uploads import NAME, register_path
 
 router = APIRouter(prefix="/api", tags=["checkpoints"])
 
@@ -17,8 +17,9 @@ class PathIn(BaseModel):
 
 
 class FileIn(BaseModel):
-    name: str
-    size: int
+    name: str = Field(json_schema_extra={"pattern": NAME.pattern},  # checked by Uploads (422 invalid_name)
+                      description=".safetensors weights or .json metadata")
+    size: int = Field(ge=0)
 
 
 class UploadIn(BaseModel):
