@@ -12,6 +12,8 @@ or deleted, so it may be kept in `cache`, which both of those invalidate (after 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -100,6 +102,12 @@ class ResultCache:
                 self._versions[aid] = self._versions.get(aid, 0) + 1
             self._items.clear()
             self.bytes = 0
+
+
+def failpoint(name: str) -> None:
+    """Fault tests only: DELTALENS_FAILPOINT=<name> SIGKILLs this process here (tests/test_soak.py)."""
+    if os.environ.get("DELTALENS_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Catalog:
@@ -211,9 +219,11 @@ class Catalog:
             self.db.execute(f"ATTACH '{quoted}' AS artifact (READ_ONLY)")
             try:
                 self.db.execute("BEGIN")
-                for table in TABLES:
+                for i, table in enumerate(TABLES):
                     self.db.execute(f"DELETE FROM {table} WHERE analysis_id = ?", [jid])
                     self.db.execute(f"INSERT INTO {table} SELECT * FROM artifact.{table} WHERE analysis_id = ?", [jid])
+                    if i == len(TABLES) // 2:
+                        failpoint("ingest")
                 self.db.execute("UPDATE jobs SET status = 'done', progress = 1, updated_at = ? WHERE id = ?", [now(), jid])
                 self.db.execute("COMMIT")
             except Exception:

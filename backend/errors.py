@@ -36,6 +36,7 @@ ERRORS: dict[int, dict[str, Any]] = {status: {"model": ErrorOut, "description": 
     413: "More bytes than DELTALENS_MAX_UPLOAD_BYTES or than the file's declared size",
     415: "A pickled checkpoint (refused) or a file type that is not weights or JSON metadata",
     422: "Invalid parameters, body or checkpoint content",
+    507: "The data volume is full (nothing was stored; free space and resume)",
 }.items()}
 
 

@@ -9,6 +9,7 @@ then moved to blobs/<sha256> (atomic rename) and hard-linked into a checkpoint f
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -55,6 +56,9 @@ class Uploads:
                 raise ApiError(413, "too_large", f"file {f['name']!r} is {f['size']} bytes; the limit is {self.settings.max_upload_bytes}")
         if not any(f["name"].endswith(WEIGHT_SUFFIXES + PICKLE_SUFFIXES) for f in files):
             raise ApiError(422, "invalid_request", "an upload needs at least one weight file (.safetensors)")
+        needed, free = sum(f["size"] for f in files), shutil.disk_usage(self.root).free
+        if needed > free:
+            raise disk_full(f"this upload needs {needed} bytes but the data volume has {free} free")
         sid = uuid.uuid4().hex[:16]
         folder = self.root / sid
         folder.mkdir(parents=True)
@@ -110,19 +114,25 @@ class Uploads:
         h = self._hasher(sid, name, part)
         skip = received - offset  # bytes of this chunk the server already has
         position = offset
-        with open(part, "ab") as out:
-            async for data in chunks:
-                if position + len(data) > entry["size"]:
-                    out.truncate(received)  # back to what this request found: nothing half-written stays
-                    with self._lock:
-                        self._hashers.pop((sid, name), None)
-                    raise ApiError(413, "too_large", f"{name}: data goes past the declared size of {entry['size']} bytes")
-                new = data[skip:] if skip > 0 else data
-                skip = max(0, skip - len(data))
-                position += len(data)
-                if new:
-                    out.write(new)
-                    h.update(new)
+        with open(part, "ab", buffering=0) as out:  # unbuffered: a failed write leaves nothing pending
+            try:
+                async for data in chunks:
+                    if position + len(data) > entry["size"]:
+                        raise ApiError(413, "too_large", f"{name}: data goes past the declared size of {entry['size']} bytes")
+                    new = data[skip:] if skip > 0 else data
+                    skip = max(0, skip - len(data))
+                    position += len(data)
+                    if new:
+                        _write_all(out, new)
+                        h.update(new)
+            except (ApiError, OSError) as e:
+                out.truncate(received)  # back to what this request found: nothing half-written stays
+                with self._lock:
+                    self._hashers.pop((sid, name), None)
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise disk_full(f"{name}: the data volume is full after {received} bytes; free space, then "
+                                    f"resume from byte {received}") from None
+                raise
         size = part.stat().st_size
         with self._lock:
             self._hashers[(sid, name)] = (size, h)
@@ -134,34 +144,44 @@ class Uploads:
         missing = [f"{f['name']} ({f['received']}/{f['size']} bytes)" for f in status["files"] if f["received"] != f["size"]]
         if missing:
             raise ApiError(409, "upload_incomplete", "still missing data: " + ", ".join(missing))
-        folder = self.root / sid
+        folder, names = self.root / sid, [f["name"] for f in status["files"]]
         staged = folder / "checkpoint"
         staged.mkdir(exist_ok=True)
-        for f in status["files"]:
-            os.replace(folder / f"{f['name']}.part", staged / f["name"])
+        for name in names:
+            os.replace(folder / f"{name}.part", staged / name)
         try:
             validate_folder(staged, self.settings)
         except ApiError:
             shutil.rmtree(folder)
             raise
-        digests = {f["name"]: self._digest(sid, f["name"], staged / f["name"]) for f in status["files"]}
-        cid = uuid.uuid4().hex[:12]
-        target = self.settings.path("checkpoints") / cid
+        target = self.settings.path("checkpoints") / uuid.uuid4().hex[:12]
+        try:
+            cid = self._register(status["name"], {n: self._digest(sid, n, staged / n) for n in names}, staged, target)
+        except OSError as e:  # nothing half-registered: the checkpoint folder goes, the session stays as it was
+            shutil.rmtree(target, ignore_errors=True)
+            for name in names:
+                os.replace(staged / name, folder / f"{name}.part")
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(f"the data volume is full; free space, then complete upload {sid} again") from None
+            raise
+        shutil.rmtree(folder)
+        return cid
+
+    def _register(self, name: str, digests: dict[str, str], staged: Path, target: Path) -> str:
+        """Content-addressed blobs (hard links from the session), a checkpoint folder of links to them, the catalog row."""
         target.mkdir()
         blobs = self.settings.path("blobs")
-        for name, digest in digests.items():
-            blob = blobs / digest
-            if blob.exists():
-                (staged / name).unlink()
-            else:
-                os.replace(staged / name, blob)
-            os.link(blob, target / name)
-        shutil.rmtree(folder)
+        for file, digest in digests.items():
+            try:
+                os.link(staged / file, blobs / digest)
+            except FileExistsError:
+                pass  # the same bytes were uploaded before
+            os.link(blobs / digest, target / file)
         manifest_digest = hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
-        self.catalog.add_checkpoint(id=cid, name=status["name"], source="upload", path=str(target),
+        self.catalog.add_checkpoint(id=target.name, name=name, source="upload", path=str(target),
                                     files=[{"name": n, "sha256": d, "size": (target / n).stat().st_size} for n, d in digests.items()],
-                                    bytes=sum(f["size"] for f in status["files"]), sha256=manifest_digest)
-        return cid
+                                    bytes=sum((target / n).stat().st_size for n in digests), sha256=manifest_digest)
+        return target.name
 
     def _digest(self, sid: str, name: str, path: Path) -> str:
         with self._lock:
@@ -173,6 +193,16 @@ class Uploads:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()
+
+
+def _write_all(out, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
+
+
+def disk_full(message: str) -> ApiError:
+    return ApiError(507, "disk_full", message)
 
 
 def validate_folder(folder: Path, settings: Settings) -> None:

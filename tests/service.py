@@ -86,6 +86,13 @@ class Worker:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def kill_pool(self) -> list[int]:
+        """SIGKILL the pool process doing the work, as the kernel's OOM killer would."""
+        children = wait_for(self.children, 20, what="the worker's pool process")
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        return children
+
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool children), like the OOM killer would."""
         try:

@@ -1,9 +1,6 @@
 """Jobs survive faults: a worker killed mid-analysis, a Redis restart with a job queued."""
 from __future__ import annotations
 
-import os
-import signal
-
 import httpx
 import pytest
 import torch
@@ -48,19 +45,12 @@ def _running(client, aid, tensors=2):
     return s["status"] == "running" and (s["detail"] or {}).get("tensors_done", 0) >= tensors and s
 
 
-def _kill_pool_child(worker: Worker) -> None:
-    """SIGKILL the process doing the work, as the kernel's OOM killer would."""
-    children = wait_for(worker.children, 20, what="the worker's pool process")
-    for pid in children:
-        os.kill(pid, signal.SIGKILL)
-
-
 def test_killed_worker_process_is_retried_and_finishes(stack):
     redis, env, client, ids, tmp, api = stack
     with running(Worker(env, tmp / "worker.log")) as (worker,):
         aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
         wait_for(lambda: _running(client, aid), 60, what="the analysis to be under way")
-        _kill_pool_child(worker)
+        worker.kill_pool()
         assert client.get(f"/api/analyses/{aid}/result").status_code == 409  # nothing half-done is visible
         status = wait_done(client, aid, 180)
     assert status["status"] == "done", status["error"]
@@ -74,7 +64,7 @@ def test_attempt_cap_ends_in_failed_with_a_reason(stack):
         aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
         for attempt in range(2):  # DELTALENS_MAX_ATTEMPTS=2: two losses, then the third delivery gives up
             wait_for(lambda: _running(client, aid, 1), 60, what=f"attempt {attempt + 1}")
-            _kill_pool_child(worker)
+            worker.kill_pool()
             wait_for(lambda: client.get(f"/api/analyses/{aid}").json()["status"] != "running" or
                      (client.get(f"/api/analyses/{aid}").json()["detail"] or {}).get("tensors_done", 99) < 1, 30,
                      what="the retry")

@@ -97,10 +97,9 @@ def policy_refuses(path: Path) -> bool:
     that are too long or look like markup / paths / control characters (safetensors_header.py)."""
     try:
         raw = path.read_bytes()
-        pairs = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]], object_pairs_hook=list)
-    except Exception:
+        keys = [k for k, _ in json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]], object_pairs_hook=list)]
+    except Exception:  # not a JSON object: nothing policy-specific to refuse
         return False
-    keys = [k for k, _ in pairs] if isinstance(pairs, list) else []
     return len(set(keys)) < len(keys) or any(len(k) > MAX_NAME_LENGTH or UNSAFE_NAME.search(k) for k in keys if k != "__metadata__")
 
 

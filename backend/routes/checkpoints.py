@@ -81,7 +81,7 @@ def get_checkpoint(cid: str, catalog: CatalogDep) -> dict:
 
 
 @router.post("/uploads", status_code=201, dependencies=WriteAccess, response_model=UploadOut,
-             responses={**WRITE, **errors(413, 415), 201: {"links": TO_UPLOAD}})
+             responses={**WRITE, **errors(413, 415, 507), 201: {"links": TO_UPLOAD}})
 def create_upload(body: UploadIn, uploads: UploadsDep) -> dict:
     return uploads.create(body.name, [f.model_dump() for f in body.files])
 
@@ -92,7 +92,7 @@ def upload_status(sid: str, uploads: UploadsDep) -> dict:
 
 
 @router.put("/uploads/{sid}/files/{name}", dependencies=WriteAccess, response_model=ChunkOut,
-            responses={**WRITE, **errors(404, 409, 413)}, openapi_extra=RAW_BODY)
+            responses={**WRITE, **errors(404, 409, 413, 507)}, openapi_extra=RAW_BODY)
 async def upload_chunk(sid: str, name: str, request: Request, uploads: UploadsDep,
                        offset: int = Query(0, ge=0, description="byte offset of this chunk in the file")) -> dict:
     """Send bytes [offset, offset+len) of one file. Resend freely: bytes already received are skipped."""
@@ -100,7 +100,7 @@ async def upload_chunk(sid: str, name: str, request: Request, uploads: UploadsDe
 
 
 @router.post("/uploads/{sid}/complete", status_code=201, dependencies=WriteAccess,
-             response_model=Created, responses={**WRITE, **errors(404, 409), 201: {"links": TO_CHECKPOINT}})
+             response_model=Created, responses={**WRITE, **errors(404, 409, 507), 201: {"links": TO_CHECKPOINT}})
 def complete_upload(sid: str, uploads: UploadsDep) -> dict:
     """Validate every file, store it by sha256 and register the checkpoint."""
     return {"id": uploads.complete(sid)}

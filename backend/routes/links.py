@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 
 from backend.deps import CatalogDep, WriteAccess
-from backend.errors import ApiError, found
+from backend.errors import WRITE, ApiError, found
 
 router = APIRouter(tags=["links"])
 
@@ -18,7 +18,7 @@ class LinkIn(BaseModel):
     url: str = Field(max_length=4000, description="a dashboard path with its query, e.g. /analyses/ab12?tau=1e-4")
 
 
-@router.post("/api/links", status_code=201, dependencies=WriteAccess)
+@router.post("/api/links", status_code=201, dependencies=WriteAccess, responses=WRITE)
 def create_link(body: LinkIn, request: Request, catalog: CatalogDep) -> dict:
     parts = urlsplit(body.url)
     if parts.scheme or parts.netloc or not parts.path.startswith("/"):
