@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps up demo test bench clean
+.PHONY: install system-deps up demo test bench reliability clean
 
 install: system-deps $(STAMP) frontend/dist/index.html
 
@@ -47,6 +47,14 @@ test: install
 	cd frontend && npx vitest run
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+# the long fault, fuzz and load runs behind docs/reliability.md (~25 min); figures in test-output/reliability/
+reliability: install
+	DELTALENS_SOAK=1 $(BIN)/python -m pytest -q tests/test_soak.py
+	DELTALENS_HEADER_FUZZ_EXAMPLES=100000 $(BIN)/python -m pytest -q tests/test_header_fuzz.py
+	DELTALENS_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest -q tests/test_api_fuzz.py
+	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_access.py tests/test_faults.py
+	$(BIN)/python bench/load.py
 
 bench: install
 	$(BIN)/python bench/pair.py

@@ -6,17 +6,18 @@ progress and final states, ingesting published artifacts into the catalog.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import uuid
 from pathlib import Path
 
-from celery import Celery
+from celery import Celery, chord
 
 from backend.catalog import Catalog
 from backend.errors import ApiError, not_found
-from worker.celery_app import ANALYSIS_TASK
+from worker.celery_app import ANALYSIS_TASK, MERGE_TASK, PART_TASK
 from worker.settings import Settings
 
 log = logging.getLogger("deltalens.jobs")
@@ -44,8 +45,15 @@ class Jobs:
             paths.append(checkpoint["path"])
         jid = uuid.uuid4().hex[:12]
         self.catalog.add_job(jid, kind, checkpoint_ids, taus, relative, rank)
-        self.celery.send_task(ANALYSIS_TASK, args=[jid, kind, paths, taus, relative, rank], task_id=jid,
-                              queue=self.settings.queue)
+        groups = shard_groups(Path(paths[0]), self.settings.fanout) if kind == "pair" else []
+        if len(groups) > 1:  # fan out: one task per shard group, merged by the chord's callback (task id = jid)
+            self.catalog.update_job(jid, detail={"parts": len(groups)})
+            task = lambda name, args, tid: self.celery.signature(name, args=args, queue=self.settings.queue).set(task_id=tid)  # noqa: E731
+            chord([task(PART_TASK, [jid, k, paths, names, taus, relative, rank], f"{jid}-p{k}") for k, names in enumerate(groups)],
+                  task(MERGE_TASK, [jid, paths, taus, relative, rank], jid)).apply_async()
+        else:
+            self.celery.send_task(ANALYSIS_TASK, args=[jid, kind, paths, taus, relative, rank], task_id=jid,
+                                  queue=self.settings.queue)
         return jid
 
     def cancel(self, jid: str) -> None:
@@ -78,12 +86,17 @@ class Jobs:
     def _sync_job(self, job: dict) -> None:
         result = self.celery.AsyncResult(job["id"])
         state = result.state
-        if state in ("STARTED", "PROGRESS"):
+        parts = (json.loads(job["detail"]) if job["detail"] else {}).get("parts")
+        if state == "PENDING" and parts:  # a fanned-out analysis: its parts' progress until the merge runs
+            self._sync_parts(job["id"], parts)
+        elif state in ("STARTED", "PROGRESS"):
             info = result.info if isinstance(result.info, dict) else {}
             self.catalog.update_job(job["id"], status="running", progress=float(info.get("progress", 0.0)), detail=info)
         elif state == "SUCCESS":
             outcome = result.result or {}
             if outcome.get("status") == "done":
+                if outcome.get("parts"):
+                    self.catalog.update_job(job["id"], detail={"parts": len(outcome["parts"]), "workers": outcome["parts"]})
                 self.catalog.ingest(job["id"], Path(outcome["artifact"]))
             elif outcome.get("status") == "cancelled":
                 self.catalog.update_job(job["id"], status="cancelled")
@@ -93,6 +106,14 @@ class Jobs:
         elif state == "FAILURE":
             self.catalog.update_job(job["id"], status="failed", error_code="worker_error",
                                     error_message=f"{type(result.result).__name__}: {result.result}"[:2000])
+
+    def _sync_parts(self, jid: str, parts: int) -> None:
+        states = [self.celery.AsyncResult(f"{jid}-p{k}") for k in range(parts)]
+        progress = [1.0 if r.state == "SUCCESS" else float((r.info or {}).get("progress", 0.0))
+                    if r.state == "PROGRESS" and isinstance(r.info, dict) else 0.0 for r in states]
+        if any(r.state != "PENDING" for r in states):
+            self.catalog.update_job(jid, status="running", progress=sum(progress) / parts,
+                                    detail={"parts": parts, "parts_done": sum(r.state == "SUCCESS" for r in states)})
 
     def follow(self, interval: float = 0.5) -> None:
         def loop():
@@ -105,3 +126,24 @@ class Jobs:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+
+
+def shard_groups(path: Path, parts: int) -> list[list[str]]:
+    """Tensor names of a sharded checkpoint in up to `parts` groups of whole shards, balanced by
+    bytes (read from the index and the file sizes; no tensor is touched). [] when not sharded."""
+    index = path / "model.safetensors.index.json"
+    if parts < 2 or not index.is_file():
+        return []
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in json.loads(index.read_text())["weight_map"].items():
+        by_shard.setdefault(shard, []).append(name)
+    shards = sorted(by_shard)
+    sizes = [(path / s).stat().st_size for s in shards]
+    groups: list[list[str]] = [[]]
+    share, filled = sum(sizes) / min(parts, len(shards)), 0.0
+    for shard, size in zip(shards, sizes):
+        if groups[-1] and filled + size / 2 > share * len(groups) and len(groups) < parts:
+            groups.append([])
+        groups[-1] += by_shard[shard]
+        filled += size
+    return groups

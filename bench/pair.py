@@ -1,13 +1,16 @@
-"""Benchmark: deltalens `pair` (no rank) vs a naive full-load loop, side by side, in one run.
+"""Benchmark: deltalens `pair` against what a researcher would otherwise run — side by side, one run.
 
-    python bench/pair.py [--data bench/.data] [--repeat 2]
+    python bench/pair.py [--shape qwen2-0.5b|llama-8b] [--layers N] [--repeat 2] [--no-rank-baseline]
 
-Generates (once, cached) a Qwen2-0.5B-shaped bfloat16 base/target pair in 2 shards, where
-the target moves ~25% of each matrix's weights (norms almost untouched), then runs, each in a
-fresh process, alternately:
-  engine: `deltalens analyze BASE TARGET --no-rank` (histograms, both modes, maps — all of it)
-  naive:  load both state dicts fully, then `(t.float() - b.float()).abs() > τ` per tensor
-and prints wall time and peak RSS of each, and the ratios.
+Generates (once, cached in bench/.data/) a bfloat16 base/target pair shaped like the real model,
+sharded like HF (~2 GB shards, index), where RL-like updates move a share of each matrix's
+weights (norms almost untouched). Then, each in a fresh process, with a warm page cache:
+  read:        `cat` every shard of both checkpoints to /dev/null — the floor for any tool
+  engine:      `deltalens analyze BASE TARGET --no-rank` (histograms, both modes, maps — all of it)
+  naive:       load both state dicts fully, then `(t.float() - b.float()).abs() > τ` per tensor
+  engine+rank: the same with rank, full singular spectra and energy ranks of every matrix
+  naive+rank:  the naive loop plus `torch.linalg.matrix_rank` of every 2-D Δ (rank only)
+and prints wall time, throughput (GB of checkpoint read per second), peak RSS and the ratios.
 """
 from __future__ import annotations
 
@@ -20,7 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-QWEN2_05B = dict(vocab=151936, hidden=896, inter=4864, layers=24, heads=14, kv_heads=2)
+SHAPES = {  # Hugging Face configs of the real models (bias: Qwen2 has q/k/v biases)
+    "qwen2-0.5b": dict(vocab=151936, hidden=896, inter=4864, layers=24, heads=14, kv_heads=2, bias=True, tied=True,
+                       model_type="qwen2", arch="Qwen2ForCausalLM"),
+    "llama-8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, bias=False, tied=False,
+                     model_type="llama", arch="LlamaForCausalLM"),
+}
+SHARD_BYTES = 2 << 30
 
 NAIVE = r"""
 import json, sys, torch
@@ -33,43 +42,54 @@ def load(d):
     return sd
 b, t = load(sys.argv[1]), load(sys.argv[2])
 changed = sum(int(((t[k].float() - b[k].float()).abs() > 1e-5).sum()) for k in b)
+if RANK:
+    ranks = [int(torch.linalg.matrix_rank(t[k].float() - b[k].float())) for k in b if b[k].ndim == 2]
 print(changed)
 """
 
 
-def shapes(c=QWEN2_05B):
+def shapes(c: dict, layers: int):
     h, kv = c["hidden"], c["hidden"] // c["heads"] * c["kv_heads"]
     yield "model.embed_tokens.weight", (c["vocab"], h)
-    for i in range(c["layers"]):
+    for i in range(layers):
         p = f"model.layers.{i}."
         yield from [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                    (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.q_proj.bias", (h,)),
-                    (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.k_proj.bias", (kv,)),
-                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.v_proj.bias", (kv,)),
-                    (p + "self_attn.o_proj.weight", (h, h)), (p + "mlp.gate_proj.weight", (c["inter"], h)),
-                    (p + "mlp.up_proj.weight", (c["inter"], h)), (p + "mlp.down_proj.weight", (h, c["inter"]))]
+                    (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                    (p + "mlp.gate_proj.weight", (c["inter"], h)), (p + "mlp.up_proj.weight", (c["inter"], h)),
+                    (p + "mlp.down_proj.weight", (h, c["inter"]))]
+        if c["bias"]:
+            yield from [(p + f"self_attn.{m}_proj.bias", (h if m == "q" else kv,)) for m in "qkv"]
     yield "model.norm.weight", (h,)
+    if not c["tied"]:
+        yield "lm_head.weight", (c["vocab"], h)
 
 
-def generate(root: Path) -> tuple[Path, Path]:
+def generate(root: Path, c: dict, layers: int) -> tuple[Path, Path]:
     import torch
     from safetensors.torch import save_file
     base_dir, target_dir = root / "base", root / "target"
     if (target_dir / "model.safetensors.index.json").exists():
         return base_dir, target_dir
-    print(f"generating a Qwen2-0.5B-shaped bf16 pair in {root} (once) ...", file=sys.stderr)
+    print(f"generating a {root.name} bf16 pair in {root} (once) ...", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
-    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
-              "num_attention_heads": 14, "num_key_value_heads": 2, "num_hidden_layers": 24, "vocab_size": 151936,
-              "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
-    names = list(shapes())
-    split = names.index(("model.layers.12.input_layernorm.weight", (896,)))
-    shards = {"model-00001-of-00002.safetensors": names[:split], "model-00002-of-00002.safetensors": names[split:]}
+    config = {"model_type": c["model_type"], "architectures": [c["arch"]], "hidden_size": c["hidden"],
+              "intermediate_size": c["inter"], "num_attention_heads": c["heads"], "num_key_value_heads": c["kv_heads"],
+              "num_hidden_layers": layers, "vocab_size": c["vocab"], "tie_word_embeddings": c["tied"], "torch_dtype": "bfloat16"}
+    shards, size = [[]], 0
+    for name, shape in shapes(c, layers):  # HF-style: fill a shard up to ~2 GB, then start the next
+        nbytes = 2 * __import__("math").prod(shape)
+        if size and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
     for d in (base_dir, target_dir):
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(config))
     weight_map = {}
-    for shard, entries in shards.items():
+    for k, entries in enumerate(shards):
+        shard = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         base, target = {}, {}
         for name, shape in entries:
             norm = "norm" in name
@@ -78,6 +98,7 @@ def generate(root: Path) -> tuple[Path, Path]:
             step = torch.randn(shape, generator=g) * 10 ** (torch.rand(shape, generator=g) * 3 - 6)
             base[name], target[name] = b, (b.float() + step * mask).to(torch.bfloat16)
             weight_map[name] = shard
+            del mask, step
         save_file(base, base_dir / shard, metadata={"format": "pt"})
         save_file(target, target_dir / shard, metadata={"format": "pt"})
         del base, target
@@ -103,37 +124,62 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT / "bench" / ".data" / "qwen2-0.5b")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-0.5b")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers to generate (default: all of the real model)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-rank-baseline", action="store_true", help="skip the two rank runs (slow on CPU)")
     args = ap.parse_args()
-    base, target = generate(args.data)
-    for f in [*base.glob("*.safetensors"), *target.glob("*.safetensors")]:  # warm the page cache for both
+    c = SHAPES[args.shape]
+    layers = args.layers or c["layers"]
+    data = ROOT / "bench" / ".data" / (args.shape + (f"-{layers}l" if layers != c["layers"] else ""))
+    base, target = generate(data, c, layers)
+    files = sorted([*base.glob("*.safetensors"), *target.glob("*.safetensors")])
+    gb = sum(f.stat().st_size for f in files) / 1e9
+    out = data / "out"
+    out.mkdir(exist_ok=True)
+    naive = lambda rank, name: [sys.executable, "-c", NAIVE.replace("RANK", str(rank)).replace(  # noqa: E731
+        "print(changed)", f"open({str(out / name)!r}, 'w').write(str(changed))"), str(base), str(target)]
+    engine = lambda rank, name: [sys.executable, "-m", "worker.cli", "analyze", str(base), str(target), "--quiet",  # noqa: E731
+                                 "--json", str(out / name), *([] if rank else ["--no-rank"])]
+    runs = {"read (cat)": ["cat", *map(str, files)], "engine": engine(False, "engine.json"), "naive": naive(False, "naive.txt")}
+    if not args.no_rank_baseline:
+        runs.update({"engine+rank": engine(True, "engine-rank.json"), "naive+rank": naive(True, "naive-rank.txt")})
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    skipped = [k for k in runs if k.startswith("naive") and 2.2 * gb * 1e9 > ram]  # both state dicts + float copies
+    for f in files:  # warm the page cache (as far as it holds both checkpoints)
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    out_dir = args.data / "out"
-    out_dir.mkdir(exist_ok=True)
-    engine = [sys.executable, "-m", "worker.cli", "analyze", str(base), str(target), "--no-rank", "--quiet",
-              "--json", str(out_dir / "engine.json")]
-    naive = [sys.executable, "-c", NAIVE.replace("print(changed)", f"open({str(out_dir / 'naive.txt')!r}, 'w').write(str(changed))"),
-             str(base), str(target)]
-    runs = {"engine": [], "naive": []}
+    times: dict[str, list] = {k: [] for k in runs if k not in skipped}
     for _ in range(args.repeat):
-        for label, cmd in (("engine", engine), ("naive", naive)):
-            runs[label].append(run_child(cmd))
-    engine_changed = json.loads((out_dir / "engine.json").read_text())["summary"]["changed"][0]["count"]
-    naive_changed = int((out_dir / "naive.txt").read_text())
-    params = sum(__import__("math").prod(s) for _, s in shapes())
-    e_time, e_rss = min(t for t, _ in runs["engine"]), max(r for _, r in runs["engine"])
-    n_time, n_rss = min(t for t, _ in runs["naive"]), max(r for _, r in runs["naive"])
-    print(f"Qwen2-0.5B-shaped bf16 pair, {params / 1e6:.0f}M parameters per checkpoint, 2 shards; "
-          f"{os.cpu_count()} CPU cores; best of {args.repeat} runs each (process start included)")
-    print(f"{'':8} {'wall s':>8} {'peak RSS MiB':>13} {'changed@1e-5':>14}")
-    print(f"{'engine':8} {e_time:8.2f} {e_rss:13.0f} {engine_changed:14,}")
-    print(f"{'naive':8} {n_time:8.2f} {n_rss:13.0f} {naive_changed:14,}")
-    print(f"speed-up: {n_time / e_time:.2f}x faster (target >= 3x)   memory: {e_rss / n_rss:.2f} of naive peak (target < 0.5)")
-    if engine_changed != naive_changed:
-        print(f"note: counts differ by {engine_changed - naive_changed}: the naive loop subtracts in float32, "
+        for label in times:
+            times[label].append(run_child(runs[label]))
+    best = {k: (min(t for t, _ in v), max(r for _, r in v)) for k, v in times.items()}
+    params = sum(__import__("math").prod(s) for _, s in shapes(c, layers))
+    changed = {"engine": json.loads((out / "engine.json").read_text())["summary"]["changed"][0]["count"]}
+    if "naive" in best:
+        changed["naive"] = int((out / "naive.txt").read_text())
+    print(f"{args.shape}-shaped bf16 pair: {layers} layers, {params / 1e6:,.0f}M parameters and "
+          f"{len(files) // 2} shards per checkpoint, {gb:.2f} GB read; {os.cpu_count()} CPU cores, "
+          f"{ram / 2**30:.0f} GiB RAM; best of {args.repeat} (process start included)")
+    print(f"{'':12} {'wall s':>8} {'GB/s':>7} {'peak RSS MiB':>13}  x read   x engine")
+    for label, (t, rss) in best.items():
+        base_label = "engine+rank" if label.endswith("+rank") else "engine"
+        ratio = f"{t / best[base_label][0]:8.2f}" if base_label in best and label != base_label and label.startswith("naive") else ""
+        print(f"{label:12} {t:8.2f} {gb / t:7.2f} {rss:13.0f} {t / best['read (cat)'][0]:7.2f}  {ratio}")
+    for label in skipped:
+        print(f"{label:12} not run: both state dicts ({gb:.1f} GB) would not fit in {ram / 2**30:.0f} GiB of RAM")
+    e = best["engine"][0]
+    print(f"engine: {e / best['read (cat)'][0]:.2f}x the read cost (target <= 3x)", end="")
+    if "naive" in best:
+        print(f", {best['naive'][0] / e:.2f}x faster than naive (target >= 5x), "
+              f"{best['engine'][1] / best['naive'][1]:.2f} of its peak memory", end="")
+    if "naive+rank" in best:
+        print(f"; with rank {best['naive+rank'][0] / best['engine+rank'][0]:.2f}x faster than naive+matrix_rank "
+              f"(target >= 1x) while returning full spectra", end="")
+    print()
+    if "naive" in changed and changed["naive"] != changed["engine"]:
+        print(f"note: counts differ by {changed['engine'] - changed['naive']}: the naive loop subtracts in float32, "
               "which rounds when a tiny weight meets a large one; the engine's float64 Δ is exact")
 
 

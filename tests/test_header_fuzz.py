@@ -4,7 +4,7 @@ Hypothesis builds headers that are mostly almost-right (valid layouts, then one 
 shifted or swapped offset, a wrong shape, an odd dtype, duplicate or odd keys, trailing or
 missing bytes, a flipped or cut header byte). `read_header` must accept exactly the files
 `safetensors.safe_open` reads in full, except where deltalens is stricter on purpose
-(POLICY below). DELTALENS_FUZZ_EXAMPLES raises the count (`make reliability` runs 100 000);
+(POLICY below). DELTALENS_HEADER_FUZZ_EXAMPLES raises the count (`make reliability` runs 100 000);
 figures go to test-output/reliability/header_fuzz.json.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors import safe_open
 from worker.errors import InputError
 from worker.safetensors_header import DTYPE_SIZES, MAX_NAME_LENGTH, UNSAFE_NAME, read_header
 
-EXAMPLES = int(os.environ.get("DELTALENS_FUZZ_EXAMPLES", "3000"))
+EXAMPLES = int(os.environ.get("DELTALENS_HEADER_FUZZ_EXAMPLES", "3000"))
 FIGURES = Path(__file__).resolve().parents[1] / "test-output" / "reliability"
 COUNTS = {"cases": 0, "accepted": 0, "rejected": 0, "policy_rejected": 0, "disagreements": 0}
 

@@ -32,8 +32,9 @@ class Options:
     rank: bool = True
     device: str | None = None          # None: CUDA when available, else CPU
     chunk_elements: int | None = None  # None: per-device default
-    fused: bool | None = None          # pair on CPU: one-pass numba kernel (None: when available)
+    fused: bool | None = None          # pair on CPU: one-pass C kernel (None: when available)
     progress: Progress | None = None
+    names: list[str] | None = None     # only these tensors (one part of a fanned-out analysis)
 
     def resolved_device(self) -> str:
         if self.device in (None, "auto"):
@@ -192,6 +193,9 @@ def _finite(result: dict) -> bool:
 def _open_all(paths: list[str], opts: Options, fused_ok: bool = False) -> tuple[list[Checkpoint], _Stream]:
     checkpoints = [open_checkpoint(p) for p in paths]
     names, skipped = _align(checkpoints, [str(p) for p in paths])
+    if opts.names is not None:
+        wanted = set(opts.names)
+        names = [n for n in names if n in wanted]
     config = next((c.config for c in checkpoints if c.config), {})
     device = opts.resolved_device()
     return checkpoints, _Stream(checkpoints, names, detect_family(config, names), Layout.from_config(config), device,
@@ -236,10 +240,8 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
         from worker.kernels import PairAccumulator
         return PairAccumulator(*args, torch.device(stream.device))
 
-    tensors, details = [], []
-    sq_delta = sq_base = 0.0
+    details = []
     for part, shape, dtype, r in stream.parts(make):
-        sq_delta, sq_base = sq_delta + r["sq_delta"], sq_base + r["sq_base"]
         row = _part_fields(part, shape, dtype)
         row["changed"] = [{"tau": t, "count": c} for t, c in zip(taus, r[mode])]
         row["sparsity"] = [1 - c / row["numel"] if row["numel"] else None for c in r[mode]]
@@ -247,20 +249,27 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
                    max_abs_delta=r["max_abs_delta"], mean_abs_delta=_ratio(r["sum_abs_delta"], row["numel"]))
         for k in ("rank", "full_rank", "rank_pct", "effective_rank", "stable_rank", "rank90", "rank99"):
             row[k] = r.get(k)
-        tensors.append(row)
         details.append({"run": 0, "name": part.name, "row": row, **r})
+    return pair_result(base, target, opts, details, stream.skipped, stream.family, str(stream.device))
 
+
+def pair_result(base: str, target: str, opts: Options, details: list[dict], skipped: dict, family: str,
+                device: str) -> AnalysisResult:
+    """The pair document from its per-matrix details — of one pass, or of a fanned-out analysis's
+    parts concatenated in tensor order (the same sums in the same order: identical numbers)."""
+    taus, tensors = opts.taus, [d["row"] for d in details]
+    sq_delta, sq_base = sum(d["sq_delta"] for d in details), sum(d["sq_base"] for d in details)
     numel = sum(t["numel"] for t in tensors)
     changed = [sum(t["changed"][i]["count"] for t in tensors) for i in range(len(taus))]
     ranked = [t["rank_pct"] for t in tensors if t["rank_pct"] is not None]
     document = {
         "kind": "pair", "base": str(base), "target": str(target), "taus": taus,
-        "mode": "relative" if opts.relative else "absolute", "family": stream.family,
+        "mode": "relative" if opts.relative else "absolute", "family": family,
         "summary": {
             "numel": numel,
             "changed": [{"tau": t, "count": c} for t, c in zip(taus, changed)],
-            "sparsity": [{"tau": t, "value": 1 - c / numel} for t, c in zip(taus, changed)],
-            "similarity": {"tau": taus[0], "equal_share": 1 - changed[0] / numel,
+            "sparsity": [{"tau": t, "value": 1 - c / numel if numel else None} for t, c in zip(taus, changed)],
+            "similarity": {"tau": taus[0], "equal_share": 1 - changed[0] / numel if numel else None,
                            "relative_l2": _ratio(math.sqrt(sq_delta), math.sqrt(sq_base))},
             "mean_rank_pct": sum(ranked) / len(ranked) if ranked else None,
             "min_rank_pct": min(ranked) if ranked else None,
@@ -269,9 +278,9 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
             "by_layer": _group(tensors, "layer", taus),
         },
         "tensors": tensors,
-        "skipped": stream.skipped,
+        "skipped": skipped,
     }
-    return AnalysisResult("pair", document, details, stream.family, str(stream.device))
+    return AnalysisResult("pair", document, details, family, device)
 
 
 # ---------------------------------------------------------------------------------------------

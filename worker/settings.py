@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(16 << 20, description="largest safetensors header accepted from an upload")
     task_time_limit: int = Field(6 * 3600, description="seconds one analysis may run")
     max_attempts: int = Field(3, description="deliveries of one analysis before it is marked failed")
+    fanout: int = Field(0, description="split a pair analysis of a sharded checkpoint into up to this many tasks "
+                                       "(shard groups) for several workers, merged by a chord; 0 or 1: one task")
     device: str = Field("auto", description="analysis device for workers: auto | cpu | cuda")
     public_url: str = Field("", description="base URL used in short links (default: the request's)")
 
