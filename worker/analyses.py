@@ -20,6 +20,7 @@ from worker.contract import BLOCKS, MATRIX_TYPES
 from worker.errors import InputError
 from worker.families import Layout, Part, detect_family, parts_of
 from worker.metrics import MAP_CELLS, bin_bounds
+from worker.prefetch import CudaStager, prefetched
 
 DEFAULT_TAU = 1e-5
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current tensor)
@@ -44,7 +45,7 @@ class Options:
         return self.device
 
     def use_fused(self, device: str) -> bool:
-        return device == "cpu" and fused.AVAILABLE and self.fused is not False
+        return device == "cpu" and fused.AVAILABLE and self.fused is not False and len(self.taus) <= fused.MAX_TAUS
 
 
 def _cuda_available() -> bool:
@@ -144,11 +145,19 @@ class _Stream:
         done = 0
         if self.progress:
             self.progress(0, total, self.names[0])
-        for name in self.names:
-            meta = self.checkpoints[0].meta(name)
+        stager = CudaStager(self.device) if self.device.startswith("cuda") else None
+
+        def load(name: str) -> tuple[bool, list]:  # on the prefetch thread, one tensor ahead
             numpy = self.fused and all(c.meta(name).dtype in fused.DTYPES for c in self.checkpoints) \
                 and len({c.meta(name).dtype for c in self.checkpoints}) == 1
-            tensors = [c.array(name) if numpy else c.tensor(name) for c in self.checkpoints]
+            if numpy:
+                return True, [c.array(name) for c in self.checkpoints]  # pages faulted in here
+            return False, [stager(c.tensor(name)) if stager else c.tensor(name) for c in self.checkpoints]
+
+        for name, (numpy, tensors) in prefetched(self.names, load):
+            meta = self.checkpoints[0].meta(name)
+            if stager:
+                tensors = [stager.ready(t) for t in tensors]
             for part in parts_of(name, meta.shape, self.family, self.layout):
                 mats = [as_matrix(t, part.transpose) for t in tensors]
                 full_rows, cols = mats[0].shape

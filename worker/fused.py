@@ -24,6 +24,7 @@ from worker.metrics import Spectrum, UpdateMap, pair_result
 DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 _KINDS = {np.dtype(np.uint16): 0, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
 _SLOT_OFFSET, _TOP_SLOT = F64_CELL_OFFSET + FINE_LO - 1, FINE_HI - FINE_LO + 1
+MAX_TAUS = 16  # as _fastpair.c
 _MIN_PARALLEL = 1 << 16  # elements below which one thread does the whole chunk
 
 
