@@ -9,6 +9,7 @@ weights (norms almost untouched). Then, each in a fresh process, with a warm pag
                kernel, which skips the data for /dev/null: this row moves no bytes)
   read:        read(2) every byte of every shard into memory (`dd bs=16M`) — the floor for any tool
   engine:      `deltalens analyze BASE TARGET --no-rank` (histograms, both modes, maps — all of it)
+  engine, no Δ: the same on BASE against itself: the scan alone, when no weight moved
   naive:       load both state dicts fully, then `(t.float() - b.float()).abs() > τ` per tensor
   engine+rank: the same with rank, full singular spectra and energy ranks of every matrix
   naive+rank:  the naive loop plus `torch.linalg.matrix_rank` of every 2-D Δ (rank only)
@@ -145,7 +146,8 @@ def main() -> None:
                                  "--json", str(out / name), *([] if rank else ["--no-rank"])]
     runs = {"cat": ["cat", *map(str, files)],
             "read": ["sh", "-c", 'for f; do dd if="$f" of=/dev/null bs=16M status=none; done', "sh", *map(str, files)],
-            "engine": engine(False, "engine.json"), "naive": naive(False, "naive.txt")}
+            "engine": engine(False, "engine.json"), "naive": naive(False, "naive.txt"),
+            "engine, no Δ": [*engine(False, "same.json")[:4], str(base), str(base), *engine(False, "same.json")[6:]]}
     if not args.no_rank_baseline:
         runs.update({"engine+rank": engine(True, "engine-rank.json"), "naive+rank": naive(True, "naive-rank.txt")})
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
