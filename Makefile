@@ -55,6 +55,7 @@ reliability: install
 	DELTALENS_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest -q tests/test_api_fuzz.py
 	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_access.py tests/test_faults.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/reliability_report.py
 
 bench: install
 	$(BIN)/python bench/pair.py

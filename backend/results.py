@@ -159,30 +159,32 @@ def sparsity_curve(catalog: Catalog, aid: str, mode: str) -> dict:
             "zero_share": total[0] / numel if numel else None}
 
 
-def tensor_detail(catalog: Catalog, aid: str, name: str) -> dict:
+def tensor_detail(catalog: Catalog, aid: str, name: str) -> str:
+    """One matrix in detail, as JSON text (served as is: no parse / re-encode per request)."""
     key = (aid, "tensor", name)
     cached = catalog.cache.get(key)
     if cached is not None:
-        return json.loads(cached)  # a fresh object per request
+        return cached
     version = catalog.cache.version(aid)
     _meta(catalog, aid)
-    found = catalog.read_rows("SELECT * FROM tensors WHERE analysis_id = ? AND name = ?", [aid, name])
+    key = [f"{aid}/{name}"]  # one indexed key per matrix (see catalog.KEYED)
+    found = catalog.read_rows("SELECT * EXCLUDE (tensor_key) FROM tensors WHERE tensor_key = ?", key)
     if not found:
         raise not_found("tensor", name)
     out = {k: v for k, v in found[0].items() if k != "analysis_id"}
     out["histograms"] = {kind: counts for kind, counts in catalog.read(
-        "SELECT kind, counts FROM histograms WHERE analysis_id = ? AND name = ?", [aid, name])}
+        "SELECT kind, counts FROM histograms WHERE tensor_key = ?", key)}
     out["bin_edges"] = list(BIN_EDGES)
-    spectrum = catalog.read_rows("SELECT idx, sigma FROM spectra WHERE analysis_id = ? AND name = ?", [aid, name])
+    spectrum = catalog.read_rows("SELECT idx, sigma FROM spectra WHERE tensor_key = ?", key)
     out["spectrum"] = spectrum[0] if spectrum else None
     maps = catalog.read_rows("SELECT tau, grid_rows, grid_cols, cells, row_frac, col_frac, head_frac FROM update_maps "
-                             "WHERE analysis_id = ? AND name = ?", [aid, name])
+                             "WHERE tensor_key = ?", key)
     out["update_map"] = maps[0] if maps else None
     out["changed"] = [{"mode": m, "tau": t, "count": c} for m, t, c in catalog.read(
-        "SELECT mode, tau, count FROM changed WHERE analysis_id = ? AND name = ? ORDER BY mode, tau", [aid, name])]
+        "SELECT mode, tau, count FROM changed WHERE tensor_key = ? ORDER BY mode, tau", key)]
     encoded = json.dumps(out)
     catalog.cache.put(key, encoded, len(encoded) + 100, version)
-    return out
+    return encoded
 
 
 def compare(catalog: Catalog, ids: list[str], tau: float, mode: str) -> dict:

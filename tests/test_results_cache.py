@@ -1,6 +1,8 @@
 """The catalog's cache of read-side results: reads come from it, and re-ingest or delete invalidate it."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from backend import results
@@ -54,7 +56,7 @@ def test_reingest_and_delete_invalidate(tmp_path, artifacts):
         catalog.ingest("a1", second_db)  # the same id, other rows: nothing of the first may be served
         assert grid(results.heatmap(catalog, "a1", "sparsity", 0.0, "abs")) == expected_changed(second)
         d2 = next(d for d in second.details if d["name"] == name)
-        assert results.tensor_detail(catalog, "a1", name)["histograms"]["abs"] == d2["hist_abs"]
+        assert json.loads(results.tensor_detail(catalog, "a1", name))["histograms"]["abs"] == d2["hist_abs"]
 
         catalog.delete_job("a1")
         assert catalog.cache.bytes == 0

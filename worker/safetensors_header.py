@@ -82,6 +82,10 @@ def read_header(path: str | os.PathLike, max_header: int = DEFAULT_MAX_HEADER) -
         raise InputError(path, f"header JSON has a {msg}" if msg.startswith("duplicate") else f"header is not valid JSON ({msg})") from None
     if not isinstance(header, dict):
         raise InputError(path, "header JSON is not an object")
+    try:  # a \ud800-style escape decodes to a lone surrogate: not Unicode, refused by the reference loader
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(path, "header JSON holds an unpaired surrogate escape (not valid Unicode)") from None
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):

@@ -130,10 +130,10 @@ def tensors(aid: str, catalog: CatalogDep) -> list[dict]:
     return results.document(catalog, aid)["tensors"]
 
 
-@router.get("/analyses/{aid}/tensors/{name:path}", responses=NOT_READY)
-def tensor(aid: str, name: str, catalog: CatalogDep) -> dict:
+@router.get("/analyses/{aid}/tensors/{name:path}", responses=NOT_READY, response_model=dict)
+def tensor(aid: str, name: str, catalog: CatalogDep) -> Response:
     """Histograms, singular spectrum, update map and counts of one matrix."""
-    return results.tensor_detail(catalog, aid, name)
+    return Response(results.tensor_detail(catalog, aid, name), media_type="application/json")
 
 
 @router.get("/analyses/{aid}/series", responses=NOT_READY)
