@@ -167,21 +167,21 @@ def tensor_detail(catalog: Catalog, aid: str, name: str) -> str:
         return cached
     version = catalog.cache.version(aid)
     _meta(catalog, aid)
-    key = [f"{aid}/{name}"]  # one indexed key per matrix (see catalog.KEYED)
-    found = catalog.read_rows("SELECT * EXCLUDE (tensor_key) FROM tensors WHERE tensor_key = ?", key)
+    by_key = [f"{aid}/{name}"]  # one indexed key per matrix (see catalog.KEYED)
+    found = catalog.read_rows("SELECT * EXCLUDE (tensor_key) FROM tensors WHERE tensor_key = ?", by_key)
     if not found:
         raise not_found("tensor", name)
     out = {k: v for k, v in found[0].items() if k != "analysis_id"}
     out["histograms"] = {kind: counts for kind, counts in catalog.read(
-        "SELECT kind, counts FROM histograms WHERE tensor_key = ?", key)}
+        "SELECT kind, counts FROM histograms WHERE tensor_key = ?", by_key)}
     out["bin_edges"] = list(BIN_EDGES)
-    spectrum = catalog.read_rows("SELECT idx, sigma FROM spectra WHERE tensor_key = ?", key)
+    spectrum = catalog.read_rows("SELECT idx, sigma FROM spectra WHERE tensor_key = ?", by_key)
     out["spectrum"] = spectrum[0] if spectrum else None
     maps = catalog.read_rows("SELECT tau, grid_rows, grid_cols, cells, row_frac, col_frac, head_frac FROM update_maps "
-                             "WHERE tensor_key = ?", key)
+                             "WHERE tensor_key = ?", by_key)
     out["update_map"] = maps[0] if maps else None
     out["changed"] = [{"mode": m, "tau": t, "count": c} for m, t, c in catalog.read(
-        "SELECT mode, tau, count FROM changed WHERE tensor_key = ? ORDER BY mode, tau", key)]
+        "SELECT mode, tau, count FROM changed WHERE tensor_key = ? ORDER BY mode, tau", by_key)]
     encoded = json.dumps(out)
     catalog.cache.put(key, encoded, len(encoded) + 100, version)
     return encoded

@@ -51,6 +51,7 @@ def test_reingest_and_delete_invalidate(tmp_path, artifacts):
         hits = catalog.cache.hits
         assert grid(results.heatmap(catalog, "a1", "changed_share", 0.0, "abs")) == grid(h)
         assert results.tensor_detail(catalog, "a1", name) == detail
+        assert catalog.cache.get(("a1", "tensor", name)) == detail  # kept, and served as is
         assert catalog.cache.hits > hits  # served from the cache
 
         catalog.ingest("a1", second_db)  # the same id, other rows: nothing of the first may be served
