@@ -39,7 +39,28 @@ static inline int64_t slot(double x, int64_t offset, int64_t top) {
  * -0), which the element step counts as a zero. NaN/Inf inputs are refused by the caller (Σb²
  * and ΣΔ² turn non-finite), so equal NaN bits need no special case. */
 #define BLOCK 16
-#define PAIR_ROWS(NAME, TYPE, BITS, WIDEN)                                                            \
+/* Bit i set where element i of the 16 differs. */
+#define DIFFERING(NAME, BITS)                                                                         \
+    static inline uint32_t NAME(const BITS *b, const BITS *t) {                                        \
+        uint32_t diff = 0;                                                                             \
+        for (int i = 0; i < BLOCK; i++) diff |= (uint32_t)(b[i] != t[i]) << i;                         \
+        return diff;                                                                                   \
+    }
+#if defined(__SSE2__)
+#include <emmintrin.h>
+/* bfloat16 (the common case): two 8-lane compares, packed to bytes, one movemask */
+static inline uint32_t differing_u16(const uint16_t *b, const uint16_t *t) {
+    __m128i lo = _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)b), _mm_loadu_si128((const __m128i *)t));
+    __m128i hi = _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(b + 8)), _mm_loadu_si128((const __m128i *)(t + 8)));
+    return ~(uint32_t)_mm_movemask_epi8(_mm_packs_epi16(lo, hi)) & 0xFFFFu;
+}
+#else
+DIFFERING(differing_u16, uint16_t)
+#endif
+DIFFERING(differing_u32, uint32_t)
+DIFFERING(differing_u64, uint64_t)
+
+#define PAIR_ROWS(NAME, TYPE, BITS, WIDEN, differing)                                                 \
     __attribute__((target_clones("avx2", "default")))                                                  \
     static void NAME(const TYPE *restrict b, const TYPE *restrict t, int64_t rows, int64_t cols,       \
                      const double *taus, int64_t n_taus, int relative, int want_map,                   \
@@ -63,8 +84,8 @@ static inline int64_t slot(double x, int64_t offset, int64_t top) {
                     for (int i = 0; i < BLOCK; i++) {                                                  \
                         double x = WIDEN(br[j0 + i]);                                                  \
                         s[i] += x * x;                                                                 \
-                        diff |= (uint32_t)(bb[j0 + i] != tb[j0 + i]) << i;                             \
                     }                                                                                  \
+                    diff = differing(bb + j0, tb + j0);                                                \
                 } else {                                                                               \
                     for (int i = 0; i < n; i++) {                                                      \
                         double x = WIDEN(br[j0 + i]);                                                  \
@@ -108,9 +129,9 @@ static inline int64_t slot(double x, int64_t offset, int64_t top) {
     }
 
 #define AS_DOUBLE(x) ((double)(x))
-PAIR_ROWS(pair_rows_bf16, uint16_t, uint16_t, from_bf16)
-PAIR_ROWS(pair_rows_f32, float, uint32_t, AS_DOUBLE)
-PAIR_ROWS(pair_rows_f64, double, uint64_t, AS_DOUBLE)
+PAIR_ROWS(pair_rows_bf16, uint16_t, uint16_t, from_bf16, differing_u16)
+PAIR_ROWS(pair_rows_f32, float, uint32_t, AS_DOUBLE, differing_u32)
+PAIR_ROWS(pair_rows_f64, double, uint64_t, AS_DOUBLE, differing_u64)
 
 /* Entry point for ctypes: kind selects the element type of b and t. */
 void pair_rows(int kind, const void *b, const void *t, int64_t rows, int64_t cols, const double *taus,
