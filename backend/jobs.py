@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -73,6 +74,7 @@ class Jobs:
             (self.settings.path("cancel") / jid).touch()
         self.catalog.delete_job(jid)
         (self.settings.path("results") / f"{jid}.duckdb").unlink(missing_ok=True)
+        shutil.rmtree(self.settings.path("results") / f"{jid}.parts", ignore_errors=True)  # a fanned-out run's parts
 
     # --- following the workers ---------------------------------------------------------------
     def sync(self) -> None:

@@ -172,7 +172,8 @@ def main() -> None:
     for label, (t, rss) in best.items():
         base_label = "engine+rank" if label.endswith("+rank") else "engine"
         ratio = f"{t / best[base_label][0]:8.2f}" if base_label in best and label != base_label and label.startswith("naive") else ""
-        print(f"{label:12} {t:8.2f} {gb / t:7.2f} {rss:13.0f} {t / best['read'][0]:7.2f}  {ratio}")
+        shown = f"{rss:13.0f}" if label not in ("cat", "read") else f"{'-':>13}"  # a forked child starts at our RSS
+        print(f"{label:12} {t:8.2f} {gb / t:7.2f} {shown} {t / best['read'][0]:7.2f}  {ratio}")
     for label in skipped:
         print(f"{label:12} not run: both state dicts ({gb:.1f} GB) would not fit in {ram / 2**30:.0f} GiB of RAM")
     e = best["engine"][0]
