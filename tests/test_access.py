@@ -2,6 +2,7 @@
 enumerable; security headers on every response; dependency floors without known advisories."""
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from importlib.metadata import PackageNotFoundError, version
@@ -52,7 +53,7 @@ def test_short_links_are_random_128_bit_codes(api):
     assert len(set(codes)) == len(codes)
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{22}", c) for c in codes)  # token_urlsafe(16): 16 random bytes
     # no structure to walk: neighbouring views share no prefix beyond chance
-    assert max(len(__import__("os").path.commonprefix([a, b])) for a, b in zip(codes, codes[1:])) <= 4
+    assert max(len(os.path.commonprefix([a, b])) for a, b in zip(codes, codes[1:])) <= 4
     again = api.post("/api/links", json={"url": "/analyses/7?tau=1e-5"}, headers=AUTH).json()["code"]
     assert again == codes[7]  # one view, one link
     for guess in [codes[0][:-1] + ("A" if codes[0][-1] != "A" else "B"), "0" * 22, secrets.token_urlsafe(16)]:

@@ -131,7 +131,9 @@ def run_analysis_task(self, analysis_id: str, kind: str, paths: list[str], taus:
 # --- scale-out: one task per shard group, merged by a chord callback ------------------------------
 def _plain(x):
     """JSON for NumPy values in a part's details (float64 -> float is exact)."""
-    return x.tolist() if isinstance(x, (np.ndarray, np.generic)) else list(x) if isinstance(x, tuple) else str(x)
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.tolist()
+    raise TypeError(f"cannot store a {type(x).__name__} in a part")
 
 
 @celery_app.task(name=PART_TASK, bind=True)
