@@ -4,24 +4,33 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps up demo test bench reliability clean
+.PHONY: install run-deps test-deps up demo test lint bench reliability clean
 
-install: system-deps $(STAMP) frontend/dist/index.html
+install: $(STAMP)
 
-# system packages: gcc builds the C kernel; redis-server is started by the service tests;
-# docker-compose validates docker-compose.yml (no Docker engine is needed for that);
-# chromium runs the dashboard tests (driven by Playwright; never `playwright install`)
-APT_PACKAGES := gcc redis-server docker-compose chromium
-system-deps:
-	@missing=""; for c in $(APT_PACKAGES); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
-	if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+# Debian packages, installed only by the commands that need them (as root with apt; otherwise one
+# line names what is missing). `make up`/`make demo` need a C compiler (the one-pass kernel);
+# `make test` also starts redis-server, validates docker-compose.yml with docker-compose and drives
+# chromium with Playwright (never `playwright install`).
+RUN_PACKAGES  := gcc
+TEST_PACKAGES := gcc redis-server docker-compose chromium
+define need
+	@missing=""; for c in $(1); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing — install with: sudo apt-get install$$missing (or your system's package manager)"; exit 1; fi; \
+	fi
+endef
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+run-deps:
+	$(call need,$(RUN_PACKAGES))
+
+test-deps:
+	$(call need,$(TEST_PACKAGES))
 
 # torch is pinned to 2.13.0 (constraints.txt) for local and CI installs: the CPU build on this disk
-$(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | run-deps $(BIN)/python backend/dashboard/index.html
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
@@ -40,10 +49,15 @@ frontend/node_modules/.installed: frontend/package.json frontend/package-lock.js
 	cd frontend && npm ci --no-audit --no-fund
 	touch $@
 
-frontend/dist/index.html: frontend/node_modules/.installed frontend/index.html frontend/vite.config.ts $(wildcard frontend/src/*.ts frontend/src/*/*.ts frontend/src/*.css)
+backend/dashboard/index.html: frontend/node_modules/.installed frontend/index.html frontend/vite.config.ts $(wildcard frontend/src/*.ts frontend/src/*/*.ts frontend/src/*.css)
 	cd frontend && npm run build
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cd frontend && npx prettier --check src test
+
+test: test-deps install lint
 	cd frontend && npx vitest run
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
@@ -62,4 +76,4 @@ bench: install
 	$(BIN)/python bench/upload.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info worker/*.so .pytest_cache .hypothesis frontend/node_modules frontend/dist
+	rm -rf $(VENV) build dist *.egg-info worker/*.so .pytest_cache .hypothesis frontend/node_modules backend/dashboard

@@ -1,23 +1,32 @@
 """The FastAPI application: thin routes over the catalog, uploads and jobs."""
+
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from backend.catalog import Catalog
-from backend.errors import ApiError, install_handlers
-from backend.headers import SecurityHeaders
-from backend.jobs import Jobs
-from backend.routes import analyses, checkpoints, links
-from backend.uploads import Uploads
-from worker.celery_app import make_celery
-from worker.settings import Settings, get_settings
+from deltalens.backend.catalog import Catalog
+from deltalens.backend.errors import ApiError, install_handlers
+from deltalens.backend.headers import SecurityHeaders
+from deltalens.backend.jobs import Jobs
+from deltalens.backend.models import Health
+from deltalens.backend.routes import analyses, checkpoints, links
+from deltalens.backend.uploads import Uploads
+from deltalens.worker.celery_app import make_celery
+from deltalens.worker.settings import Settings, get_settings
 
-FRONTEND = Path(__file__).resolve().parents[1] / "frontend" / "dist"
+BUILD_COMMAND = "cd frontend && npm ci && npm run build"
+
+
+def dashboard_folder() -> Path | None:
+    """The built dashboard, shipped in the package as data (`deltalens/backend/dashboard`)."""
+    folder = Path(str(resources.files("deltalens.backend") / "dashboard"))
+    return folder if (folder / "index.html").is_file() else None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -34,33 +43,48 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.jobs.stop()
         catalog.close()
 
-    app = FastAPI(title="deltalens", version="0.1.0", lifespan=lifespan,
-                  description="What did fine-tuning change? Checkpoints in, per-tensor change metrics out.")
+    app = FastAPI(
+        title="deltalens",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="What did fine-tuning change? Checkpoints in, per-tensor change metrics out.",
+    )
     install_handlers(app)
     app.add_middleware(SecurityHeaders)
     for module in (checkpoints, analyses, links):
         app.include_router(module.router)
 
-    @app.get("/api/health", tags=["meta"])
-    def health() -> dict:
-        return {"status": "ok"}
+    folder = dashboard_folder()
 
-    if (FRONTEND / "index.html").is_file():
-        serve_dashboard(app)
+    @app.get("/api/health", tags=["meta"], response_model=Health)
+    def health() -> Health:
+        return Health(status="ok", dashboard=folder is not None)
+
+    serve_dashboard(app, folder)
     return app
 
 
-def serve_dashboard(app: FastAPI) -> None:
+MISSING = f"""<!doctype html><meta charset="utf-8"><title>deltalens: dashboard not built</title>
+<h1>The deltalens dashboard is not built</h1>
+<p>The API works (<a href="/docs">/docs</a>), but this installation has no built dashboard.
+Build it from a clone of the repository with <code>{BUILD_COMMAND}</code>, or install a wheel
+(<code>pip wheel .</code> builds it into the package).</p>"""
+
+
+def serve_dashboard(app: FastAPI, folder: Path | None) -> None:
     """The built dashboard: its assets, and index.html for every view path (the SPA routes itself)."""
-    app.mount("/assets", StaticFiles(directory=FRONTEND / "assets"), name="assets")
-    index = (FRONTEND / "index.html").read_text()
+    if folder is not None:
+        app.mount("/assets", StaticFiles(directory=folder / "assets"), name="assets")
+    index = (folder / "index.html").read_text() if folder else MISSING
 
     @app.get("/{path:path}", include_in_schema=False)
     def dashboard(path: str) -> Response:
         if path.startswith("api/"):
             raise ApiError(404, "not_found", f"no endpoint /{path}")
-        file = (FRONTEND / path).resolve()
-        if path and FRONTEND in file.parents and file.is_file():
+        if folder is None:
+            return HTMLResponse(MISSING, status_code=503)
+        file = (folder / path).resolve()
+        if path and folder in file.parents and file.is_file():
             return FileResponse(file)
         return HTMLResponse(index)
 

@@ -9,6 +9,7 @@ side by side, and do not wait for an ingest: they see the last committed state (
 derived from the results of a finished analysis is immutable until that analysis is ingested again
 or deleted, so it may be kept in `cache`, which both of those invalidate (after their commit).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,13 @@ import signal
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from worker.contract import SCHEMA_SQL, TABLES
+from deltalens.worker.contract import SCHEMA_SQL, TABLES
 
 CATALOG_SQL = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -38,8 +39,21 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE TABLE IF NOT EXISTS links (code VARCHAR PRIMARY KEY, url VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL);
 """
-JOB_FIELDS = ("id", "kind", "status", "checkpoints", "taus", "relative", "rank", "created_at", "updated_at",
-              "progress", "detail", "error_code", "error_message")
+JOB_FIELDS = (
+    "id",
+    "kind",
+    "status",
+    "checkpoints",
+    "taus",
+    "relative",
+    "rank",
+    "created_at",
+    "updated_at",
+    "progress",
+    "detail",
+    "error_code",
+    "error_message",
+)
 CHECKPOINT_FIELDS = ("id", "name", "source", "path", "files", "bytes", "sha256", "created_at")
 TERMINAL = ("done", "failed", "cancelled")
 # Result tables with one or a few rows per matrix. In the catalog they carry one more column,
@@ -49,7 +63,7 @@ KEYED = ("tensors", "changed", "histograms", "spectra", "update_maps")
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class ResultCache:
@@ -120,14 +134,16 @@ class Catalog:
         self.db = duckdb.connect(str(path))
         self.lock = threading.RLock()
         self.cache = ResultCache()
-        self._idle: list[duckdb.DuckDBPyConnection] = []   # read cursors not in use
+        self._idle: list[duckdb.DuckDBPyConnection] = []  # read cursors not in use
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         with self.lock:
             self.db.execute(CATALOG_SQL)
             self.db.execute(SCHEMA_SQL)
             for table in KEYED:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tensor_key VARCHAR")
-                self.db.execute(f"UPDATE {table} SET tensor_key = analysis_id || '/' || name WHERE tensor_key IS NULL")
+                self.db.execute(
+                    f"UPDATE {table} SET tensor_key = analysis_id || '/' || name WHERE tensor_key IS NULL"
+                )
                 self.db.execute(f"CREATE INDEX IF NOT EXISTS {table}_tensor_key ON {table} (tensor_key)")
 
     def close(self) -> None:
@@ -178,22 +194,32 @@ class Catalog:
     def add_checkpoint(self, **c: Any) -> None:
         c = {**c, "files": json.dumps(c["files"]), "created_at": now()}
         with self.lock:
-            self.db.execute(f"INSERT INTO checkpoints VALUES ({', '.join('?' * len(CHECKPOINT_FIELDS))})",
-                            [c[k] for k in CHECKPOINT_FIELDS])
+            self.db.execute(
+                f"INSERT INTO checkpoints VALUES ({', '.join('?' * len(CHECKPOINT_FIELDS))})",
+                [c[k] for k in CHECKPOINT_FIELDS],
+            )
 
     def checkpoint(self, cid: str) -> dict | None:
         found = self.rows("SELECT * FROM checkpoints WHERE id = ?", [cid])
         return {**found[0], "files": json.loads(found[0]["files"])} if found else None
 
     def checkpoints(self) -> list[dict]:
-        return [{**r, "files": json.loads(r["files"])} for r in self.rows("SELECT * FROM checkpoints ORDER BY created_at")]
+        return [
+            {**r, "files": json.loads(r["files"])}
+            for r in self.rows("SELECT * FROM checkpoints ORDER BY created_at")
+        ]
 
     # --- jobs --------------------------------------------------------------------------------
-    def add_job(self, jid: str, kind: str, checkpoints: list[str], taus: list[float], relative: bool, rank: bool) -> None:
+    def add_job(
+        self, jid: str, kind: str, checkpoints: list[str], taus: list[float], relative: bool, rank: bool
+    ) -> None:
         t = now()
         with self.lock:
-            self.db.execute("INSERT INTO jobs (id, kind, status, checkpoints, taus, relative, rank, created_at, updated_at) "
-                            "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)", [jid, kind, checkpoints, taus, relative, rank, t, t])
+            self.db.execute(
+                "INSERT INTO jobs (id, kind, status, checkpoints, taus, relative, rank, created_at, updated_at) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                [jid, kind, checkpoints, taus, relative, rank, t, t],
+            )
 
     def job(self, jid: str) -> dict | None:
         found = self.rows("SELECT * FROM jobs WHERE id = ?", [jid])
@@ -230,10 +256,15 @@ class Catalog:
                 for i, table in enumerate(TABLES):
                     self.db.execute(f"DELETE FROM {table} WHERE analysis_id = ?", [jid])
                     key = ", analysis_id || '/' || name" if table in KEYED else ""
-                    self.db.execute(f"INSERT INTO {table} SELECT *{key} FROM artifact.{table} WHERE analysis_id = ?", [jid])
+                    self.db.execute(
+                        f"INSERT INTO {table} SELECT *{key} FROM artifact.{table} WHERE analysis_id = ?",
+                        [jid],
+                    )
                     if i == len(TABLES) // 2:
                         failpoint("ingest")
-                self.db.execute("UPDATE jobs SET status = 'done', progress = 1, updated_at = ? WHERE id = ?", [now(), jid])
+                self.db.execute(
+                    "UPDATE jobs SET status = 'done', progress = 1, updated_at = ? WHERE id = ?", [now(), jid]
+                )
                 self.db.execute("COMMIT")
             except Exception:
                 self.db.execute("ROLLBACK")

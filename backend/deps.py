@@ -1,4 +1,5 @@
 """FastAPI dependencies: the app's settings, catalog, uploads, jobs, and the write token."""
+
 from __future__ import annotations
 
 import hmac
@@ -6,11 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from backend.catalog import Catalog
-from backend.errors import ApiError
-from backend.jobs import Jobs
-from backend.uploads import Uploads
-from worker.settings import Settings
+from deltalens.backend.catalog import Catalog
+from deltalens.backend.errors import ApiError
+from deltalens.backend.jobs import Jobs
+from deltalens.backend.uploads import Uploads
+from deltalens.worker.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:
@@ -29,8 +30,10 @@ def get_uploads(request: Request) -> Uploads:
     return request.app.state.uploads
 
 
-def require_token(settings: Annotated[Settings, Depends(get_settings)],
-                  authorization: Annotated[str | None, Header()] = None) -> None:
+def require_token(
+    settings: Annotated[Settings, Depends(get_settings)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
     """Hosted mode (DELTALENS_TOKEN set): writes need `Authorization: Bearer <token>`."""
     if not settings.token:
         return

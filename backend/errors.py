@@ -1,4 +1,5 @@
 """Every API error is JSON {code, message} with a 4xx (or 5xx) status — and the OpenAPI schema says so."""
+
 from __future__ import annotations
 
 import logging
@@ -21,23 +22,29 @@ class ApiError(Exception):
 
 class ErrorOut(BaseModel):
     """The body of every error response."""
-    code: str = Field(description="machine-readable reason: not_found, invalid_request, wrong_kind, not_ready, ...")
+
+    code: str = Field(
+        description="machine-readable reason: not_found, invalid_request, wrong_kind, not_ready, ..."
+    )
     message: str = Field(description="what went wrong, for people")
 
 
 # What each error status means here; routes declare the ones they can answer with `errors(...)`.
-ERRORS: dict[int, dict[str, Any]] = {status: {"model": ErrorOut, "description": text} for status, text in {
-    400: "The request body could not be parsed",
-    401: "Hosted mode (DELTALENS_TOKEN set): this write needs 'Authorization: Bearer <token>'",
-    403: "The path is outside DELTALENS_ALLOWED_ROOTS",
-    404: "No such analysis, checkpoint, upload, file or tensor",
-    409: "Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, "
-         "offset gap, checkpoint gone)",
-    413: "More bytes than DELTALENS_MAX_UPLOAD_BYTES or than the file's declared size",
-    415: "A pickled checkpoint (refused) or a file type that is not weights or JSON metadata",
-    422: "Invalid parameters, body or checkpoint content",
-    507: "The data volume is full (nothing was stored; free space and resume)",
-}.items()}
+ERRORS: dict[int, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": text}
+    for status, text in {
+        400: "The request body could not be parsed",
+        401: "Hosted mode (DELTALENS_TOKEN set): this write needs 'Authorization: Bearer <token>'",
+        403: "The path is outside DELTALENS_ALLOWED_ROOTS",
+        404: "No such analysis, checkpoint, upload, file or tensor",
+        409: "Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, "
+        "offset gap, checkpoint gone)",
+        413: "More bytes than DELTALENS_MAX_UPLOAD_BYTES or than the file's declared size",
+        415: "A pickled checkpoint (refused) or a file type that is not weights or JSON metadata",
+        422: "Invalid parameters, body or checkpoint content",
+        507: "The data volume is full (nothing was stored; free space and resume)",
+    }.items()
+}
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -54,7 +61,11 @@ def link(path: str, method: str, description: str, **parameters: str) -> dict[st
     """An OpenAPI link from a response to another operation (values are runtime expressions,
     e.g. `$response.body#/id`): clients and stateful fuzzers follow them to real ids."""
     pointer = path.replace("~", "~0").replace("/", "~1")
-    return {"operationRef": f"#/paths/{pointer}/{method.lower()}", "description": description, "parameters": parameters}
+    return {
+        "operationRef": f"#/paths/{pointer}/{method.lower()}",
+        "description": description,
+        "parameters": parameters,
+    }
 
 
 def not_found(what: str, key: str) -> ApiError:
@@ -77,12 +88,15 @@ def install_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse({"code": "invalid_request", "message": f"{where}: {first.get('msg', 'invalid')}"},
-                            status_code=422)
+        return JSONResponse(
+            {"code": "invalid_request", "message": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
-        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            e.status_code, "http_error"
+        )
         return JSONResponse({"code": code, "message": str(e.detail)}, status_code=e.status_code)
 
     @app.exception_handler(Exception)
@@ -107,8 +121,10 @@ def document_errors(app: FastAPI) -> None:
         schemas.setdefault("ErrorOut", ErrorOut.model_json_schema())
 
         def response(status: int) -> dict[str, Any]:
-            return {"description": ERRORS[status]["description"],
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+            return {
+                "description": ERRORS[status]["description"],
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+            }
 
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():

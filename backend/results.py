@@ -1,5 +1,6 @@
 """Read-side queries over ingested results: summaries, layer × matrix heatmaps at any τ (from the
 stored histograms, no recomputation), one matrix in detail, comparisons of analyses."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from backend.catalog import Catalog
-from backend.errors import ApiError, not_found
-from worker.contract import BIN_EDGES, MATRIX_TYPES, changed_from_histogram, nearest_edge_index
+from deltalens.backend.catalog import Catalog
+from deltalens.backend.errors import ApiError, not_found
+from deltalens.worker.contract import BIN_EDGES, MATRIX_TYPES, changed_from_histogram, nearest_edge_index
 
 # metric -> (what it needs summed per cell, how the cell value follows from the sums)
 HEATMAP_METRICS = {
@@ -95,8 +96,10 @@ class Cells:
         return self.suffix[:, column].tolist()
 
     def grid(self, values: list) -> list[list]:
-        return [[values[self.index[(layer, m)]] if (layer, m) in self.index else None for m in self.matrices]
-                for layer in self.layers]
+        return [
+            [values[self.index[(layer, m)]] if (layer, m) in self.index else None for m in self.matrices]
+            for layer in self.layers
+        ]
 
 
 def _cells(catalog: Catalog, aid: str, mode: str) -> Cells:
@@ -104,10 +107,14 @@ def _cells(catalog: Catalog, aid: str, mode: str) -> Cells:
     cells = catalog.cache.get(key)
     if cells is None:
         version = catalog.cache.version(aid)
-        cells = Cells(catalog.read(
-            "SELECT t.layer, t.matrix, t.numel, t.norm_delta, t.norm_base, t.sum_abs_delta, t.rank_pct, t.effective_rank, "
-            "h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
-            "WHERE t.analysis_id = ? AND h.kind = ?", [aid, mode]))
+        cells = Cells(
+            catalog.read(
+                "SELECT t.layer, t.matrix, t.numel, t.norm_delta, t.norm_base, t.sum_abs_delta, t.rank_pct, t.effective_rank, "
+                "h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
+                "WHERE t.analysis_id = ? AND h.kind = ?",
+                [aid, mode],
+            )
+        )
         catalog.cache.put(key, cells, cells.nbytes, version)
     return cells
 
@@ -133,9 +140,18 @@ def heatmap(catalog: Catalog, aid: str, metric: str, tau: float, mode: str) -> d
     changed = cells.changed(edge)
     value = HEATMAP_METRICS[metric]
     values = [value({**s, "changed": c}) for s, c in zip(cells.sums, changed)]
-    return {"analysis": aid, "metric": metric, "mode": mode, "tau": snapped, "tau_requested": tau,
-            "layers": cells.layers, "matrices": cells.matrices, "values": cells.grid(values),
-            "changed": cells.grid(changed), "numel": cells.grid(cells.numel)}
+    return {
+        "analysis": aid,
+        "metric": metric,
+        "mode": mode,
+        "tau": snapped,
+        "tau_requested": tau,
+        "layers": cells.layers,
+        "matrices": cells.matrices,
+        "values": cells.grid(values),
+        "changed": cells.grid(changed),
+        "numel": cells.grid(cells.numel),
+    }
 
 
 def heatmap_cube(catalog: Catalog, aid: str, mode: str) -> dict:
@@ -144,8 +160,15 @@ def heatmap_cube(catalog: Catalog, aid: str, mode: str) -> dict:
     if kind != "pair":
         raise ApiError(409, "wrong_kind", f"heatmaps are drawn for pair analyses; {aid} is a {kind}")
     cells = _cells(catalog, aid, mode)
-    return {"analysis": aid, "mode": mode, "layers": cells.layers, "matrices": cells.matrices,
-            "numel": cells.grid(cells.numel), "hist": cells.grid(cells.hist.tolist()), "bin_edges": list(BIN_EDGES)}
+    return {
+        "analysis": aid,
+        "mode": mode,
+        "layers": cells.layers,
+        "matrices": cells.matrices,
+        "numel": cells.grid(cells.numel),
+        "hist": cells.grid(cells.hist.tolist()),
+        "bin_edges": list(BIN_EDGES),
+    }
 
 
 def sparsity_curve(catalog: Catalog, aid: str, mode: str) -> dict:
@@ -154,9 +177,13 @@ def sparsity_curve(catalog: Catalog, aid: str, mode: str) -> dict:
     cells = _cells(catalog, aid, mode)
     total = cells.hist.sum(axis=0).tolist()
     numel = sum(cells.numel)
-    return {"analysis": aid, "mode": mode, "tau": list(BIN_EDGES),
-            "sparsity": [1 - changed_from_histogram(total, k) / numel for k in range(len(BIN_EDGES))],
-            "zero_share": total[0] / numel if numel else None}
+    return {
+        "analysis": aid,
+        "mode": mode,
+        "tau": list(BIN_EDGES),
+        "sparsity": [1 - changed_from_histogram(total, k) / numel for k in range(len(BIN_EDGES))],
+        "zero_share": total[0] / numel if numel else None,
+    }
 
 
 def tensor_detail(catalog: Catalog, aid: str, name: str) -> str:
@@ -172,16 +199,25 @@ def tensor_detail(catalog: Catalog, aid: str, name: str) -> str:
     if not found:
         raise not_found("tensor", name)
     out = {k: v for k, v in found[0].items() if k != "analysis_id"}
-    out["histograms"] = {kind: counts for kind, counts in catalog.read(
-        "SELECT kind, counts FROM histograms WHERE tensor_key = ?", by_key)}
+    out["histograms"] = {
+        kind: counts
+        for kind, counts in catalog.read("SELECT kind, counts FROM histograms WHERE tensor_key = ?", by_key)
+    }
     out["bin_edges"] = list(BIN_EDGES)
     spectrum = catalog.read_rows("SELECT idx, sigma FROM spectra WHERE tensor_key = ?", by_key)
     out["spectrum"] = spectrum[0] if spectrum else None
-    maps = catalog.read_rows("SELECT tau, grid_rows, grid_cols, cells, row_frac, col_frac, head_frac FROM update_maps "
-                             "WHERE tensor_key = ?", by_key)
+    maps = catalog.read_rows(
+        "SELECT tau, grid_rows, grid_cols, cells, row_frac, col_frac, head_frac FROM update_maps "
+        "WHERE tensor_key = ?",
+        by_key,
+    )
     out["update_map"] = maps[0] if maps else None
-    out["changed"] = [{"mode": m, "tau": t, "count": c} for m, t, c in catalog.read(
-        "SELECT mode, tau, count FROM changed WHERE tensor_key = ? ORDER BY mode, tau", by_key)]
+    out["changed"] = [
+        {"mode": m, "tau": t, "count": c}
+        for m, t, c in catalog.read(
+            "SELECT mode, tau, count FROM changed WHERE tensor_key = ? ORDER BY mode, tau", by_key
+        )
+    ]
     encoded = json.dumps(out)
     catalog.cache.put(key, encoded, len(encoded) + 100, version)
     return encoded
@@ -194,7 +230,9 @@ def compare(catalog: Catalog, ids: list[str], tau: float, mode: str) -> dict:
     for aid in ids:
         meta = _meta(catalog, aid)
         if meta["kind"] != "pair":
-            raise ApiError(409, "wrong_kind", f"only pair analyses can be compared; {aid} is a {meta['kind']}")
+            raise ApiError(
+                409, "wrong_kind", f"only pair analyses can be compared; {aid} is a {meta['kind']}"
+            )
         cells = _cells(catalog, aid, mode)
         per_layer: dict = defaultdict(lambda: [0, 0])
         for (layer, _), c, n in zip(cells.keys, cells.changed(edge), cells.numel):
@@ -202,7 +240,16 @@ def compare(catalog: Catalog, ids: list[str], tau: float, mode: str) -> dict:
             per_layer[layer][1] += n
         changed = sum(c for c, _ in per_layer.values())
         numel = sum(n for _, n in per_layer.values())
-        out.append({"analysis": aid, "base": meta["base"], "target": meta["targets"][0], "sparsity": 1 - changed / numel,
-                    "layers": [{"layer": k, "sparsity": 1 - c / n, "changed": c, "numel": n}
-                               for k, (c, n) in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]})
+        out.append(
+            {
+                "analysis": aid,
+                "base": meta["base"],
+                "target": meta["targets"][0],
+                "sparsity": 1 - changed / numel,
+                "layers": [
+                    {"layer": k, "sparsity": 1 - c / n, "changed": c, "numel": n}
+                    for k, (c, n) in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+                ],
+            }
+        )
     return {"tau": snapped, "mode": mode, "analyses": out}

@@ -7,6 +7,7 @@ that overlaps the end of the prefix (a resumed cut) contributes only its new byt
 completion every file is validated — safetensors headers before anything else reads them —
 then moved to blobs/<sha256> (atomic rename) and hard-linked into a checkpoint folder.
 """
+
 from __future__ import annotations
 
 import errno
@@ -17,27 +18,32 @@ import re
 import shutil
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
-from backend.catalog import Catalog
-from backend.errors import ApiError, not_found
-from worker.errors import InputError
-from worker.safetensors_header import read_header
-from worker.settings import Settings
+from deltalens.backend.catalog import Catalog
+from deltalens.backend.errors import ApiError, not_found
+from deltalens.worker.errors import InputError
+from deltalens.worker.safetensors_header import read_header
+from deltalens.worker.settings import Settings
 
 STEP_NAME = re.compile(r"^(step|checkpoint|ckpt|global_step|iter)[-_]?\d+$", re.IGNORECASE)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-JSON_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "generation_config.json")
+JSON_FILES = (
+    "config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "generation_config.json",
+)
 
 
 class Uploads:
     def __init__(self, settings: Settings, catalog: Catalog):
         self.settings, self.catalog = settings, catalog
         self.root = settings.path("uploads")
-        self._hashers: dict[tuple[str, str], tuple[int, "hashlib._Hash"]] = {}
+        self._hashers: dict[tuple[str, str], tuple[int, hashlib._Hash]] = {}
         self._lock = threading.Lock()
 
     # --- sessions ----------------------------------------------------------------------------
@@ -53,7 +59,11 @@ class Uploads:
             if f["size"] < 0:
                 raise ApiError(422, "invalid_request", f"file {f['name']!r}: negative size")
             if f["size"] > self.settings.max_upload_bytes:
-                raise ApiError(413, "too_large", f"file {f['name']!r} is {f['size']} bytes; the limit is {self.settings.max_upload_bytes}")
+                raise ApiError(
+                    413,
+                    "too_large",
+                    f"file {f['name']!r} is {f['size']} bytes; the limit is {self.settings.max_upload_bytes}",
+                )
         if not any(f["name"].endswith(WEIGHT_SUFFIXES + PICKLE_SUFFIXES) for f in files):
             raise ApiError(422, "invalid_request", "an upload needs at least one weight file (.safetensors)")
         needed, free = sum(f["size"] for f in files), shutil.disk_usage(self.root).free
@@ -69,11 +79,19 @@ class Uploads:
 
     def _check_name(self, name: str) -> None:
         if not NAME.match(name) or ".." in name:
-            raise ApiError(422, "invalid_name", f"file name {name!r} is not allowed (letters, digits, . _ - only)")
+            raise ApiError(
+                422, "invalid_name", f"file name {name!r} is not allowed (letters, digits, . _ - only)"
+            )
         if name.endswith(PICKLE_SUFFIXES) and not self.settings.allow_pickle:
-            raise ApiError(415, "pickle_refused", f"{name}: pickled checkpoints are not accepted here; convert to safetensors")
+            raise ApiError(
+                415,
+                "pickle_refused",
+                f"{name}: pickled checkpoints are not accepted here; convert to safetensors",
+            )
         if not (name.endswith(WEIGHT_SUFFIXES + PICKLE_SUFFIXES) or name.endswith(".json")):
-            raise ApiError(415, "unsupported_file", f"{name}: expected .safetensors weights or .json metadata")
+            raise ApiError(
+                415, "unsupported_file", f"{name}: expected .safetensors weights or .json metadata"
+            )
 
     def _manifest(self, sid: str) -> dict:
         if not re.fullmatch(r"[0-9a-f]{16}", sid) or not (self.root / sid / "manifest.json").exists():
@@ -82,12 +100,19 @@ class Uploads:
 
     def status(self, sid: str) -> dict:
         manifest = self._manifest(sid)
-        files = [{**f, "received": (self.root / sid / f"{f['name']}.part").stat().st_size} for f in manifest["files"]]
-        return {"id": sid, "name": manifest["name"], "files": files,
-                "complete": all(f["received"] == f["size"] for f in files)}
+        files = [
+            {**f, "received": (self.root / sid / f"{f['name']}.part").stat().st_size}
+            for f in manifest["files"]
+        ]
+        return {
+            "id": sid,
+            "name": manifest["name"],
+            "files": files,
+            "complete": all(f["received"] == f["size"] for f in files),
+        }
 
     # --- chunks ------------------------------------------------------------------------------
-    def _hasher(self, sid: str, name: str, part: Path) -> "hashlib._Hash":
+    def _hasher(self, sid: str, name: str, part: Path) -> hashlib._Hash:
         """sha256 of the received prefix; rebuilt from disk after an API restart."""
         key = (sid, name)
         size = part.stat().st_size
@@ -109,8 +134,12 @@ class Uploads:
         part = self.root / sid / f"{name}.part"
         received = part.stat().st_size
         if offset > received:
-            raise ApiError(409, "offset_gap", f"{name}: chunk starts at byte {offset} but only {received} bytes are in; "
-                                              f"resume from {received}")
+            raise ApiError(
+                409,
+                "offset_gap",
+                f"{name}: chunk starts at byte {offset} but only {received} bytes are in; "
+                f"resume from {received}",
+            )
         h = self._hasher(sid, name, part)
         skip = received - offset  # bytes of this chunk the server already has
         position = offset
@@ -118,7 +147,11 @@ class Uploads:
             try:
                 async for data in chunks:
                     if position + len(data) > entry["size"]:
-                        raise ApiError(413, "too_large", f"{name}: data goes past the declared size of {entry['size']} bytes")
+                        raise ApiError(
+                            413,
+                            "too_large",
+                            f"{name}: data goes past the declared size of {entry['size']} bytes",
+                        )
                     new = data[skip:] if skip > 0 else data
                     skip = max(0, skip - len(data))
                     position += len(data)
@@ -130,8 +163,10 @@ class Uploads:
                 with self._lock:
                     self._hashers.pop((sid, name), None)
                 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise disk_full(f"{name}: the data volume is full after {received} bytes; free space, then "
-                                    f"resume from byte {received}") from None
+                    raise disk_full(
+                        f"{name}: the data volume is full after {received} bytes; free space, then "
+                        f"resume from byte {received}"
+                    ) from None
                 raise
         size = part.stat().st_size
         with self._lock:
@@ -141,7 +176,11 @@ class Uploads:
     # --- completion --------------------------------------------------------------------------
     def complete(self, sid: str) -> str:
         status = self.status(sid)
-        missing = [f"{f['name']} ({f['received']}/{f['size']} bytes)" for f in status["files"] if f["received"] != f["size"]]
+        missing = [
+            f"{f['name']} ({f['received']}/{f['size']} bytes)"
+            for f in status["files"]
+            if f["received"] != f["size"]
+        ]
         if missing:
             raise ApiError(409, "upload_incomplete", "still missing data: " + ", ".join(missing))
         folder, names = self.root / sid, [f["name"] for f in status["files"]]
@@ -156,13 +195,19 @@ class Uploads:
             raise
         target = self.settings.path("checkpoints") / uuid.uuid4().hex[:12]
         try:
-            cid = self._register(status["name"], {n: self._digest(sid, n, staged / n) for n in names}, staged, target)
-        except OSError as e:  # nothing half-registered: the checkpoint folder goes, the session stays as it was
+            cid = self._register(
+                status["name"], {n: self._digest(sid, n, staged / n) for n in names}, staged, target
+            )
+        except (
+            OSError
+        ) as e:  # nothing half-registered: the checkpoint folder goes, the session stays as it was
             shutil.rmtree(target, ignore_errors=True)
             for name in names:
                 os.replace(staged / name, folder / f"{name}.part")
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full(f"the data volume is full; free space, then complete upload {sid} again") from None
+                raise disk_full(
+                    f"the data volume is full; free space, then complete upload {sid} again"
+                ) from None
             raise
         shutil.rmtree(folder)
         return cid
@@ -178,9 +223,15 @@ class Uploads:
                 pass  # the same bytes were uploaded before
             os.link(blobs / digest, target / file)
         manifest_digest = hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
-        self.catalog.add_checkpoint(id=target.name, name=name, source="upload", path=str(target),
-                                    files=[{"name": n, "sha256": d, "size": (target / n).stat().st_size} for n, d in digests.items()],
-                                    bytes=sum((target / n).stat().st_size for n in digests), sha256=manifest_digest)
+        self.catalog.add_checkpoint(
+            id=target.name,
+            name=name,
+            source="upload",
+            path=str(target),
+            files=[{"name": n, "sha256": d, "size": (target / n).stat().st_size} for n, d in digests.items()],
+            bytes=sum((target / n).stat().st_size for n in digests),
+            sha256=manifest_digest,
+        )
         return target.name
 
     def _digest(self, sid: str, name: str, path: Path) -> str:
@@ -198,7 +249,7 @@ class Uploads:
 def _write_all(out, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[out.write(view):]
+        view = view[out.write(view) :]
 
 
 def disk_full(message: str) -> ApiError:
@@ -207,7 +258,8 @@ def disk_full(message: str) -> ApiError:
 
 def validate_folder(folder: Path, settings: Settings) -> None:
     """Everything the engine will read, checked before any worker touches it (4xx on failure)."""
-    from worker.checkpoint import open_checkpoint
+    from deltalens.worker.checkpoint import open_checkpoint
+
     try:
         for f in sorted(folder.iterdir()):
             if f.suffix == ".safetensors":
@@ -228,7 +280,9 @@ def register_path(path: str, settings: Settings, catalog: Catalog) -> str:
     """Register a checkpoint already on a server volume under one of the allow-listed roots."""
     resolved = Path(path).resolve()
     if not any(root == resolved or root in resolved.parents for root in settings.roots):
-        raise ApiError(403, "path_not_allowed", f"{path} is not under an allowed root (DELTALENS_ALLOWED_ROOTS)")
+        raise ApiError(
+            403, "path_not_allowed", f"{path} is not under an allowed root (DELTALENS_ALLOWED_ROOTS)"
+        )
     if not resolved.exists():
         raise ApiError(404, "not_found", f"{path} does not exist")
     folder = resolved if resolved.is_dir() else resolved.parent
@@ -246,7 +300,13 @@ def register_path(path: str, settings: Settings, catalog: Catalog) -> str:
     cid = uuid.uuid4().hex[:12]
     # "run-a/checkpoint-500" says more than "checkpoint-500"
     name = f"{resolved.parent.name}/{resolved.name}" if STEP_NAME.match(resolved.name) else resolved.name
-    catalog.add_checkpoint(id=cid, name=name, source="path", path=str(resolved),
-                           files=[{"name": p.name, "size": p.stat().st_size} for p in files],
-                           bytes=sum(p.stat().st_size for p in files), sha256=None)
+    catalog.add_checkpoint(
+        id=cid,
+        name=name,
+        source="path",
+        path=str(resolved),
+        files=[{"name": p.name, "size": p.stat().st_size} for p in files],
+        bytes=sum(p.stat().st_size for p in files),
+        sha256=None,
+    )
     return cid

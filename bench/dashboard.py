@@ -7,6 +7,7 @@ Redis), analyses the pair, then opens the overview page in a fresh Chromium cont
 and prints the time from navigation to the drawn heatmap (median) beside the time the API takes
 to answer the four requests behind it (the baseline the page cannot beat).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,18 @@ from service import Api, Worker, running, service_env, wait_done  # noqa: E402
 
 def make_pair(root: Path, layers: int, hidden: int) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=hidden * 3,
-                                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2)).to(torch.bfloat16)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=4096,
+            hidden_size=hidden,
+            intermediate_size=hidden * 3,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+        )
+    ).to(torch.bfloat16)
     model.save_pretrained(root / "base")
     with torch.no_grad():
         for p in model.parameters():
@@ -39,6 +49,7 @@ def make_pair(root: Path, layers: int, hidden: int) -> tuple[Path, Path]:
 
 def main() -> None:
     from playwright.sync_api import sync_playwright
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=256)
@@ -51,7 +62,9 @@ def main() -> None:
         env = service_env(tmp / "data", "filesystem://", f"file://{tmp / 'results'}", "bench", [tmp])
         with running(Worker(env, tmp / "worker.log"), Api(env, tmp / "api.log")) as (_, api):
             client = httpx.Client(base_url=api.url, timeout=60)
-            ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in (base, target)]
+            ids = [
+                client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in (base, target)
+            ]
             aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
             assert wait_done(client, aid, 600)["status"] == "done"
             api_times = []
@@ -62,8 +75,16 @@ def main() -> None:
                 api_times.append(time.perf_counter() - start)
             page_times = []
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+                browser = p.chromium.launch(
+                    executable_path="/usr/bin/chromium",
+                    headless=True,
+                    args=[
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        "--no-first-run",
+                        "--disable-background-networking",
+                    ],
+                )
                 for _ in range(args.repeat):
                     context = browser.new_context(viewport={"width": 1280, "height": 800})
                     page = context.new_page()
@@ -73,7 +94,9 @@ def main() -> None:
                     page_times.append(time.perf_counter() - start)
                     context.close()
                 browser.close()
-    print(f"{args.layers}-layer Llama (hidden {args.hidden}); median of {args.repeat}, a fresh browser context each (no cache)")
+    print(
+        f"{args.layers}-layer Llama (hidden {args.hidden}); median of {args.repeat}, a fresh browser context each (no cache)"
+    )
     print(f"{'time to first heatmap (navigation -> drawn)':46} {statistics.median(page_times):6.2f} s")
     print(f"{'baseline: the 4 API requests behind it':46} {statistics.median(api_times):6.2f} s")
     print(f"ratio page/API: {statistics.median(page_times) / statistics.median(api_times):.1f}")

@@ -11,6 +11,7 @@ bench/pair.py, warms the page cache, then runs in-process:
 and prints seconds, GB/s of checkpoint data, peak GPU memory and the time spent on rank.
 Without CUDA it says so and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     import torch
+
     if not torch.cuda.is_available():
-        print("bench/gpu.py: no CUDA device here; run it on a GPU machine (the CPU figures are bench/pair.py)")
+        print(
+            "bench/gpu.py: no CUDA device here; run it on a GPU machine (the CPU figures are bench/pair.py)"
+        )
         return
-    from worker.analyses import Options, run_analysis
+    from deltalens.worker.analyses import Options, run_analysis
 
     c = SHAPES[args.shape]
     layers = args.layers or c["layers"]
@@ -61,13 +65,17 @@ def main() -> None:
         torch.cuda.synchronize()
         times[label] = (time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30)
     name = torch.cuda.get_device_name(args.device)
-    print(f"{args.shape}-shaped bf16 pair: {layers} layers, {gb:.1f} GB read, {len(doc['tensors'])} matrices; {name}")
+    print(
+        f"{args.shape}-shaped bf16 pair: {layers} layers, {gb:.1f} GB read, {len(doc['tensors'])} matrices; {name}"
+    )
     print(f"{'':6} {'wall s':>8} {'GB/s':>7} {'peak GPU GiB':>13}")
     print(f"{'read':6} {read:8.2f} {gb / read:7.2f} {'':>13}")
     for label, (t, mem) in times.items():
         print(f"{label:6} {t:8.2f} {gb / t:7.2f} {mem:13.2f}")
-    print(f"rank + spectra of every matrix: {times['rank'][0] - times['pass'][0]:.1f} s on top of the pass; "
-          f"changed at τ=1e-5: {doc['summary']['changed'][0]['count']:,}")
+    print(
+        f"rank + spectra of every matrix: {times['rank'][0] - times['pass'][0]:.1f} s on top of the pass; "
+        f"changed at τ=1e-5: {doc['summary']['changed'][0]['count']:,}"
+    )
 
 
 if __name__ == "__main__":

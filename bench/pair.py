@@ -15,6 +15,7 @@ weights (norms almost untouched). Then, each in a fresh process, with a warm pag
   naive+rank:  the naive loop plus `torch.linalg.matrix_rank` of every 2-D Δ (rank only)
 and prints wall time, throughput (GB of checkpoint read per second), peak RSS and the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {  # Hugging Face configs of the real models (bias: Qwen2 has q/k/v biases)
-    "qwen2-0.5b": dict(vocab=151936, hidden=896, inter=4864, layers=24, heads=14, kv_heads=2, bias=True, tied=True,
-                       model_type="qwen2", arch="Qwen2ForCausalLM"),
-    "llama-8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, bias=False, tied=False,
-                     model_type="llama", arch="LlamaForCausalLM"),
+    "qwen2-0.5b": dict(
+        vocab=151936,
+        hidden=896,
+        inter=4864,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        bias=True,
+        tied=True,
+        model_type="qwen2",
+        arch="Qwen2ForCausalLM",
+    ),
+    "llama-8b": dict(
+        vocab=128256,
+        hidden=4096,
+        inter=14336,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        bias=False,
+        tied=False,
+        model_type="llama",
+        arch="LlamaForCausalLM",
+    ),
 }
 SHARD_BYTES = 2 << 30
 
@@ -56,11 +77,17 @@ def shapes(c: dict, layers: int):
     yield "model.embed_tokens.weight", (c["vocab"], h)
     for i in range(layers):
         p = f"model.layers.{i}."
-        yield from [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                    (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                    (p + "mlp.gate_proj.weight", (c["inter"], h)), (p + "mlp.up_proj.weight", (c["inter"], h)),
-                    (p + "mlp.down_proj.weight", (h, c["inter"]))]
+        yield from [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (c["inter"], h)),
+            (p + "mlp.up_proj.weight", (c["inter"], h)),
+            (p + "mlp.down_proj.weight", (h, c["inter"])),
+        ]
         if c["bias"]:
             yield from [(p + f"self_attn.{m}_proj.bias", (h if m == "q" else kv,)) for m in "qkv"]
     yield "model.norm.weight", (h,)
@@ -71,14 +98,24 @@ def shapes(c: dict, layers: int):
 def generate(root: Path, c: dict, layers: int) -> tuple[Path, Path]:
     import torch
     from safetensors.torch import save_file
+
     base_dir, target_dir = root / "base", root / "target"
     if (target_dir / "model.safetensors.index.json").exists():
         return base_dir, target_dir
     print(f"generating a {root.name} bf16 pair in {root} (once) ...", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
-    config = {"model_type": c["model_type"], "architectures": [c["arch"]], "hidden_size": c["hidden"],
-              "intermediate_size": c["inter"], "num_attention_heads": c["heads"], "num_key_value_heads": c["kv_heads"],
-              "num_hidden_layers": layers, "vocab_size": c["vocab"], "tie_word_embeddings": c["tied"], "torch_dtype": "bfloat16"}
+    config = {
+        "model_type": c["model_type"],
+        "architectures": [c["arch"]],
+        "hidden_size": c["hidden"],
+        "intermediate_size": c["inter"],
+        "num_attention_heads": c["heads"],
+        "num_key_value_heads": c["kv_heads"],
+        "num_hidden_layers": layers,
+        "vocab_size": c["vocab"],
+        "tie_word_embeddings": c["tied"],
+        "torch_dtype": "bfloat16",
+    }
     shards, size = [[]], 0
     for name, shape in shapes(c, layers):  # HF-style: fill a shard up to ~2 GB, then start the next
         nbytes = 2 * __import__("math").prod(shape)
@@ -96,7 +133,9 @@ def generate(root: Path, c: dict, layers: int) -> tuple[Path, Path]:
         base, target = {}, {}
         for name, shape in entries:
             norm = "norm" in name
-            b = (torch.randn(shape, generator=g) * (0.02 if not norm else 0.0) + (1.0 if norm else 0.0)).to(torch.bfloat16)
+            b = (torch.randn(shape, generator=g) * (0.02 if not norm else 0.0) + (1.0 if norm else 0.0)).to(
+                torch.bfloat16
+            )
             mask = torch.rand(shape, generator=g) < (0.002 if norm else 0.25)
             step = torch.randn(shape, generator=g) * 10 ** (torch.rand(shape, generator=g) * 3 - 6)
             base[name], target[name] = b, (b.float() + step * mask).to(torch.bfloat16)
@@ -106,7 +145,9 @@ def generate(root: Path, c: dict, layers: int) -> tuple[Path, Path]:
         save_file(target, target_dir / shard, metadata={"format": "pt"})
         del base, target
     for d in (base_dir, target_dir):
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     return base_dir, target_dir
 
 
@@ -128,7 +169,9 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-0.5b")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers to generate (default: all of the real model)")
+    ap.add_argument(
+        "--layers", type=int, default=None, help="decoder layers to generate (default: all of the real model)"
+    )
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-rank-baseline", action="store_true", help="skip the two rank runs (slow on CPU)")
     args = ap.parse_args()
@@ -140,18 +183,53 @@ def main() -> None:
     gb = sum(f.stat().st_size for f in files) / 1e9
     out = data / "out"
     out.mkdir(exist_ok=True)
-    naive = lambda rank, name: [sys.executable, "-c", NAIVE.replace("RANK", str(rank)).replace(  # noqa: E731
-        "print(changed)", f"open({str(out / name)!r}, 'w').write(str(changed))"), str(base), str(target)]
-    engine = lambda rank, name: [sys.executable, "-m", "worker.cli", "analyze", str(base), str(target), "--quiet",  # noqa: E731
-                                 "--json", str(out / name), *([] if rank else ["--no-rank"])]
-    runs = {"cat": ["cat", *map(str, files)],
-            "read": ["sh", "-c", 'for f; do dd if="$f" of=/dev/null bs=16M status=none; done', "sh", *map(str, files)],
-            "engine": engine(False, "engine.json"), "naive": naive(False, "naive.txt"),
-            "engine, no Δ": [*engine(False, "same.json")[:4], str(base), str(base), *engine(False, "same.json")[6:]]}
+    naive = lambda rank, name: [
+        sys.executable,
+        "-c",
+        NAIVE.replace("RANK", str(rank)).replace(  # noqa: E731
+            "print(changed)", f"open({str(out / name)!r}, 'w').write(str(changed))"
+        ),
+        str(base),
+        str(target),
+    ]
+    engine = lambda rank, name: [
+        sys.executable,
+        "-m",
+        "deltalens.worker.cli",
+        "analyze",
+        str(base),
+        str(target),
+        "--quiet",  # noqa: E731
+        "--json",
+        str(out / name),
+        *([] if rank else ["--no-rank"]),
+    ]
+    runs = {
+        "cat": ["cat", *map(str, files)],
+        "read": [
+            "sh",
+            "-c",
+            'for f; do dd if="$f" of=/dev/null bs=16M status=none; done',
+            "sh",
+            *map(str, files),
+        ],
+        "engine": engine(False, "engine.json"),
+        "naive": naive(False, "naive.txt"),
+        "engine, no Δ": [
+            *engine(False, "same.json")[:4],
+            str(base),
+            str(base),
+            *engine(False, "same.json")[6:],
+        ],
+    }
     if not args.no_rank_baseline:
-        runs.update({"engine+rank": engine(True, "engine-rank.json"), "naive+rank": naive(True, "naive-rank.txt")})
+        runs.update(
+            {"engine+rank": engine(True, "engine-rank.json"), "naive+rank": naive(True, "naive-rank.txt")}
+        )
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    skipped = [k for k in runs if k.startswith("naive") and 2.2 * gb * 1e9 > ram]  # both state dicts + float copies
+    skipped = [
+        k for k in runs if k.startswith("naive") and 2.2 * gb * 1e9 > ram
+    ]  # both state dicts + float copies
     for f in files:  # warm the page cache (as far as it holds both checkpoints)
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
@@ -165,29 +243,47 @@ def main() -> None:
     changed = {"engine": json.loads((out / "engine.json").read_text())["summary"]["changed"][0]["count"]}
     if "naive" in best:
         changed["naive"] = int((out / "naive.txt").read_text())
-    print(f"{args.shape}-shaped bf16 pair: {layers} layers, {params / 1e6:,.0f}M parameters and "
-          f"{len(files) // 2} shards per checkpoint, {gb:.2f} GB read; {os.cpu_count()} CPU cores, "
-          f"{ram / 2**30:.0f} GiB RAM; best of {args.repeat} (process start included)")
+    print(
+        f"{args.shape}-shaped bf16 pair: {layers} layers, {params / 1e6:,.0f}M parameters and "
+        f"{len(files) // 2} shards per checkpoint, {gb:.2f} GB read; {os.cpu_count()} CPU cores, "
+        f"{ram / 2**30:.0f} GiB RAM; best of {args.repeat} (process start included)"
+    )
     print(f"{'':12} {'wall s':>8} {'GB/s':>7} {'peak RSS MiB':>13}  x read   x engine")
     for label, (t, rss) in best.items():
         base_label = "engine+rank" if label.endswith("+rank") else "engine"
-        ratio = f"{t / best[base_label][0]:8.2f}" if base_label in best and label != base_label and label.startswith("naive") else ""
-        shown = f"{rss:13.0f}" if label not in ("cat", "read") else f"{'-':>13}"  # a forked child starts at our RSS
+        ratio = (
+            f"{t / best[base_label][0]:8.2f}"
+            if base_label in best and label != base_label and label.startswith("naive")
+            else ""
+        )
+        shown = (
+            f"{rss:13.0f}" if label not in ("cat", "read") else f"{'-':>13}"
+        )  # a forked child starts at our RSS
         print(f"{label:12} {t:8.2f} {gb / t:7.2f} {shown} {t / best['read'][0]:7.2f}  {ratio}")
     for label in skipped:
-        print(f"{label:12} not run: both state dicts ({gb:.1f} GB) would not fit in {ram / 2**30:.0f} GiB of RAM")
+        print(
+            f"{label:12} not run: both state dicts ({gb:.1f} GB) would not fit in {ram / 2**30:.0f} GiB of RAM"
+        )
     e = best["engine"][0]
     print(f"engine: {e / best['read'][0]:.2f}x the read cost (target <= 3x)", end="")
     if "naive" in best:
-        print(f", {best['naive'][0] / e:.2f}x faster than naive (target >= 5x), "
-              f"{best['engine'][1] / best['naive'][1]:.2f} of its peak memory", end="")
+        print(
+            f", {best['naive'][0] / e:.2f}x faster than naive (target >= 5x), "
+            f"{best['engine'][1] / best['naive'][1]:.2f} of its peak memory",
+            end="",
+        )
     if "naive+rank" in best:
-        print(f"; with rank {best['naive+rank'][0] / best['engine+rank'][0]:.2f}x faster than naive+matrix_rank "
-              f"(target >= 1x) while returning full spectra", end="")
+        print(
+            f"; with rank {best['naive+rank'][0] / best['engine+rank'][0]:.2f}x faster than naive+matrix_rank "
+            f"(target >= 1x) while returning full spectra",
+            end="",
+        )
     print()
     if "naive" in changed and changed["naive"] != changed["engine"]:
-        print(f"note: counts differ by {changed['engine'] - changed['naive']}: the naive loop subtracts in float32, "
-              "which rounds when a tiny weight meets a large one; the engine's float64 Δ is exact")
+        print(
+            f"note: counts differ by {changed['engine'] - changed['naive']}: the naive loop subtracts in float32, "
+            "which rounds when a tiny weight meets a large one; the engine's float64 Δ is exact"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Prints the upload throughput beside a local baseline (read + sha256 + write of t
 HTTP), and the API process's resident memory before and at its peak (VmHWM), which must stay
 flat — a few MiB above idle — whatever the file size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from service import free_port, wait_for  # noqa: E402
+
+from deltalens.worker.service import api_command, safe_environment  # noqa: E402
 
 
 def make_file(path: Path, size: int) -> None:
@@ -66,20 +69,30 @@ def main() -> None:
         (tmp / "copy").unlink()
 
         port = free_port()
-        env = {**os.environ, "DELTALENS_DATA_DIR": str(tmp / "data"), "DELTALENS_BROKER_URL": "filesystem://",
-               "DELTALENS_RESULT_BACKEND": f"file://{tmp / 'results'}", "DELTALENS_MAX_UPLOAD_BYTES": str(size)}
+        env = {
+            **os.environ,
+            "DELTALENS_DATA_DIR": str(tmp / "data"),
+            "DELTALENS_BROKER_URL": "filesystem://",
+            "DELTALENS_RESULT_BACKEND": f"file://{tmp / 'results'}",
+            "DELTALENS_MAX_UPLOAD_BYTES": str(size),
+        }
         (tmp / "results").mkdir()
-        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "backend.app:app", "--port", str(port), "--log-level", "warning"],
-                               env=env, cwd=ROOT)
+        api = subprocess.Popen(api_command("127.0.0.1", port), env=safe_environment(env), cwd=ROOT)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_for(lambda: httpx.get(url + "/api/health").status_code == 200, 60, what="the API")
             idle = rss_kib(api.pid, "VmRSS")
             with httpx.Client(base_url=url, timeout=120) as client, open(source, "rb") as f:
-                sid = client.post("/api/uploads", json={"files": [{"name": "model.safetensors", "size": size}]}).json()["id"]
+                sid = client.post(
+                    "/api/uploads", json={"files": [{"name": "model.safetensors", "size": size}]}
+                ).json()["id"]
                 start = time.perf_counter()
                 for offset in range(0, size, chunk):
-                    r = client.put(f"/api/uploads/{sid}/files/model.safetensors", params={"offset": offset}, content=f.read(chunk))
+                    r = client.put(
+                        f"/api/uploads/{sid}/files/model.safetensors",
+                        params={"offset": offset},
+                        content=f.read(chunk),
+                    )
                     r.raise_for_status()
                 sent = time.perf_counter() - start
                 r = client.post(f"/api/uploads/{sid}/complete")
@@ -91,13 +104,17 @@ def main() -> None:
             api.terminate()
             api.wait(20)
     mib = size / (1 << 20)
-    print(f"upload of a {mib / 1024:.1f} GiB safetensors file in {args.chunk_mib} MiB chunks over loopback, {os.cpu_count()} cores")
+    print(
+        f"upload of a {mib / 1024:.1f} GiB safetensors file in {args.chunk_mib} MiB chunks over loopback, {os.cpu_count()} cores"
+    )
     print(f"{'':34} {'seconds':>8} {'MiB/s':>8}")
     print(f"{'API upload (chunks sent)':34} {sent:8.2f} {mib / sent:8.0f}")
     print(f"{'API upload + validate + register':34} {total:8.2f} {mib / total:8.0f}")
     print(f"{'baseline: read + sha256 + write':34} {baseline:8.2f} {mib / baseline:8.0f}")
     print(f"throughput ratio upload/baseline: {baseline / total:.2f}")
-    print(f"API resident memory: idle {idle / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB (+{(peak - idle) / 1024:.0f} MiB during the upload)")
+    print(
+        f"API resident memory: idle {idle / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB (+{(peak - idle) / 1024:.0f} MiB during the upload)"
+    )
 
 
 if __name__ == "__main__":

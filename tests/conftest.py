@@ -1,4 +1,5 @@
 """Tiny real checkpoints written by transformers' save_pretrained, and perturbed copies."""
+
 from __future__ import annotations
 
 import json
@@ -13,29 +14,91 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,  # noqa: E402
-                          LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {
     # name: (builder, dtype, max_shard_size)
-    "llama": (lambda: LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2)), torch.bfloat16, "40KB"),
-    "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=48, n_layer=2, n_head=4, n_positions=32)),
-             torch.float32, None),
-    "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
-              torch.float16, None),
-    "neox": (lambda: GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                      num_attention_heads=4)), torch.float32, None),
-    "phi3": (lambda: Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
-             torch.bfloat16, None),
+    "llama": (
+        lambda: LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=96,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        ),
+        torch.bfloat16,
+        "40KB",
+    ),
+    "gpt2": (
+        lambda: GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=48, n_layer=2, n_head=4, n_positions=32)),
+        torch.float32,
+        None,
+    ),
+    "qwen2": (
+        lambda: Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=96,
+                hidden_size=64,
+                intermediate_size=80,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+            )
+        ),
+        torch.float16,
+        None,
+    ),
+    "neox": (
+        lambda: GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+            )
+        ),
+        torch.float32,
+        None,
+    ),
+    "phi3": (
+        lambda: Phi3ForCausalLM(
+            Phi3Config(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                pad_token_id=0,
+            )
+        ),
+        torch.bfloat16,
+        None,
+    ),
 }
 
 
-def perturb_(model: torch.nn.Module, seed: int, fraction: float = 0.3, spare: tuple[str, ...] = ("norm",)) -> None:
+def perturb_(
+    model: torch.nn.Module, seed: int, fraction: float = 0.3, spare: tuple[str, ...] = ("norm",)
+) -> None:
     """Move a random `fraction` of weights by log-uniform amounts (1e-8..1e-1 relative), in place.
 
     Names containing any of `spare` are moved 100x less often (like norms under RL).
@@ -74,6 +137,7 @@ def family_pair(tmp_path_factory):
             perturb_(model, seed=1)
             cache[kind] = (base, save(model, kind, root / "target"))
         return cache[kind]
+
     return get
 
 
@@ -93,7 +157,9 @@ def variants(kind: str, root: Path, moves: dict[str, tuple[int, float]]) -> list
 def llama_series(tmp_path_factory):
     """base, 3 intermediate checkpoints and a final one, where some updates revert (transients):
     later steps move more weights, and different ones."""
-    return variants("llama", tmp_path_factory.mktemp("series"), {f"step{s}": (100 + s, 0.1 * s) for s in range(1, 5)})
+    return variants(
+        "llama", tmp_path_factory.mktemp("series"), {f"step{s}": (100 + s, 0.1 * s) for s in range(1, 5)}
+    )
 
 
 def config_of(path: Path) -> dict:
@@ -101,8 +167,13 @@ def config_of(path: Path) -> dict:
 
 
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltalens.worker.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"deltalens {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc

@@ -3,6 +3,7 @@
 Checkpoints are read with the `safetensors` library (not the engine's reader) and every figure
 is recomputed here from the definitions in ARCHITECTURE.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from worker.contract import BIN_EDGES
+from deltalens.worker.contract import BIN_EDGES
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -37,7 +38,7 @@ def load(path) -> dict[str, np.ndarray]:
 def split_parts(name: str, w: np.ndarray, config: dict) -> dict[str, np.ndarray]:
     """The matrices the engine should report for one stored tensor, rows = output features."""
     heads = config.get("num_attention_heads") or config.get("n_head")
-    if name.endswith("attn.c_attn.weight"):          # GPT-2 Conv1D (in, 3*out)
+    if name.endswith("attn.c_attn.weight"):  # GPT-2 Conv1D (in, 3*out)
         q, k, v = np.split(w.T, 3, axis=0)
         return {f"{name}[q]": q, f"{name}[k]": k, f"{name}[v]": v}
     if name.endswith("attn.c_attn.bias"):
@@ -45,15 +46,15 @@ def split_parts(name: str, w: np.ndarray, config: dict) -> dict[str, np.ndarray]
         return {f"{name}[q]": q, f"{name}[k]": k, f"{name}[v]": v}
     if any(name.endswith(s) for s in ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
         return {name: w.T}
-    if "query_key_value" in name:                     # NeoX: per head [q k v]
+    if "query_key_value" in name:  # NeoX: per head [q k v]
         rest = w.shape[1:]
         per_head = w.reshape(heads, 3, -1, *rest)
         return {f"{name}[{m}]": per_head[:, i].reshape(-1, *rest) for i, m in enumerate("qkv")}
-    if name.endswith("qkv_proj.weight"):              # Phi-3: [q | k | v] rows
+    if name.endswith("qkv_proj.weight"):  # Phi-3: [q | k | v] rows
         hd = config["hidden_size"] // heads
         kv = config.get("num_key_value_heads") or heads
         q, k = heads * hd, kv * hd
-        return {f"{name}[q]": w[:q], f"{name}[k]": w[q:q + k], f"{name}[v]": w[q + k:]}
+        return {f"{name}[q]": w[:q], f"{name}[k]": w[q : q + k], f"{name}[v]": w[q + k :]}
     if name.endswith("gate_up_proj.weight"):
         gate, up = np.split(w, 2, axis=0)
         return {f"{name}[gate]": gate, f"{name}[up]": up}
@@ -91,10 +92,16 @@ def spectrum(d: np.ndarray) -> dict:
         return dict(rank=0, full_rank=min(m, n), effective_rank=0.0, stable_rank=0.0, rank90=0, rank99=0)
     tol = s[0] * max(m, n) * EPS32
     p = s[s > 0] / s.sum()
-    energy = np.cumsum(s ** 2) / np.sum(s ** 2)
-    return dict(rank=int((s > tol).sum()), full_rank=min(m, n), effective_rank=float(np.exp(-(p * np.log(p)).sum())),
-                stable_rank=float((s ** 2).sum() / s[0] ** 2), rank90=int(np.argmax(energy >= 0.9) + 1),
-                rank99=int(np.argmax(energy >= 0.99) + 1), sigma=s)
+    energy = np.cumsum(s**2) / np.sum(s**2)
+    return dict(
+        rank=int((s > tol).sum()),
+        full_rank=min(m, n),
+        effective_rank=float(np.exp(-(p * np.log(p)).sum())),
+        stable_rank=float((s**2).sum() / s[0] ** 2),
+        rank90=int(np.argmax(energy >= 0.9) + 1),
+        rank99=int(np.argmax(energy >= 0.99) + 1),
+        sigma=s,
+    )
 
 
 def update_map(mask: np.ndarray, heads: int | None = None, heads_on_rows: bool = True) -> dict:
@@ -102,7 +109,9 @@ def update_map(mask: np.ndarray, heads: int | None = None, heads_on_rows: bool =
     gr, gc = min(64, m), min(64, n)
     rb = [i * m // gr for i in range(gr + 1)]
     cb = [j * n // gc for j in range(gc + 1)]
-    cells = np.array([[mask[rb[i]:rb[i + 1], cb[j]:cb[j + 1]].mean() for j in range(gc)] for i in range(gr)])
+    cells = np.array(
+        [[mask[rb[i] : rb[i + 1], cb[j] : cb[j + 1]].mean() for j in range(gc)] for i in range(gr)]
+    )
     out = dict(grid_rows=gr, grid_cols=gc, cells=cells.ravel(), rows=mask.sum(1), cols=mask.sum(0))
     if heads:
         axis = mask if heads_on_rows else mask.T
@@ -117,8 +126,18 @@ def overlap(masks: list[np.ndarray]) -> dict:
     for a in range(len(masks)):
         for b in range(a + 1, len(masks)):
             both = int((masks[a] & masks[b]).sum())
-            pairs.append(dict(a=a, b=b, both=both, o1=both / sizes[a], o2=both / sizes[b], baseline1=sizes[b] / n,
-                              baseline2=sizes[a] / n, jaccard=both / int((masks[a] | masks[b]).sum())))
+            pairs.append(
+                dict(
+                    a=a,
+                    b=b,
+                    both=both,
+                    o1=both / sizes[a],
+                    o2=both / sizes[b],
+                    baseline1=sizes[b] / n,
+                    baseline2=sizes[a] / n,
+                    jaccard=both / int((masks[a] | masks[b]).sum()),
+                )
+            )
     venn = {}
     if len(masks) <= 3:
         for code in range(1, 1 << len(masks)):
@@ -137,9 +156,15 @@ def series(masks: list[np.ndarray]) -> dict:
     steps = [dict(changed=int(mk.sum()), outside_final=int((mk & ~final).sum())) for mk in masks]
     for s in steps:
         s["transient_fraction"] = s["outside_final"] / s["changed"] if s["changed"] else None
-    return dict(steps=steps, categories=dict(consistent=int(final.sum()), transient=int((union & ~final).sum()),
-                                             untouched=int(final.size - union.sum())))
+    return dict(
+        steps=steps,
+        categories=dict(
+            consistent=int(final.sum()),
+            transient=int((union & ~final).sum()),
+            untouched=int(final.size - union.sum()),
+        ),
+    )
 
 
 def relative_l2(b: np.ndarray, t: np.ndarray) -> float:
-    return math.sqrt(((t - b) ** 2).sum()) / math.sqrt((b ** 2).sum())
+    return math.sqrt(((t - b) ** 2).sum()) / math.sqrt((b**2).sum())

@@ -1,4 +1,5 @@
 """Real processes for the service tests: redis-server, Celery workers, uvicorn — on loopback ports."""
+
 from __future__ import annotations
 
 import os
@@ -6,12 +7,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from deltalens.worker.service import api_command, safe_environment, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +46,29 @@ class Redis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def start(self) -> "Redis":
+    def start(self) -> Redis:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.folder), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--maxmemory-policy", "noeviction"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(self.ping, 20, what="redis-server")
         return self
 
@@ -64,11 +83,22 @@ class Redis:
             self.proc.wait(10)
 
 
-def service_env(data_dir: Path, broker: str, backend: str, queue: str, roots: list[Path], **extra: str) -> dict:
+def service_env(
+    data_dir: Path, broker: str, backend: str, queue: str, roots: list[Path], **extra: str
+) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTALENS_")}
-    env.update({"DELTALENS_DATA_DIR": str(data_dir), "DELTALENS_BROKER_URL": broker, "DELTALENS_RESULT_BACKEND": backend,
-                "DELTALENS_QUEUE": queue, "DELTALENS_ALLOWED_ROOTS": ":".join(map(str, roots)),
-                "DELTALENS_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **extra})
+    env.update(
+        {
+            "DELTALENS_DATA_DIR": str(data_dir),
+            "DELTALENS_BROKER_URL": broker,
+            "DELTALENS_RESULT_BACKEND": backend,
+            "DELTALENS_QUEUE": queue,
+            "DELTALENS_ALLOWED_ROOTS": ":".join(map(str, roots)),
+            "DELTALENS_DEVICE": "cpu",
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+    )
     return env
 
 
@@ -76,10 +106,15 @@ class Worker:
     def __init__(self, env: dict, log: Path):
         self.env, self.log, self.proc = env, log, None
 
-    def start(self) -> "Worker":
-        from backend.local import worker_command
-        self.proc = subprocess.Popen(worker_command(self.env["DELTALENS_QUEUE"]), env=self.env, cwd=ROOT,
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    def start(self) -> Worker:
+        self.proc = subprocess.Popen(
+            worker_command(self.env["DELTALENS_QUEUE"]),
+            env=safe_environment(self.env),
+            cwd=ROOT,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def children(self) -> list[int]:
@@ -96,7 +131,9 @@ class Worker:
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool children), like the OOM killer would."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group: pool children too, even if the main one is gone
+            os.killpg(
+                self.proc.pid, signal.SIGKILL
+            )  # the group: pool children too, even if the main one is gone
         except ProcessLookupError:
             pass
         self.proc.wait(10)
@@ -121,11 +158,17 @@ class Api:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Api":
-        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "backend.app:app", "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--log-level", "warning"], env=self.env, cwd=ROOT,
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_for(lambda: httpx.get(self.url + "/api/health", timeout=2).status_code == 200, 60, what="the API")
+    def start(self) -> Api:
+        self.proc = subprocess.Popen(
+            api_command("127.0.0.1", self.port),
+            env=safe_environment(self.env),
+            cwd=ROOT,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(
+            lambda: httpx.get(self.url + "/api/health", timeout=2).status_code == 200, 60, what="the API"
+        )
         return self
 
     def stop(self) -> None:
@@ -134,9 +177,15 @@ class Api:
             self.proc.wait(20)
 
 
-def wait_done(client: httpx.Client, aid: str, timeout: float = 180, states=("done", "failed", "cancelled")) -> dict:
-    return wait_for(lambda: (s := client.get(f"/api/analyses/{aid}").json()) and s["status"] in states and s,
-                    timeout, 0.2, what=f"analysis {aid}")
+def wait_done(
+    client: httpx.Client, aid: str, timeout: float = 180, states=("done", "failed", "cancelled")
+) -> dict:
+    return wait_for(
+        lambda: (s := client.get(f"/api/analyses/{aid}").json()) and s["status"] in states and s,
+        timeout,
+        0.2,
+        what=f"analysis {aid}",
+    )
 
 
 @contextmanager

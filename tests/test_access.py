@@ -1,5 +1,6 @@
 """Access in hosted mode: every write operation needs the token; short links are random and not
 enumerable; security headers on every response; dependency floors without known advisories."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 import httpx
 import pytest
-
 from service import Api, Redis, running, service_env
 
 TOKEN = "hosted-" + secrets.token_hex(8)
@@ -21,7 +21,9 @@ def api(tmp_path_factory):
     root = tmp_path_factory.mktemp("access")
     redis = Redis(root / "redis")
     with running(redis):
-        env = service_env(root / "data", f"{redis.url}/0", f"{redis.url}/1", "access", [root], DELTALENS_TOKEN=TOKEN)
+        env = service_env(
+            root / "data", f"{redis.url}/0", f"{redis.url}/1", "access", [root], DELTALENS_TOKEN=TOKEN
+        )
         with running(Api(env, root / "api.log")) as (server,):
             with httpx.Client(base_url=server.url, timeout=30) as client:
                 yield client
@@ -29,18 +31,30 @@ def api(tmp_path_factory):
 
 def write_operations(client: httpx.Client) -> list[tuple[str, str]]:
     schema = client.get("/openapi.json").json()
-    ops = [(method.upper(), re.sub(r"\{[^}]+\}", "0123456789abcdef", path))
-           for path, item in schema["paths"].items() for method in item if method in ("post", "put", "patch", "delete")]
+    ops = [
+        (method.upper(), re.sub(r"\{[^}]+\}", "0123456789abcdef", path))
+        for path, item in schema["paths"].items()
+        for method in item
+        if method in ("post", "put", "patch", "delete")
+    ]
     assert len(ops) >= 7, ops
     return ops
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                                     {"Authorization": f"Basic {TOKEN}"}], ids=["none", "wrong", "no-scheme", "basic"])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}],
+    ids=["none", "wrong", "no-scheme", "basic"],
+)
 def test_every_write_operation_needs_the_token(api, headers):
     for method, path in write_operations(api):
         r = api.request(method, path, headers=headers, json={})
-        assert r.status_code == 401 and r.json()["code"] == "unauthorized", (method, path, r.status_code, r.text)
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized", (
+            method,
+            path,
+            r.status_code,
+            r.text,
+        )
 
 
 def test_reads_need_no_token_and_writes_pass_with_it(api):
@@ -49,7 +63,10 @@ def test_reads_need_no_token_and_writes_pass_with_it(api):
 
 
 def test_short_links_are_random_128_bit_codes(api):
-    codes = [api.post("/api/links", json={"url": f"/analyses/{i}?tau=1e-5"}, headers=AUTH).json()["code"] for i in range(200)]
+    codes = [
+        api.post("/api/links", json={"url": f"/analyses/{i}?tau=1e-5"}, headers=AUTH).json()["code"]
+        for i in range(200)
+    ]
     assert len(set(codes)) == len(codes)
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{22}", c) for c in codes)  # token_urlsafe(16): 16 random bytes
     # no structure to walk: neighbouring views share no prefix beyond chance
@@ -62,7 +79,9 @@ def test_short_links_are_random_128_bit_codes(api):
     assert api.get(f"/s/{codes[3]}", follow_redirects=False).headers["location"] == "/analyses/3?tau=1e-5"
 
 
-@pytest.mark.parametrize("path", ["/", "/analyses/x?view=heatmap", "/api/health", "/api/analyses/nope", "/openapi.json"])
+@pytest.mark.parametrize(
+    "path", ["/", "/analyses/x?view=heatmap", "/api/health", "/api/analyses/nope", "/openapi.json"]
+)
 def test_security_headers_on_every_response(api, path):
     r = api.get(path)
     assert r.headers["x-content-type-options"] == "nosniff"
@@ -73,12 +92,12 @@ def test_security_headers_on_every_response(api, path):
 
 
 FLOORS = {  # package: first version without a published advisory that affects deltalens
-    "torch": "2.10",          # torch.load(weights_only=True) bypasses (CVE-2025-32434 and later fixes)
-    "starlette": "0.49.1",    # CVE-2024-47874 (multipart DoS), CVE-2025-54121, CVE-2025-62727 (Range DoS)
-    "h11": "0.16.0",          # CVE-2025-43859 (request smuggling)
+    "torch": "2.10",  # torch.load(weights_only=True) bypasses (CVE-2025-32434 and later fixes)
+    "starlette": "0.49.1",  # CVE-2024-47874 (multipart DoS), CVE-2025-54121, CVE-2025-62727 (Range DoS)
+    "h11": "0.16.0",  # CVE-2025-43859 (request smuggling)
     "fastapi": "0.120",
     "python-multipart": "0.0.18",  # CVE-2024-53981; not a dependency, checked if something pulls it in
-    "jinja2": "3.1.6",        # CVE-2025-27516; same
+    "jinja2": "3.1.6",  # CVE-2025-27516; same
 }
 
 

@@ -15,6 +15,7 @@ documented schema (every error is {code, message}). Figures go to test-output/re
     .venv/bin/python -m pytest tests/test_api_fuzz.py -q
     DELTALENS_FUZZ_EXAMPLES=500 .venv/bin/python -m pytest tests/test_api_fuzz.py -q   # a long run
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,12 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
-from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                               response_schema_conformance, status_code_conformance)
-
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from service import ROOT, Api, Redis, Worker, running, service_env, wait_done
 
 TOKEN = "fuzz-token"
@@ -48,8 +52,16 @@ LAST = {("DELETE", "/api/analyses/{aid}"): 2, ("POST", "/api/analyses/{aid}/canc
 
 
 def _settings(examples: int, **extra) -> settings:
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None, print_blob=False,
-                    phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck), **extra)
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=False,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +70,15 @@ def stack(tmp_path_factory, family_pair, llama_series):
     base, target = family_pair("llama")
     redis = Redis(root / "redis")
     with running(redis):
-        env = service_env(root / "data", f"{redis.url}/0", f"{redis.url}/1", "fuzz", [base.parent, llama_series[0].parent],
-                          DELTALENS_TOKEN=TOKEN, DELTALENS_MAX_UPLOAD_BYTES=str(8 << 20))
+        env = service_env(
+            root / "data",
+            f"{redis.url}/0",
+            f"{redis.url}/1",
+            "fuzz",
+            [base.parent, llama_series[0].parent],
+            DELTALENS_TOKEN=TOKEN,
+            DELTALENS_MAX_UPLOAD_BYTES=str(8 << 20),
+        )
         with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (_, api):
             with httpx.Client(base_url=api.url, timeout=60, headers=AUTH) as client:
                 yield api, client, real_data(client, base, target, llama_series)
@@ -67,6 +86,7 @@ def stack(tmp_path_factory, family_pair, llama_series):
 
 def real_data(client: httpx.Client, base: Path, target: Path, series: list[Path]) -> dict:
     """Checkpoints, finished analyses of each kind, an upload half sent: what generated requests aim at."""
+
     def register(path: Path) -> str:
         r = client.post("/api/checkpoints", json={"path": str(path)})
         assert r.status_code == 201, r.text
@@ -83,48 +103,97 @@ def real_data(client: httpx.Client, base: Path, target: Path, series: list[Path]
         assert wait_done(client, aid)["status"] == "done", kind
     tensor = client.get(f"/api/analyses/{submitted['pair']}/tensors").json()[0]["name"]
     weights = next(base.glob("*.safetensors"))
-    r = client.post("/api/uploads", json={"name": "fuzzed", "files": [{"name": "config.json", "size": 64},
-                                                                       {"name": weights.name, "size": weights.stat().st_size}]})
+    r = client.post(
+        "/api/uploads",
+        json={
+            "name": "fuzzed",
+            "files": [
+                {"name": "config.json", "size": 64},
+                {"name": weights.name, "size": weights.stat().st_size},
+            ],
+        },
+    )
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
-    assert client.put(f"/api/uploads/{sid}/files/{weights.name}", content=weights.read_bytes()[:1000]).status_code == 200
+    assert (
+        client.put(
+            f"/api/uploads/{sid}/files/{weights.name}", content=weights.read_bytes()[:1000]
+        ).status_code
+        == 200
+    )
     # an upload with every byte in, for a completion that succeeds
     files = sorted(p for p in base.iterdir() if p.suffix in (".safetensors", ".json"))
-    r = client.post("/api/uploads", json={"files": [{"name": p.name, "size": p.stat().st_size} for p in files]})
+    r = client.post(
+        "/api/uploads", json={"files": [{"name": p.name, "size": p.stat().st_size} for p in files]}
+    )
     assert r.status_code == 201, r.text
     for p in files:
-        assert client.put(f"/api/uploads/{r.json()['id']}/files/{p.name}", content=p.read_bytes()).status_code == 200
-    return {"checkpoints": pair_ids + series_ids, "analyses": submitted, "tensor": tensor, "upload": sid,
-            "complete_upload": r.json()["id"], "file": weights.name, "weights": weights, "base": base, "target": target}
+        assert (
+            client.put(f"/api/uploads/{r.json()['id']}/files/{p.name}", content=p.read_bytes()).status_code
+            == 200
+        )
+    return {
+        "checkpoints": pair_ids + series_ids,
+        "analyses": submitted,
+        "tensor": tensor,
+        "upload": sid,
+        "complete_upload": r.json()["id"],
+        "file": weights.name,
+        "weights": weights,
+        "base": base,
+        "target": target,
+    }
 
 
 def real_path_parameters(operation, real: dict) -> list[dict]:
     """Path parameters that name real things, for each parameter the operation has."""
     names = {p.name for p in operation.path_parameters}
-    options = {"aid": list(real["analyses"].values()), "cid": real["checkpoints"][:2], "sid": [real["upload"]],
-               "name": [real["tensor"]] if operation.path.startswith("/api/analyses") else [real["file"], "config.json"]}
+    options = {
+        "aid": list(real["analyses"].values()),
+        "cid": real["checkpoints"][:2],
+        "sid": [real["upload"]],
+        "name": [real["tensor"]]
+        if operation.path.startswith("/api/analyses")
+        else [real["file"], "config.json"],
+    }
     combos = [{}]
     for name in sorted(names):
         combos = [{**c, name: value} for c in combos for value in options.get(name, [])]
     return combos if names and all(names <= set(c) for c in combos) else []
 
 
-def explicit(schema, tally: "Tally", real: dict) -> None:
+def explicit(schema, tally: Tally, real: dict) -> None:
     """Requests that must succeed, which random data hardly ever builds: a real registration, analysis,
     cancel, upload (chunk and completion), short link, and views of the real pair analysis."""
+
     def send(method: str, path: str, expect: int, **case):
         return tally.send(schema[path][method].Case(headers=AUTH, **case), CHECKS, expect=expect)
 
     pair, (b, t) = real["analyses"]["pair"], real["checkpoints"][:2]
     send("POST", "/api/checkpoints", 201, body={"path": str(real["target"])})
-    queued = send("POST", "/api/analyses", 202, body={"kind": "pair", "checkpoints": [b, t], "taus": [1e-4]}).json()["id"]
+    queued = send(
+        "POST", "/api/analyses", 202, body={"kind": "pair", "checkpoints": [b, t], "taus": [1e-4]}
+    ).json()["id"]
     send("POST", "/api/analyses/{aid}/cancel", 200, path_parameters={"aid": queued})
     send("POST", "/api/uploads", 201, body={"files": [{"name": "model.safetensors", "size": 10}]})
-    send("PUT", "/api/uploads/{sid}/files/{name}", 200, path_parameters={"sid": real["upload"], "name": real["file"]},
-         query={"offset": 1000}, body=real["weights"].read_bytes()[1000:3000], media_type="application/octet-stream")
+    send(
+        "PUT",
+        "/api/uploads/{sid}/files/{name}",
+        200,
+        path_parameters={"sid": real["upload"], "name": real["file"]},
+        query={"offset": 1000},
+        body=real["weights"].read_bytes()[1000:3000],
+        media_type="application/octet-stream",
+    )
     send("POST", "/api/uploads/{sid}/complete", 201, path_parameters={"sid": real["complete_upload"]})
     send("POST", "/api/links", 201, body={"url": f"/analyses/{pair}?tau=1e-4"})
-    send("GET", "/api/analyses/{aid}/heatmap", 200, path_parameters={"aid": pair}, query={"metric": "rank_pct", "tau": 1e-3})
+    send(
+        "GET",
+        "/api/analyses/{aid}/heatmap",
+        200,
+        path_parameters={"aid": pair},
+        query={"metric": "rank_pct", "tau": 1e-3},
+    )
     send("GET", "/api/analyses/{aid}/mask", 200, path_parameters={"aid": pair}, query={"format": "packed"})
     send("GET", "/api/compare", 200, query={"ids": f"{pair},{pair}", "tau": 0})
 
@@ -148,19 +217,29 @@ class Tally:
         try:
             case.validate_response(response, checks=checks, headers=AUTH)
             if expect is not None:
-                assert response.status_code == expect, f"expected {expect}, got {response.status_code}: {response.text[:300]}"
+                assert response.status_code == expect, (
+                    f"expected {expect}, got {response.status_code}: {response.text[:300]}"
+                )
         except (FailureGroup, AssertionError) as e:
-            self.failures.append({"operation": label, "status": response.status_code, "error": str(e)[:2000],
-                                  "curl": case.as_curl_command(headers=AUTH)})
+            self.failures.append(
+                {
+                    "operation": label,
+                    "status": response.status_code,
+                    "error": str(e)[:2000],
+                    "curl": case.as_curl_command(headers=AUTH),
+                }
+            )
         return response
 
 
 def fuzz(tally: Tally, strategy, checks, examples: int) -> bool:
     """False when there is nothing to generate (negative data for an operation without inputs)."""
+
     @_settings(examples)
     @given(case=strategy)
     def run(case):
         tally.send(case, checks)
+
     try:
         run()
     except Unsatisfiable:
@@ -170,6 +249,7 @@ def fuzz(tally: Tally, strategy, checks, examples: int) -> bool:
 
 def stateful(schema, tally: Tally, examples: int) -> int:
     """Sequences along the schema's links (create upload -> status / chunk / complete, register -> get, ...)."""
+
     class Links(schema.as_state_machine()):
         def get_call_kwargs(self, case):
             return {"headers": AUTH, "timeout": 60}
@@ -184,8 +264,15 @@ def stateful(schema, tally: Tally, examples: int) -> int:
             try:
                 case.validate_response(response, checks=CHECKS, headers=AUTH)
             except FailureGroup as e:
-                tally.failures.append({"operation": case.operation.label, "status": response.status_code,
-                                       "error": str(e)[:2000], "curl": case.as_curl_command(headers=AUTH), "stateful": True})
+                tally.failures.append(
+                    {
+                        "operation": case.operation.label,
+                        "status": response.status_code,
+                        "error": str(e)[:2000],
+                        "curl": case.as_curl_command(headers=AUTH),
+                        "stateful": True,
+                    }
+                )
 
     Links.run(settings=_settings(examples, stateful_step_count=6))
     return schema.statistic.transitions.total
@@ -195,36 +282,55 @@ def test_api_fuzz(stack):
     api, _, real = stack
     started = time.monotonic()
     schema = schemathesis.openapi.from_url(api.url + "/openapi.json")
-    operations = sorted((result.ok() for result in schema.get_all_operations()),
-                        key=lambda o: (LAST.get((o.method.upper(), o.path), 0), o.path, o.method))
+    operations = sorted(
+        (result.ok() for result in schema.get_all_operations()),
+        key=lambda o: (LAST.get((o.method.upper(), o.path), 0), o.path, o.method),
+    )
     assert len(operations) >= 20
     tally, negated = Tally(), []
     explicit(schema, tally, real)
     for operation in operations:
         generated = operation.as_strategy(headers=AUTH)
-        real_ids = [operation.as_strategy(headers=AUTH, path_parameters=p) for p in real_path_parameters(operation, real)]
+        real_ids = [
+            operation.as_strategy(headers=AUTH, path_parameters=p)
+            for p in real_path_parameters(operation, real)
+        ]
         fuzz(tally, st.one_of(generated, st.one_of(real_ids)) if real_ids else generated, CHECKS, EXAMPLES)
-        if fuzz(tally, operation.as_strategy(GenerationMode.NEGATIVE, headers=AUTH), NEGATIVE_CHECKS, EXAMPLES):
+        if fuzz(
+            tally, operation.as_strategy(GenerationMode.NEGATIVE, headers=AUTH), NEGATIVE_CHECKS, EXAMPLES
+        ):
             negated.append(operation.label)
     links = stateful(schema, tally, max(10, EXAMPLES // 2))
 
     figures = {
-        "schemathesis": schemathesis.__version__, "examples_per_mode": EXAMPLES,
-        "operations": len(operations), "operations_exercised": sum(1 for o in operations if tally.requests[o.label]),
+        "schemathesis": schemathesis.__version__,
+        "examples_per_mode": EXAMPLES,
+        "operations": len(operations),
+        "operations_exercised": sum(1 for o in operations if tally.requests[o.label]),
         "requests": sum(v for k, v in tally.requests.items() if k != "stateful"),  # stateful ones included
-        "stateful_requests": tally.requests["stateful"], "links": links,
+        "stateful_requests": tally.requests["stateful"],
+        "links": links,
         "operations_with_negative_data": len(negated),
         "status_codes": {str(k): v for k, v in sorted(tally.statuses.items())},
-        "per_operation": {o.label: {"requests": tally.requests[o.label], "status_codes": dict(sorted(tally.per_operation[o.label].items()))}
-                          for o in operations},
-        "checks": [c.__name__ for c in NEGATIVE_CHECKS], "failures": len(tally.failures),
-        "failure_details": tally.failures[:50], "seconds": round(time.monotonic() - started, 1),
+        "per_operation": {
+            o.label: {
+                "requests": tally.requests[o.label],
+                "status_codes": dict(sorted(tally.per_operation[o.label].items())),
+            }
+            for o in operations
+        },
+        "checks": [c.__name__ for c in NEGATIVE_CHECKS],
+        "failures": len(tally.failures),
+        "failure_details": tally.failures[:50],
+        "seconds": round(time.monotonic() - started, 1),
     }
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(figures, indent=2) + "\n")
     assert figures["operations_exercised"] == len(operations)
     # fuzzing reached the real data: every operation answered with success at least once
-    unanswered = [o.label for o in operations if not any(s.startswith("2") for s in tally.per_operation[o.label])]
+    unanswered = [
+        o.label for o in operations if not any(s.startswith("2") for s in tally.per_operation[o.label])
+    ]
     assert not unanswered, unanswered
     assert not [status for status in tally.statuses if status >= 500]
     assert not tally.failures, json.dumps(tally.failures[:5], indent=2)

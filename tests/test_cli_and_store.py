@@ -1,4 +1,5 @@
 """The CLI contract (JSON shape, stdout/stderr, exit codes) and the DuckDB artifact."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import sys
 
 import duckdb
 import pytest
-
 import reference as ref
 from conftest import ROOT, run_cli
-from worker.contract import BIN_EDGES, NUM_BINS, TABLES
+
+from deltalens.worker.contract import BIN_EDGES, NUM_BINS, TABLES
 
 TENSOR_KEYS = {"name", "layer", "block", "matrix", "shape", "numel", "changed", "rank", "full_rank"}
 
@@ -41,7 +42,11 @@ def test_analyze_json_contract_and_summary(tmp_path, family_pair):
 def test_series_and_overlap_json_contract(tmp_path, llama_series):
     proc = run_cli("series", *llama_series, "--json", "-", check=True)
     doc = json.loads(proc.stdout)
-    assert doc["kind"] == "series" and doc["checkpoints"] == [str(p) for p in llama_series[1:]] and doc["tau"] == 1e-5
+    assert (
+        doc["kind"] == "series"
+        and doc["checkpoints"] == [str(p) for p in llama_series[1:]]
+        and doc["tau"] == 1e-5
+    )
     assert set(doc["steps"][0]) >= {"checkpoint", "changed", "outside_final", "transient_fraction"}
     assert set(doc["categories"]) == {"consistent", "transient", "untouched"}
     assert doc["steps"][-1]["outside_final"] == 0 and doc["steps"][-1]["transient_fraction"] == 0
@@ -67,29 +72,48 @@ def test_duckdb_artifact_holds_every_analysis(tmp_path, family_pair, llama_serie
         kinds = dict(con.execute("SELECT kind, analysis_id FROM analyses").fetchall())
         assert set(kinds) == {"pair", "series", "overlap"}
         pair = kinds["pair"]
-        doc = json.loads(con.execute("SELECT result_json FROM analyses WHERE analysis_id = ?", [pair]).fetchone()[0])
+        doc = json.loads(
+            con.execute("SELECT result_json FROM analyses WHERE analysis_id = ?", [pair]).fetchone()[0]
+        )
         n_parts = len(doc["tensors"])
-        assert con.execute("SELECT count(*) FROM tensors WHERE analysis_id = ?", [pair]).fetchone()[0] == n_parts
-        assert con.execute("SELECT count(*) FROM histograms WHERE analysis_id = ?", [pair]).fetchone()[0] == 2 * n_parts
+        assert (
+            con.execute("SELECT count(*) FROM tensors WHERE analysis_id = ?", [pair]).fetchone()[0] == n_parts
+        )
+        assert (
+            con.execute("SELECT count(*) FROM histograms WHERE analysis_id = ?", [pair]).fetchone()[0]
+            == 2 * n_parts
+        )
         edges = con.execute("SELECT bin_edges FROM analyses WHERE analysis_id = ?", [pair]).fetchone()[0]
         assert edges == list(BIN_EDGES)
         # the stored changed counts and histograms agree with the reference
         b, t = ref.load(base), ref.load(target)
         name = "model.layers.1.mlp.down_proj.weight"
-        stored = con.execute("SELECT tau, count FROM changed WHERE analysis_id = ? AND name = ? AND mode = 'abs' ORDER BY tau",
-                             [pair, name]).fetchall()
-        assert stored == [(1e-5, ref.changed(b[name], t[name], 1e-5)), (1e-4, ref.changed(b[name], t[name], 1e-4))]
-        hist = con.execute("SELECT counts FROM histograms WHERE analysis_id = ? AND name = ? AND kind = 'abs'",
-                           [pair, name]).fetchone()[0]
+        stored = con.execute(
+            "SELECT tau, count FROM changed WHERE analysis_id = ? AND name = ? AND mode = 'abs' ORDER BY tau",
+            [pair, name],
+        ).fetchall()
+        assert stored == [
+            (1e-5, ref.changed(b[name], t[name], 1e-5)),
+            (1e-4, ref.changed(b[name], t[name], 1e-4)),
+        ]
+        hist = con.execute(
+            "SELECT counts FROM histograms WHERE analysis_id = ? AND name = ? AND kind = 'abs'", [pair, name]
+        ).fetchone()[0]
         assert len(hist) == NUM_BINS and hist == ref.histogram(abs(t[name] - b[name]))
-        grid = con.execute("SELECT grid_rows, grid_cols, len(cells) FROM update_maps WHERE analysis_id = ? AND name = ?",
-                           [pair, name]).fetchone()
+        grid = con.execute(
+            "SELECT grid_rows, grid_cols, len(cells) FROM update_maps WHERE analysis_id = ? AND name = ?",
+            [pair, name],
+        ).fetchone()
         assert grid[0] * grid[1] == grid[2]
         series = kinds["series"]
-        steps = con.execute("SELECT count(*) FROM series_steps WHERE analysis_id = ? AND name = '*'", [series]).fetchone()[0]
+        steps = con.execute(
+            "SELECT count(*) FROM series_steps WHERE analysis_id = ? AND name = '*'", [series]
+        ).fetchone()[0]
         assert steps == len(llama_series) - 1
-        regions = con.execute("SELECT region, count FROM overlap_regions WHERE analysis_id = ? AND name = '*'",
-                              [kinds["overlap"]]).fetchall()
+        regions = con.execute(
+            "SELECT region, count FROM overlap_regions WHERE analysis_id = ? AND name = '*'",
+            [kinds["overlap"]],
+        ).fetchall()
         assert {r for r, _ in regions} == {"00", "10", "01", "11"}
 
 
@@ -106,14 +130,23 @@ def test_a_failed_analysis_leaves_the_results_file_untouched(tmp_path, family_pa
 
 
 def test_backend_safe_modules_do_not_import_torch():
-    code = ("import sys; import worker.contract, worker.safetensors_header, worker.analyses, worker.cli, worker.store; "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    code = (
+        "import sys; import deltalens.worker.contract, deltalens.worker.safetensors_header, deltalens.worker.analyses, deltalens.worker.cli, deltalens.worker.store; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
     assert out.strip() == "False"
 
 
 def test_usage_errors_exit_2():
-    for args in (["analyze", "only-one"], ["overlap"], ["analyze", "a", "b", "--tau", "-1"], ["analyze", "a", "b", "--tau", "x"]):
+    for args in (
+        ["analyze", "only-one"],
+        ["overlap"],
+        ["analyze", "a", "b", "--tau", "-1"],
+        ["analyze", "a", "b", "--tau", "x"],
+    ):
         proc = run_cli(*args)
         assert proc.returncode == 2, args
 
@@ -121,6 +154,7 @@ def test_usage_errors_exit_2():
 @pytest.mark.parametrize("device", ["cuda"])
 def test_cuda_request_without_cuda_is_a_clear_error(family_pair, device):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     base, target = family_pair("llama")

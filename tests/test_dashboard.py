@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Debian's Chromium driven by Playwright) against a running stack
 with a real worker: upload through the page, follow progress, heatmap, τ slider, click to a
 matrix, permalinks in a fresh context. Screenshots of every view go to test-output/."""
+
 from __future__ import annotations
 
 import re
@@ -8,16 +9,23 @@ import time
 
 import httpx
 import pytest
-
 from service import ROOT, Api, Worker, running, service_env, wait_done
-from worker.contract import BIN_EDGES, changed_from_histogram
+
+from deltalens.worker.contract import BIN_EDGES, changed_from_histogram
 
 playwright = pytest.importorskip("playwright.sync_api")
 DIST = ROOT / "frontend" / "dist" / "index.html"
 SHOTS = ROOT / "test-output" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-quic",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +69,9 @@ def test_upload_analyse_slide_click_and_share(site, browser, family_pair):
     page.goto(site + "/new")
     for folder, name in ((base, "llama-base"), (target, "llama-target")):
         page.fill("#upload-name", name)
-        page.set_input_files("#file-input", [str(p) for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".json")])
+        page.set_input_files(
+            "#file-input", [str(p) for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".json")]
+        )
         page.get_by_text(f"Uploaded and validated: {name}").wait_for(timeout=30_000)
     assert page.locator("progress").count() >= 2  # a bar per file
     shot(page, "new-analysis")
@@ -76,10 +86,12 @@ def test_upload_analyse_slide_click_and_share(site, browser, family_pair):
 
     # the numbers on the page are the engine's: global sparsity at the snapped τ, from the histograms
     detail = httpx.get(f"{site}/api/analyses/{aid}/heatmap-cube").json()
+
     def expected(k):
         changed = sum(changed_from_histogram(h, k) for row in detail["hist"] for h in row if h)
         numel = sum(n for row in detail["numel"] for n in row if n)
         return f"{100 * (1 - changed / numel):.2f}%"
+
     slider = page.locator("#tau-slider")
     k0 = int(slider.input_value())
     assert BIN_EDGES[k0] == pytest.approx(1e-5, rel=0.01)
@@ -118,7 +130,9 @@ def test_upload_analyse_slide_click_and_share(site, browser, family_pair):
     other.close()
     # neighbours are one click away
     page.click("[data-nav=next]")
-    page.wait_for_function("() => (document.querySelector('#tensor-name')?.textContent ?? '').startsWith('model.layers.1.')")
+    page.wait_for_function(
+        "() => (document.querySelector('#tensor-name')?.textContent ?? '').startsWith('model.layers.1.')"
+    )
     assert not errors, errors
     context.close()
 
@@ -128,7 +142,10 @@ def test_browse_series_overlap_compare_views(site, browser, llama_series, family
     ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in llama_series]
     series = client.post("/api/analyses", json={"kind": "series", "checkpoints": ids}).json()["id"]
     overlap = client.post("/api/analyses", json={"kind": "overlap", "checkpoints": ids[:4]}).json()["id"]
-    pairs = [client.post("/api/analyses", json={"kind": "pair", "checkpoints": [ids[0], ids[i]]}).json()["id"] for i in (1, 4)]
+    pairs = [
+        client.post("/api/analyses", json={"kind": "pair", "checkpoints": [ids[0], ids[i]]}).json()["id"]
+        for i in (1, 4)
+    ]
     for aid in (series, overlap, *pairs):
         assert wait_done(client, aid)["status"] == "done"
     context, page = new_page(browser, color_scheme="dark")
@@ -138,12 +155,17 @@ def test_browse_series_overlap_compare_views(site, browser, llama_series, family
     shot(page, "browse")
     page.fill("input[type=search]", "overlap")
     page.wait_for_url(re.compile(r"q=overlap"))
-    assert page.locator("tbody tr").count() >= 1 and page.locator(f"tr[data-analysis='{series}']").count() == 0
+    assert (
+        page.locator("tbody tr").count() >= 1 and page.locator(f"tr[data-analysis='{series}']").count() == 0
+    )
     page.goto(f"{site}/analyses/{series}")
     page.wait_for_url(re.compile(r"/series$"))
     page.locator("#transient").wait_for()
     doc = client.get(f"/api/analyses/{series}/series").json()
-    assert page.locator("#transient").inner_text() == f"{100 * doc['categories']['transient'] / doc['numel']:.2f}%"
+    assert (
+        page.locator("#transient").inner_text()
+        == f"{100 * doc['categories']['transient'] / doc['numel']:.2f}%"
+    )
     page.locator(".plot .main-svg").first.wait_for()
     shot(page, "series")
     page.goto(f"{site}/analyses/{overlap}")

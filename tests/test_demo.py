@@ -1,4 +1,5 @@
 """The showcase: a reduced run of the real demo training, and `deltalens up --demo` serving it."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import sys
 import httpx
 import pytest
 import torch
-
 from service import ROOT, free_port, wait_done, wait_for
-from worker.demo import DemoConfig, demo_analyses, final_rl, make_demo_data
+
+from deltalens.worker.demo import DemoConfig, demo_analyses, final_rl, make_demo_data
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def stage(log, name):
 
 def test_every_stage_trains_and_loads(demo):
     from transformers import AutoModelForCausalLM
+
     log = json.loads((demo / "log.json").read_text())["log"]
     losses = [e["loss"] for e in stage(log, "pretrain") if "loss" in e]
     assert losses[-1] < losses[0], "pretraining lowered its loss"
@@ -42,7 +44,9 @@ def test_every_stage_trains_and_loads(demo):
     assert dpo[-1] < dpo[0], "DPO lowered its loss"
     minilm = stage(log, "minilm")[0]["losses"]
     assert minilm[-1] < minilm[0]
-    assert next(e["addition_accuracy"] for e in stage(log, "pretrain") if "addition_accuracy" in e) > 0.9  # competent
+    assert (
+        next(e["addition_accuracy"] for e in stage(log, "pretrain") if "addition_accuracy" in e) > 0.9
+    )  # competent
     for path in (demo / "pretrain", demo / "sft", final_rl(demo, 1), final_rl(demo, 2), demo / "dpo"):
         model = AutoModelForCausalLM.from_pretrained(path)
         assert next(model.parameters()).dtype == torch.bfloat16
@@ -53,12 +57,33 @@ def test_up_with_demo_serves_the_demo_analyses(demo, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTALENS_")}
     env["DELTALENS_DEVICE"] = "cpu"
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-                             "--demo", str(demo)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deltalens.worker.cli",
+            "up",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--demo",
+            str(demo),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         lines = []
-        wait_for(lambda: lines.append(proc.stdout.readline()) or "deltalens is up" in lines[-1], 120, what="deltalens up --demo")
+        wait_for(
+            lambda: lines.append(proc.stdout.readline()) or "deltalens is up" in lines[-1],
+            120,
+            what="deltalens up --demo",
+        )
         assert sum("queued" in line for line in lines) == len(demo_analyses(demo))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             analyses = client.get("/api/analyses").json()

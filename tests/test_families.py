@@ -1,23 +1,44 @@
 """Architecture tables: every tensor of real transformers checkpoints maps to a layer, block and
 canonical matrix type."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build, save
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from conftest import MODELS, build, save
-from worker.checkpoint import open_checkpoint
-from worker.contract import BLOCKS, MATRIX_TYPES
-from worker.families import Layout, detect_family, parts_of
+from deltalens.worker.checkpoint import open_checkpoint
+from deltalens.worker.contract import BLOCKS, MATRIX_TYPES
+from deltalens.worker.families import Layout, detect_family, parts_of
 
 MOE = {
-    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)),
-    "qwen2_moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=3, num_experts_per_tok=2)),
+    "mixtral": lambda: MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=3,
+            num_experts_per_tok=2,
+        )
+    ),
+    "qwen2_moe": lambda: Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=3,
+            num_experts_per_tok=2,
+        )
+    ),
 }
 EXPECTED = {  # family, {matrix types that must appear}
     "llama": ("llama", {"q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm"}),
@@ -26,7 +47,10 @@ EXPECTED = {  # family, {matrix types that must appear}
     "neox": ("gpt_neox", {"q", "k", "v", "o", "up", "down", "embed", "lm_head", "norm", "bias"}),
     "phi3": ("phi3", {"q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm"}),
     "mixtral": ("llama", {"q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "other"}),
-    "qwen2_moe": ("llama", {"q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "other", "bias"}),
+    "qwen2_moe": (
+        "llama",
+        {"q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "other", "bias"},
+    ),
 }
 
 
@@ -61,7 +85,9 @@ def test_every_tensor_maps_to_a_canonical_type(tmp_path, kind):
             assert p.block in ("attn", "mlp"), p
     if kind in MOE:
         experts = {(p.layer, p.expert, p.matrix) for p in parts if p.expert is not None}
-        assert experts == {(layer, e, m) for layer in (0, 1) for e in range(3) for m in ("gate", "up", "down")}
+        assert experts == {
+            (layer, e, m) for layer in (0, 1) for e in range(3) for m in ("gate", "up", "down")
+        }
 
 
 def test_names_alone_identify_the_family(tmp_path):

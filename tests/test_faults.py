@@ -1,11 +1,11 @@
 """Jobs survive faults: a worker killed mid-analysis, a Redis restart with a job queued."""
+
 from __future__ import annotations
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from service import Api, Redis, Worker, running, service_env, wait_done, wait_for
 
 LAYERS, SIZE = 24, 1024
@@ -16,9 +16,16 @@ def slow_pair(tmp_path_factory):
     """A bf16 pair big enough (24 x 1024², with rank) that an analysis takes a few seconds."""
     root = tmp_path_factory.mktemp("slow")
     g = torch.Generator().manual_seed(0)
-    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(SIZE, SIZE, generator=g).bfloat16() for i in range(LAYERS)}
-    target = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.3)).bfloat16()
-              for k, v in base.items()}
+    base = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(SIZE, SIZE, generator=g).bfloat16()
+        for i in range(LAYERS)
+    }
+    target = {
+        k: (
+            v.float() + 1e-2 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.3)
+        ).bfloat16()
+        for k, v in base.items()
+    }
     for name, state in (("base", base), ("target", target)):
         (root / name).mkdir()
         save_file(state, root / name / "model.safetensors")
@@ -29,8 +36,15 @@ def slow_pair(tmp_path_factory):
 def stack(tmp_path, slow_pair):
     """redis + API (+ registered slow pair); each test starts the workers it needs."""
     redis = Redis(tmp_path / "redis").start()
-    env = service_env(tmp_path / "data", f"{redis.url}/0", f"{redis.url}/1", "faults", [slow_pair[0].parent],
-                      DELTALENS_MAX_ATTEMPTS="2", DELTALENS_TASK_TIME_LIMIT="600")
+    env = service_env(
+        tmp_path / "data",
+        f"{redis.url}/0",
+        f"{redis.url}/1",
+        "faults",
+        [slow_pair[0].parent],
+        DELTALENS_MAX_ATTEMPTS="2",
+        DELTALENS_TASK_TIME_LIMIT="600",
+    )
     api = Api(env, tmp_path / "api.log").start()
     client = httpx.Client(base_url=api.url, timeout=30)
     ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in slow_pair]
@@ -65,9 +79,14 @@ def test_attempt_cap_ends_in_failed_with_a_reason(stack):
         for attempt in range(2):  # DELTALENS_MAX_ATTEMPTS=2: two losses, then the third delivery gives up
             wait_for(lambda: _running(client, aid, 1), 60, what=f"attempt {attempt + 1}")
             worker.kill_pool()
-            wait_for(lambda: client.get(f"/api/analyses/{aid}").json()["status"] != "running" or
-                     (client.get(f"/api/analyses/{aid}").json()["detail"] or {}).get("tensors_done", 99) < 1, 30,
-                     what="the retry")
+            wait_for(
+                lambda: (
+                    client.get(f"/api/analyses/{aid}").json()["status"] != "running"
+                    or (client.get(f"/api/analyses/{aid}").json()["detail"] or {}).get("tensors_done", 99) < 1
+                ),
+                30,
+                what="the retry",
+            )
         status = wait_done(client, aid, 120)
     assert status["status"] == "failed" and status["error"]["code"] == "worker_lost", status
     assert "2 attempts" in status["error"]["message"]
@@ -109,7 +128,9 @@ def test_cancel_stops_a_running_analysis(stack):
         r = client.post(f"/api/analyses/{aid}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
         # the worker drops it at the next tensor and is free for the next job
-        nxt = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids, "rank": False}).json()["id"]
+        nxt = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids, "rank": False}).json()[
+            "id"
+        ]
         assert wait_done(client, nxt, 120)["status"] == "done"
     assert client.get(f"/api/analyses/{aid}").json()["status"] == "cancelled"
     assert client.get(f"/api/analyses/{aid}/result").status_code == 409
@@ -122,7 +143,7 @@ def test_api_restart_mid_analysis_loses_nothing(stack):
         wait_for(lambda: _running(client, aid, 1), 60, what="the analysis to be under way")
         api.proc.kill()  # SIGKILL: no shutdown hooks run
         api.proc.wait(10)
-        api.start()      # same port, same catalog file
+        api.start()  # same port, same catalog file
         status = wait_done(client, aid, 120)
     assert status["status"] == "done"
     assert len(client.get(f"/api/analyses/{aid}/result").json()["tensors"]) == LAYERS

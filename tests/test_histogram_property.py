@@ -1,4 +1,5 @@
 """Property: the fixed-bin |Δ| histogram gives the exact changed count at every bin edge."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,14 +8,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from worker.contract import BIN_EDGES, NUM_BINS, changed_from_histogram, nearest_edge_index
-from worker.fused import FusedPairAccumulator
-from worker.kernels import PairAccumulator
+from deltalens.worker.contract import BIN_EDGES, NUM_BINS, changed_from_histogram, nearest_edge_index
+from deltalens.worker.fused import FusedPairAccumulator
+from deltalens.worker.kernels import PairAccumulator
 
 finite32 = st.floats(min_value=-1e3, max_value=1e3, width=32, allow_subnormal=True)
 # values clustered on and around the bin edges, where an off-by-one would show
 near_edges = st.sampled_from(BIN_EDGES).flatmap(
-    lambda e: st.sampled_from([e, float(np.nextafter(np.float32(e), np.float32(0))), float(np.nextafter(np.float32(e), np.float32(1e9))), -e]))
+    lambda e: st.sampled_from(
+        [
+            e,
+            float(np.nextafter(np.float32(e), np.float32(0))),
+            float(np.nextafter(np.float32(e), np.float32(1e9))),
+            -e,
+        ]
+    )
+)
 
 
 def _histogram(base: np.ndarray, target: np.ndarray, dtype: torch.dtype, fused: bool):
@@ -32,9 +41,12 @@ def _histogram(base: np.ndarray, target: np.ndarray, dtype: torch.dtype, fused: 
 
 
 @settings(max_examples=200, deadline=None)
-@given(arrays(np.float32, st.integers(1, 300), elements=finite32),
-       arrays(np.float32, st.integers(1, 300), elements=st.one_of(finite32, near_edges)),
-       st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), st.booleans())
+@given(
+    arrays(np.float32, st.integers(1, 300), elements=finite32),
+    arrays(np.float32, st.integers(1, 300), elements=st.one_of(finite32, near_edges)),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    st.booleans(),
+)
 def test_histogram_gives_exact_counts_at_every_edge(base, delta, dtype, fused):
     n = min(len(base), len(delta))
     base, target = base[:n], base[:n] + delta[:n]
@@ -57,8 +69,8 @@ def test_histogram_gives_exact_counts_at_every_edge(base, delta, dtype, fused):
 def test_bin_edges_are_log_spaced_on_the_bfloat16_grid():
     edges = np.asarray(BIN_EDGES)
     k = np.arange(-192, 33)
-    assert len(edges) == len(k) and abs(edges[0] / 1e-12 - 1) < 2 ** -8 and abs(edges[-1] / 1e2 - 1) < 2 ** -8
-    np.testing.assert_allclose(edges, 10.0 ** (k / 16), rtol=2 ** -8)
+    assert len(edges) == len(k) and abs(edges[0] / 1e-12 - 1) < 2**-8 and abs(edges[-1] / 1e2 - 1) < 2**-8
+    np.testing.assert_allclose(edges, 10.0 ** (k / 16), rtol=2**-8)
     assert (np.asarray(edges, np.float32).view(np.uint32) & 0xFFFF == 0).all()  # bfloat16-representable
     assert np.all(np.diff(edges) > 0)
     assert BIN_EDGES[nearest_edge_index(1e-5)] == np.float32(torch.tensor(1e-5).bfloat16().item())

@@ -1,6 +1,7 @@
 """Every case of the hostile corpus (tests/hostile.py) through the CLI, the upload API and
 register-by-path: a clear refusal, no worker crash, nothing executed, the store unchanged.
 Figures go to test-output/reliability/hostile.json (docs/reliability.md)."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-
 from conftest import run_cli
-from hostile import CASES, Case
+from hostile import CASES
+from safetensors.numpy import save_file
 from service import Api, Redis, Worker, running, service_env, wait_done
 
 FIGURES = Path(__file__).resolve().parents[1] / "test-output" / "reliability"
@@ -29,7 +29,9 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 def record(name: str, rows: list[dict]) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     failed = [r for r in rows if not r["ok"]]
-    (FIGURES / f"{name}.json").write_text(json.dumps({"cases": len(rows), "passed": len(rows) - len(failed), "rows": rows}, indent=1))
+    (FIGURES / f"{name}.json").write_text(
+        json.dumps({"cases": len(rows), "passed": len(rows) - len(failed), "rows": rows}, indent=1)
+    )
     assert not failed, failed
 
 
@@ -40,23 +42,35 @@ def test_cli_refuses_every_case_in_one_line(corpus):
         path = paths[case.name]
         proc = run_cli("analyze", good, path)
         line = proc.stderr.strip()
-        ok = (proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-              and str(path) in line and case.problem in line and proc.stdout == ""
-              and not (path.parent / "PWNED").exists())
+        ok = (
+            proc.returncode == 2
+            and proc.stderr.count("\n") == 1
+            and "Traceback" not in proc.stderr
+            and str(path) in line
+            and case.problem in line
+            and proc.stdout == ""
+            and not (path.parent / "PWNED").exists()
+        )
         rows.append({"case": case.name, "exit": proc.returncode, "message": line[:300], "ok": ok})
     record("hostile_cli", rows)
 
 
 # --- the service ---------------------------------------------------------------------------------
 def snapshot(client: httpx.Client, data: Path) -> tuple:
-    files = sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.is_file() and p.name != "catalog.duckdb"
-                   and not p.name.startswith("catalog.duckdb"))
+    files = sorted(
+        str(p.relative_to(data))
+        for p in data.rglob("*")
+        if p.is_file() and p.name != "catalog.duckdb" and not p.name.startswith("catalog.duckdb")
+    )
     return files, client.get("/api/checkpoints").json(), client.get("/api/analyses").json()
 
 
 def upload(client: httpx.Client, path: Path) -> httpx.Response:
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    r = client.post("/api/uploads", json={"name": path.parent.name, "files": [{"name": p.name, "size": p.stat().st_size} for p in files]})
+    r = client.post(
+        "/api/uploads",
+        json={"name": path.parent.name, "files": [{"name": p.name, "size": p.stat().st_size} for p in files]},
+    )
     if r.status_code != 201:
         return r
     sid = r.json()["id"]
@@ -76,8 +90,14 @@ def stack(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("hostile-stack")
     redis = Redis(root / "redis")
     with running(redis):
-        env = service_env(root / "data", f"{redis.url}/0", f"{redis.url}/1", "hostile", [good.parent],
-                          DELTALENS_MAX_UPLOAD_BYTES=str(128 << 20))
+        env = service_env(
+            root / "data",
+            f"{redis.url}/0",
+            f"{redis.url}/1",
+            "hostile",
+            [good.parent],
+            DELTALENS_MAX_UPLOAD_BYTES=str(128 << 20),
+        )
         with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (worker, api):
             with httpx.Client(base_url=api.url, timeout=60) as client:
                 yield client, root / "data", worker
@@ -85,7 +105,11 @@ def stack(tmp_path_factory, corpus):
 
 def refused(r: httpx.Response, status: int, problem: str) -> bool:
     body = r.json()
-    return r.status_code == status and set(body) == {"code", "message"} and (status != 422 or problem in body["message"])
+    return (
+        r.status_code == status
+        and set(body) == {"code", "message"}
+        and (status != 422 or problem in body["message"])
+    )
 
 
 def test_api_refuses_every_case_and_keeps_the_store(stack, corpus):
@@ -98,20 +122,32 @@ def test_api_refuses_every_case_and_keeps_the_store(stack, corpus):
         path = paths[case.name]
         before = snapshot(client, data)
         up, reg = upload(client, path), client.post("/api/checkpoints", json={"path": str(path)})
-        row = {"case": case.name, "upload": up.status_code, "upload_message": up.json().get("message", "")[:200],
-               "register": reg.status_code}
+        row = {
+            "case": case.name,
+            "upload": up.status_code,
+            "upload_message": up.json().get("message", "")[:200],
+            "register": reg.status_code,
+        }
         if case.values:  # well-formed: stored, and the analysis fails with the reason
-            aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": [base, up.json()["id"]]}).json()["id"]
+            aid = client.post(
+                "/api/analyses", json={"kind": "pair", "checkpoints": [base, up.json()["id"]]}
+            ).json()["id"]
             status = wait_done(client, aid, 120)
             row["analysis"] = status["status"], status["error"]
-            row["ok"] = (up.status_code == reg.status_code == 201 and status["status"] == "failed"
-                         and case.problem in status["error"]["message"])
+            row["ok"] = (
+                up.status_code == reg.status_code == 201
+                and status["status"] == "failed"
+                and case.problem in status["error"]["message"]
+            )
             for cid in (up.json()["id"], reg.json()["id"]):  # not part of the comparison below
                 assert client.get(f"/api/checkpoints/{cid}").status_code == 200
         else:
             why = "" if case.pickle else case.problem  # by path, a .bin is refused before anything reads it
-            row["ok"] = (refused(up, case.status, case.problem) and refused(reg, 422, why)
-                         and snapshot(client, data) == before)
+            row["ok"] = (
+                refused(up, case.status, case.problem)
+                and refused(reg, 422, why)
+                and snapshot(client, data) == before
+            )
         row["ok"] = row["ok"] and not (path.parent / "PWNED").exists()
         rows.append(row)
     # the worker survived all of it and still computes

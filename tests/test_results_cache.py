@@ -1,15 +1,16 @@
 """The catalog's cache of read-side results: reads come from it, and re-ingest or delete invalidate it."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from backend import results
-from backend.catalog import Catalog, ResultCache
-from backend.errors import ApiError
-from worker.analyses import Options, run_analysis
-from worker.store import write_artifact
+from deltalens.backend import results
+from deltalens.backend.catalog import Catalog, ResultCache
+from deltalens.backend.errors import ApiError
+from deltalens.worker.analyses import Options, run_analysis
+from deltalens.worker.store import write_artifact
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,9 @@ def artifacts(tmp_path_factory, family_pair, llama_series):
     root = tmp_path_factory.mktemp("cache")
     base, target = family_pair("llama")
     first = run_analysis("pair", [str(base), str(target)], Options(taus=[1e-5], device="cpu"))
-    second = run_analysis("pair", [str(llama_series[0]), str(llama_series[-1])], Options(taus=[1e-5], device="cpu"))
+    second = run_analysis(
+        "pair", [str(llama_series[0]), str(llama_series[-1])], Options(taus=[1e-5], device="cpu")
+    )
     write_artifact(first, root / "first.duckdb", "a1")
     write_artifact(second, root / "second.duckdb", "a1")
     return root / "first.duckdb", root / "second.duckdb", first, second
@@ -28,13 +31,17 @@ def expected_changed(engine, edge: int | None = None) -> dict:
     out = {}
     for d in engine.details:
         key = (d["row"]["layer"], d["row"]["matrix"])
-        out[key] = out.get(key, 0) + sum(d["hist_abs"][1 if edge is None else edge + 2:])
+        out[key] = out.get(key, 0) + sum(d["hist_abs"][1 if edge is None else edge + 2 :])
     return out
 
 
 def grid(h: dict) -> dict:
-    return {(layer, m): h["changed"][i][j] for i, layer in enumerate(h["layers"])
-            for j, m in enumerate(h["matrices"]) if h["changed"][i][j] is not None}
+    return {
+        (layer, m): h["changed"][i][j]
+        for i, layer in enumerate(h["layers"])
+        for j, m in enumerate(h["matrices"])
+        if h["changed"][i][j] is not None
+    }
 
 
 def test_reingest_and_delete_invalidate(tmp_path, artifacts):
@@ -61,8 +68,10 @@ def test_reingest_and_delete_invalidate(tmp_path, artifacts):
 
         catalog.delete_job("a1")
         assert catalog.cache.bytes == 0
-        for read in (lambda: results.heatmap(catalog, "a1", "sparsity", 0.0, "abs"),
-                     lambda: results.tensor_detail(catalog, "a1", name)):
+        for read in (
+            lambda: results.heatmap(catalog, "a1", "sparsity", 0.0, "abs"),
+            lambda: results.tensor_detail(catalog, "a1", name),
+        ):
             with pytest.raises(ApiError) as e:
                 read()
             assert e.value.status == 404

@@ -1,13 +1,14 @@
 """series and overlap against float64 NumPy masks."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import variants
-from worker.analyses import Options, run_analysis
-from worker.errors import InputError
+
+from deltalens.worker.analyses import Options, run_analysis
+from deltalens.worker.errors import InputError
 
 TAU = 1e-5
 
@@ -15,7 +16,9 @@ TAU = 1e-5
 def _masks(base, others, relative=False):
     b = ref.load(base)
     loaded = [ref.load(o) for o in others]
-    per_tensor = {k: [np.abs(o[k] - b[k]) > (TAU * np.abs(b[k]) if relative else TAU) for o in loaded] for k in b}
+    per_tensor = {
+        k: [np.abs(o[k] - b[k]) > (TAU * np.abs(b[k]) if relative else TAU) for o in loaded] for k in b
+    }
     whole = [np.concatenate([per_tensor[k][i].ravel() for k in sorted(b)]) for i in range(len(others))]
     return per_tensor, whole
 
@@ -23,7 +26,9 @@ def _masks(base, others, relative=False):
 @pytest.mark.parametrize("relative", [False, True])
 def test_series_matches_numpy(llama_series, relative):
     base, *ckpts = llama_series
-    result = run_analysis("series", [str(p) for p in llama_series], Options(taus=[TAU], relative=relative, device="cpu"))
+    result = run_analysis(
+        "series", [str(p) for p in llama_series], Options(taus=[TAU], relative=relative, device="cpu")
+    )
     doc = result.document
     per_tensor, whole = _masks(base, ckpts, relative)
     e = ref.series(whole)
@@ -39,18 +44,24 @@ def test_series_matches_numpy(llama_series, relative):
         assert [s["changed"] for s in t["steps"]] == [s["changed"] for s in et["steps"]]
     b, last = ref.load(base), ref.load(ckpts[-1])
     num = np.sqrt(sum(((last[k] - b[k]) ** 2).sum() for k in b))
-    assert doc["steps"][-1]["relative_l2"] == pytest.approx(num / np.sqrt(sum((v ** 2).sum() for v in b.values())), rel=1e-9)
+    assert doc["steps"][-1]["relative_l2"] == pytest.approx(
+        num / np.sqrt(sum((v**2).sum() for v in b.values())), rel=1e-9
+    )
 
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
-    return variants("qwen2", tmp_path_factory.mktemp("runs"), {f"run{seed}": (seed, 0.25) for seed in (11, 12, 13)})
+    return variants(
+        "qwen2", tmp_path_factory.mktemp("runs"), {f"run{seed}": (seed, 0.25) for seed in (11, 12, 13)}
+    )
 
 
 @pytest.mark.parametrize("runs", [2, 3])
 def test_overlap_matches_numpy(three_runs, runs):
     base, *others = three_runs[: runs + 1]
-    doc = run_analysis("overlap", [str(p) for p in three_runs[: runs + 1]], Options(taus=[TAU], device="cpu")).document
+    doc = run_analysis(
+        "overlap", [str(p) for p in three_runs[: runs + 1]], Options(taus=[TAU], device="cpu")
+    ).document
     per_tensor, whole = _masks(base, others)
     e = ref.overlap(whole)
     s = doc["summary"]
@@ -66,7 +77,9 @@ def test_overlap_matches_numpy(three_runs, runs):
     for t in doc["tensors"]:
         et = ref.overlap(per_tensor[t["name"]]) if all(m.any() for m in per_tensor[t["name"]]) else None
         if et:
-            assert t["venn"] == et["venn"] and [p["both"] for p in t["pairs"]] == [p["both"] for p in et["pairs"]]
+            assert t["venn"] == et["venn"] and [p["both"] for p in t["pairs"]] == [
+                p["both"] for p in et["pairs"]
+            ]
 
 
 def test_overlap_of_a_run_with_itself_is_total(three_runs):

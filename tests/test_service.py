@@ -1,4 +1,5 @@
 """The service end to end: real redis-server, a real Celery worker process, uvicorn — over HTTP."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,10 +8,10 @@ import struct
 
 import httpx
 import pytest
-
 from service import Api, Redis, Worker, running, service_env, wait_done
-from worker.analyses import Options, run_analysis
-from worker.contract import BIN_EDGES, changed_from_histogram, nearest_edge_index
+
+from deltalens.worker.analyses import Options, run_analysis
+from deltalens.worker.contract import BIN_EDGES, changed_from_histogram, nearest_edge_index
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -22,8 +23,15 @@ def stack(tmp_path_factory, family_pair, llama_series):
     roots = [family_pair("llama")[0].parent, llama_series[0].parent]
     redis = Redis(root / "redis")
     with running(redis):
-        env = service_env(root / "data", f"{redis.url}/0", f"{redis.url}/1", "test", roots,
-                          DELTALENS_TOKEN=TOKEN, DELTALENS_MAX_UPLOAD_BYTES=str(8 << 20))
+        env = service_env(
+            root / "data",
+            f"{redis.url}/0",
+            f"{redis.url}/1",
+            "test",
+            roots,
+            DELTALENS_TOKEN=TOKEN,
+            DELTALENS_MAX_UPLOAD_BYTES=str(8 << 20),
+        )
         with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (_, api):
             with httpx.Client(base_url=api.url, timeout=30, headers=AUTH) as client:
                 yield client, root / "data"
@@ -61,7 +69,12 @@ def test_pair_result_is_the_engines(stack, pair):
     assert doc["tensors"] == engine.document["tensors"]
     status = client.get(f"/api/analyses/{aid}").json()
     assert set(status) >= {"id", "kind", "status", "progress", "error"}
-    assert (status["kind"], status["status"], status["progress"], status["error"]) == ("pair", "done", 1.0, None)
+    assert (status["kind"], status["status"], status["progress"], status["error"]) == (
+        "pair",
+        "done",
+        1.0,
+        None,
+    )
     assert any(a["id"] == aid for a in client.get("/api/analyses").json())
 
 
@@ -111,7 +124,9 @@ def test_series_overlap_and_compare(stack, llama_series, pair):
     got = client.get(f"/api/analyses/{series['id']}/series").json()
     assert got["steps"] == engine["steps"] and got["categories"] == engine["categories"]
     overlap = analyse(client, "overlap", ids[:4], taus=[1e-4])
-    engine = run_analysis("overlap", [str(p) for p in llama_series[:4]], Options(taus=[1e-4], device="cpu")).document
+    engine = run_analysis(
+        "overlap", [str(p) for p in llama_series[:4]], Options(taus=[1e-4], device="cpu")
+    ).document
     got = client.get(f"/api/analyses/{overlap['id']}/overlap").json()
     assert got["summary"] == engine["summary"]
     assert sum(layer["numel"] for layer in got["layers"]) == engine["summary"]["numel"]
@@ -125,14 +140,17 @@ def test_series_overlap_and_compare(stack, llama_series, pair):
 
 
 def _chunks(data: bytes, size: int):
-    return [(i, data[i:i + size]) for i in range(0, len(data), size)]
+    return [(i, data[i : i + size]) for i in range(0, len(data), size)]
 
 
 def test_chunked_upload_with_a_repeat_and_a_cut(stack, family_pair, pair):
     client, data_dir = stack
     base, _ = family_pair("llama")
     files = sorted(p for p in base.iterdir() if p.suffix in (".safetensors", ".json"))
-    r = client.post("/api/uploads", json={"name": "llama-base", "files": [{"name": p.name, "size": p.stat().st_size} for p in files]})
+    r = client.post(
+        "/api/uploads",
+        json={"name": "llama-base", "files": [{"name": p.name, "size": p.stat().st_size} for p in files]},
+    )
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
     for p in files:
@@ -140,14 +158,24 @@ def test_chunked_upload_with_a_repeat_and_a_cut(stack, family_pair, pair):
         chunks = _chunks(content, 7000)
         for n, (offset, chunk) in enumerate(chunks):
             if n == 1:  # a cut: only half the chunk arrives, then the client resumes from the server's count
-                client.put(f"/api/uploads/{sid}/files/{p.name}", params={"offset": offset}, content=chunk[:3000])
-                received = next(f["received"] for f in client.get(f"/api/uploads/{sid}").json()["files"] if f["name"] == p.name)
+                client.put(
+                    f"/api/uploads/{sid}/files/{p.name}", params={"offset": offset}, content=chunk[:3000]
+                )
+                received = next(
+                    f["received"]
+                    for f in client.get(f"/api/uploads/{sid}").json()["files"]
+                    if f["name"] == p.name
+                )
                 assert received == offset + 3000
             r = client.put(f"/api/uploads/{sid}/files/{p.name}", params={"offset": offset}, content=chunk)
             assert r.status_code == 200, r.text
             if n == 2:  # the same chunk sent twice
-                assert client.put(f"/api/uploads/{sid}/files/{p.name}", params={"offset": offset}, content=chunk).json()["received"] == offset + len(chunk)
-        gap = client.put(f"/api/uploads/{sid}/files/{p.name}", params={"offset": len(content) + 10}, content=b"x")
+                assert client.put(
+                    f"/api/uploads/{sid}/files/{p.name}", params={"offset": offset}, content=chunk
+                ).json()["received"] == offset + len(chunk)
+        gap = client.put(
+            f"/api/uploads/{sid}/files/{p.name}", params={"offset": len(content) + 10}, content=b"x"
+        )
         assert gap.status_code in (409, 413) and set(gap.json()) == {"code", "message"}
     assert client.get(f"/api/uploads/{sid}").json()["complete"]
     r = client.post(f"/api/uploads/{sid}/complete")
@@ -179,12 +207,18 @@ MALFORMED = {
     "truncated": _header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}) + bytes(8),
     "not_json": struct.pack("<Q", 9) + b"{nonsense",
     "header_beyond_file": struct.pack("<Q", 1000) + b"{}",
-    "overlap": _header({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}) + bytes(12),
+    "overlap": _header(
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        }
+    )
+    + bytes(12),
     "dtype": _header({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}) + bytes(4),
     "shape_bytes": _header({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}) + bytes(8),
     "duplicate": (lambda raw: struct.pack("<Q", len(raw)) + raw + bytes(8))(
-        b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'),
+        b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    ),
 }
 
 
@@ -195,7 +229,10 @@ def test_malformed_uploads_get_4xx_and_change_nothing(stack, case):
     r = _upload(client, "model.safetensors", MALFORMED[case])
     assert 400 <= r.status_code < 500 and set(r.json()) == {"code", "message"}, r.text
     assert r.json()["code"] == "invalid_checkpoint" and "model.safetensors" in r.json()["message"]
-    assert (sorted(p.name for p in (data_dir / "blobs").glob("*")), client.get("/api/checkpoints").json()) == before
+    assert (
+        sorted(p.name for p in (data_dir / "blobs").glob("*")),
+        client.get("/api/checkpoints").json(),
+    ) == before
 
 
 def test_refusals(stack, tmp_path):
@@ -206,7 +243,9 @@ def test_refusals(stack, tmp_path):
     assert r.status_code == 413 and r.json()["code"] == "too_large"
     r = client.post("/api/uploads", json={"files": [{"name": "../evil.safetensors", "size": 10}]})
     assert r.status_code == 422 and r.json()["code"] == "invalid_name"
-    sid = client.post("/api/uploads", json={"files": [{"name": "model.safetensors", "size": 10}]}).json()["id"]
+    sid = client.post("/api/uploads", json={"files": [{"name": "model.safetensors", "size": 10}]}).json()[
+        "id"
+    ]
     r = client.put(f"/api/uploads/{sid}/files/model.safetensors", content=bytes(11))
     assert r.status_code == 413
     assert client.get(f"/api/uploads/{sid}").json()["files"][0]["received"] == 0
@@ -225,7 +264,12 @@ def test_writes_need_the_token_in_hosted_mode(stack, pair):
     bare = httpx.Client(base_url=str(client.base_url), timeout=10)
     r = bare.post("/api/analyses", json={"kind": "pair", "checkpoints": pair[2]})
     assert r.status_code == 401 and r.json()["code"] == "unauthorized"
-    assert bare.post("/api/checkpoints", json={"path": "/x"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        bare.post(
+            "/api/checkpoints", json={"path": "/x"}, headers={"Authorization": "Bearer wrong"}
+        ).status_code
+        == 401
+    )
     assert bare.get(f"/api/analyses/{pair[0]}/result").status_code == 200  # reads stay open
 
 
@@ -235,7 +279,10 @@ def test_short_links_and_delete(stack, pair):
     assert r.status_code == 201
     code = r.json()["code"]
     follow = client.get(f"/s/{code}", follow_redirects=False)
-    assert follow.status_code == 307 and follow.headers["location"] == f"/analyses/{pair[0]}?view=heatmap&tau=1e-4"
+    assert (
+        follow.status_code == 307
+        and follow.headers["location"] == f"/analyses/{pair[0]}?view=heatmap&tau=1e-4"
+    )
     assert client.post("/api/links", json={"url": "https://elsewhere.example/x"}).status_code == 422
     status = analyse(client, "pair", pair[2])
     assert client.post(f"/api/analyses/{status['id']}/cancel").status_code == 409
@@ -247,16 +294,22 @@ def test_short_links_and_delete(stack, pair):
 def test_openapi_documents_the_api(stack):
     client, _ = stack
     spec = client.get("/openapi.json").json()
-    for path in ("/api/checkpoints", "/api/uploads", "/api/analyses", "/api/analyses/{aid}/heatmap", "/api/compare"):
+    for path in (
+        "/api/checkpoints",
+        "/api/uploads",
+        "/api/analyses",
+        "/api/analyses/{aid}/heatmap",
+        "/api/compare",
+    ):
         assert path in spec["paths"]
 
 
 @pytest.mark.parametrize("fmt", ["bool", "packed"])
 def test_mask_export_matches_numpy(stack, pair, family_pair, fmt):
     import numpy as np
+    import reference as ref
     from safetensors.numpy import load as load_safetensors
 
-    import reference as ref
     client, _ = stack
     base, target = family_pair("llama")
     r = client.get(f"/api/analyses/{pair[0]}/mask", params={"tau": 1e-4, "format": fmt})
@@ -267,5 +320,7 @@ def test_mask_export_matches_numpy(stack, pair, family_pair, fmt):
     for name, stored in masks.items():
         expected = np.abs(t[name] - b[name]) > 1e-4
         if fmt == "packed":
-            stored = np.unpackbits(stored, bitorder="little")[: expected.size].reshape(expected.shape).astype(bool)
+            stored = (
+                np.unpackbits(stored, bitorder="little")[: expected.size].reshape(expected.shape).astype(bool)
+            )
         assert np.array_equal(stored, expected), name

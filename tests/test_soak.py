@@ -6,6 +6,7 @@ engine's exact numbers, and nothing partial visible at any time.
 `make test` runs a few rounds of each; `make reliability` (DELTALENS_SOAK=1) runs 20 worker
 kills and 5 of every other fault. Figures: test-output/reliability/soak_*.json.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,13 +23,18 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from service import Api, Redis, Worker, running, service_env, wait_done, wait_for
-from worker.analyses import Options, run_analysis
+
+from deltalens.worker.analyses import Options, run_analysis
 
 SOAK = os.environ.get("DELTALENS_SOAK") == "1"
-RUNS = {"worker_kill": 20 if SOAK else 3, "redis_restart": 5 if SOAK else 1, "api_upload": 5 if SOAK else 1,
-        "api_ingest": 5 if SOAK else 1, "disk_full": 1}
+RUNS = {
+    "worker_kill": 20 if SOAK else 3,
+    "redis_restart": 5 if SOAK else 1,
+    "api_upload": 5 if SOAK else 1,
+    "api_ingest": 5 if SOAK else 1,
+    "disk_full": 1,
+}
 LAYERS, SIZE = 12, 1024
 FIGURES = Path(__file__).resolve().parents[1] / "test-output" / "reliability"
 rng = random.Random(20261122)
@@ -36,7 +42,9 @@ rng = random.Random(20261122)
 
 def record(name: str, rows: list[dict], **extra) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
-    (FIGURES / f"soak_{name}.json").write_text(json.dumps({"runs": len(rows), **extra, "rows": rows}, indent=1))
+    (FIGURES / f"soak_{name}.json").write_text(
+        json.dumps({"runs": len(rows), **extra, "rows": rows}, indent=1)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +52,16 @@ def pair(tmp_path_factory):
     """A bf16 pair (12 x 1024², with rank: a couple of seconds per analysis) and the engine's own answer."""
     root = tmp_path_factory.mktemp("soak-pair")
     g = torch.Generator().manual_seed(1)
-    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(SIZE, SIZE, generator=g).bfloat16() for i in range(LAYERS)}
-    target = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.3)).bfloat16()
-              for k, v in base.items()}
+    base = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(SIZE, SIZE, generator=g).bfloat16()
+        for i in range(LAYERS)
+    }
+    target = {
+        k: (
+            v.float() + 1e-2 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.3)
+        ).bfloat16()
+        for k, v in base.items()
+    }
     for name, state in (("base", base), ("target", target)):
         (root / name).mkdir()
         save_file(state, root / name / "model.safetensors")
@@ -59,8 +74,15 @@ def pair(tmp_path_factory):
 def stack(tmp_path_factory, pair):
     root = tmp_path_factory.mktemp("soak")
     redis = Redis(root / "redis").start()
-    env = service_env(root / "data", f"{redis.url}/0", f"{redis.url}/1", "soak", [pair[0][0].parent],
-                      DELTALENS_MAX_ATTEMPTS="3", DELTALENS_TASK_TIME_LIMIT="600")
+    env = service_env(
+        root / "data",
+        f"{redis.url}/0",
+        f"{redis.url}/1",
+        "soak",
+        [pair[0][0].parent],
+        DELTALENS_MAX_ATTEMPTS="3",
+        DELTALENS_TASK_TIME_LIMIT="600",
+    )
     api = Api(env, root / "api.log").start()
     client = httpx.Client(base_url=api.url, timeout=30)
     ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in pair[0]]
@@ -95,8 +117,12 @@ def watch_for_partial(client: httpx.Client, aid: str, stop: threading.Event, see
 
 def _submit_and_wait_running(client: httpx.Client, ids: list[str]) -> tuple[str, float]:
     aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
-    wait_for(lambda: client.get(f"/api/analyses/{aid}").json()["status"] in ("running", "done"), 60, 0.02,
-             what="the worker to start the analysis")
+    wait_for(
+        lambda: client.get(f"/api/analyses/{aid}").json()["status"] in ("running", "done"),
+        60,
+        0.02,
+        what="the worker to start the analysis",
+    )
     return aid, time.monotonic()
 
 
@@ -117,7 +143,9 @@ def test_worker_sigkilled_at_random_points(stack, pair):
                 break
             stop, partial = threading.Event(), []
             aid, started = _submit_and_wait_running(client, stack["ids"])
-            watcher = threading.Thread(target=watch_for_partial, args=(httpx.Client(base_url=client.base_url), aid, stop, partial))
+            watcher = threading.Thread(
+                target=watch_for_partial, args=(httpx.Client(base_url=client.base_url), aid, stop, partial)
+            )
             watcher.start()
             time.sleep(max(0.0, rng.uniform(0, span) - (time.monotonic() - started)))
             at = client.get(f"/api/analyses/{aid}").json()
@@ -126,14 +154,23 @@ def test_worker_sigkilled_at_random_points(stack, pair):
             status = wait_done(client, aid, 300)
             stop.set()
             watcher.join()
-            rows.append({"run": run, "kill_after_s": round(t0 - started, 2), "status_at_kill": at["status"],
-                         "tensors_done_at_kill": (at["detail"] or {}).get("tensors_done"),
-                         # the kill hit the task (not an idle pool) exactly when the task had to start again
-                         "landed": (stack["root"] / "data" / "attempts" / aid).read_text() == "2",
-                         "outcome": status["status"], "recovered_s": round(time.monotonic() - t0, 2),
-                         "exact": status["status"] == "done" and exactly_the_engines(client, aid, expected),
-                         "partial_seen": partial})
-    record("worker_kill", rows, running_span_s=round(span, 2), kills_mid_analysis=sum(r["landed"] for r in rows))
+            rows.append(
+                {
+                    "run": run,
+                    "kill_after_s": round(t0 - started, 2),
+                    "status_at_kill": at["status"],
+                    "tensors_done_at_kill": (at["detail"] or {}).get("tensors_done"),
+                    # the kill hit the task (not an idle pool) exactly when the task had to start again
+                    "landed": (stack["root"] / "data" / "attempts" / aid).read_text() == "2",
+                    "outcome": status["status"],
+                    "recovered_s": round(time.monotonic() - t0, 2),
+                    "exact": status["status"] == "done" and exactly_the_engines(client, aid, expected),
+                    "partial_seen": partial,
+                }
+            )
+    record(
+        "worker_kill", rows, running_span_s=round(span, 2), kills_mid_analysis=sum(r["landed"] for r in rows)
+    )
     assert sum(r["landed"] for r in rows) == RUNS["worker_kill"], rows
     assert all(r["outcome"] == "done" and r["exact"] and not r["partial_seen"] for r in rows), rows
 
@@ -141,16 +178,28 @@ def test_worker_sigkilled_at_random_points(stack, pair):
 def test_redis_killed_with_jobs_queued(stack, pair):
     client, redis, rows = stack["client"], stack["redis"], []
     for run in range(RUNS["redis_restart"]):
-        ids = [client.post("/api/analyses", json={"kind": "pair", "checkpoints": stack["ids"], "rank": False}).json()["id"]
-               for _ in range(3)]
+        ids = [
+            client.post(
+                "/api/analyses", json={"kind": "pair", "checkpoints": stack["ids"], "rank": False}
+            ).json()["id"]
+            for _ in range(3)
+        ]
         assert all(client.get(f"/api/analyses/{a}").json()["status"] == "queued" for a in ids)
         redis.proc.kill()  # SIGKILL: the AOF (fsync always) is all that survives
         redis.proc.wait(10)
         redis.start()
         with running(Worker(stack["env"], stack["root"] / "worker-redis.log")):
             outcomes = [wait_done(client, a, 180)["status"] for a in ids]
-        rows.append({"run": run, "jobs": len(ids), "done": outcomes.count("done"),
-                     "exact": all(_summary_without_rank(client, a, pair[1]) and _rows_once(client, a, pair[1]) for a in ids)})
+        rows.append(
+            {
+                "run": run,
+                "jobs": len(ids),
+                "done": outcomes.count("done"),
+                "exact": all(
+                    _summary_without_rank(client, a, pair[1]) and _rows_once(client, a, pair[1]) for a in ids
+                ),
+            }
+        )
     record("redis_restart", rows)
     assert all(r["done"] == r["jobs"] and r["exact"] for r in rows), rows
 
@@ -163,7 +212,9 @@ def _summary_without_rank(client, aid, expected) -> bool:
 def _upload_with_api_kill(client: httpx.Client, api: Api, path: Path, chunk: int) -> dict:
     """Upload `path` in chunks; SIGKILL the API while a random chunk is on the wire; restart; resume; complete."""
     size = path.stat().st_size
-    sid = client.post("/api/uploads", json={"name": "soak", "files": [{"name": path.name, "size": size}]}).json()["id"]
+    sid = client.post(
+        "/api/uploads", json={"name": "soak", "files": [{"name": path.name, "size": size}]}
+    ).json()["id"]
     kill_at = rng.randrange(1, size // chunk)
     offset, sent, interrupted, resumed = 0, 0, None, None
     with open(path, "rb") as f:
@@ -173,7 +224,9 @@ def _upload_with_api_kill(client: httpx.Client, api: Api, path: Path, chunk: int
                 threading.Timer(rng.uniform(0, 0.01), api.proc.kill).start()
             sent += 1
             try:
-                r = client.put(f"/api/uploads/{sid}/files/{path.name}", params={"offset": offset}, content=f.read(chunk))
+                r = client.put(
+                    f"/api/uploads/{sid}/files/{path.name}", params={"offset": offset}, content=f.read(chunk)
+                )
                 offset = r.json()["received"]
             except httpx.TransportError:  # the API died under us: restart it and ask where to resume
                 interrupted = offset
@@ -184,7 +237,12 @@ def _upload_with_api_kill(client: httpx.Client, api: Api, path: Path, chunk: int
         api.proc.wait(10)
         api.start()
     r = client.post(f"/api/uploads/{sid}/complete")
-    return {"status": r.status_code, "id": r.json().get("id"), "chunk_in_flight_at": interrupted, "resumed_from": resumed}
+    return {
+        "status": r.status_code,
+        "id": r.json().get("id"),
+        "chunk_in_flight_at": interrupted,
+        "resumed_from": resumed,
+    }
 
 
 def test_api_killed_during_upload_resumes(stack, pair):
@@ -195,8 +253,14 @@ def test_api_killed_during_upload_resumes(stack, pair):
         out = _upload_with_api_kill(client, api, path, 1 << 20)
         files = client.get(f"/api/checkpoints/{out['id']}").json()["files"] if out["status"] == 201 else []
         same = [c for c in client.get("/api/checkpoints").json() if c["id"] == out["id"]]
-        rows.append({"run": run, **out, "sha256_matches": bool(files) and files[0]["sha256"] == digest,
-                     "registered_once": len(same) == 1})
+        rows.append(
+            {
+                "run": run,
+                **out,
+                "sha256_matches": bool(files) and files[0]["sha256"] == digest,
+                "registered_once": len(same) == 1,
+            }
+        )
     record("api_upload", rows, bytes=path.stat().st_size)
     assert all(r["status"] == 201 and r["sha256_matches"] and r["registered_once"] for r in rows), rows
 
@@ -211,14 +275,23 @@ def test_api_killed_during_ingestion(stack, pair):
             api.stop()
             api.env = {**normal_env, "DELTALENS_FAILPOINT": "ingest"}
             api.start()
-            aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": stack["ids"], "rank": False}).json()["id"]
+            aid = client.post(
+                "/api/analyses", json={"kind": "pair", "checkpoints": stack["ids"], "rank": False}
+            ).json()["id"]
             died = wait_for(lambda: api.proc.poll() is not None, 120, what="the API to die inside ingestion")
             api.env = normal_env
             api.start()
             status = wait_done(client, aid, 120)
-            rows.append({"run": run, "api_died_in_ingest": bool(died), "outcome": status["status"],
-                         "exact": status["status"] == "done" and _summary_without_rank(client, aid, pair[1])
-                         and _rows_once(client, aid, pair[1])})
+            rows.append(
+                {
+                    "run": run,
+                    "api_died_in_ingest": bool(died),
+                    "outcome": status["status"],
+                    "exact": status["status"] == "done"
+                    and _summary_without_rank(client, aid, pair[1])
+                    and _rows_once(client, aid, pair[1]),
+                }
+            )
     record("api_ingest", rows)
     assert all(r["api_died_in_ingest"] and r["outcome"] == "done" and r["exact"] for r in rows), rows
 
@@ -230,8 +303,13 @@ def _rows_once(client, aid, expected) -> bool:
 
 def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
-    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                                                capture_output=True).returncode == 0
+    return (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_full_during_upload(tmp_path, pair):
@@ -244,11 +322,18 @@ def test_disk_full_during_upload(tmp_path, pair):
         redis = Redis(tmp_path / "redis")
         with running(redis):
             env = service_env(volume / "data", f"{redis.url}/0", f"{redis.url}/1", "full", [tmp_path])
-            with running(Api(env, tmp_path / "api.log")) as (api,), httpx.Client(base_url=api.url, timeout=30) as client:
+            with (
+                running(Api(env, tmp_path / "api.log")) as (api,),
+                httpx.Client(base_url=api.url, timeout=30) as client,
+            ):
                 path = pair[0][1] / "model.safetensors"  # 24 MiB
                 size = path.stat().st_size
-                too_big = client.post("/api/uploads", json={"files": [{"name": "model.safetensors", "size": 10 * size}]})
-                sid = client.post("/api/uploads", json={"files": [{"name": "model.safetensors", "size": size}]}).json()["id"]
+                too_big = client.post(
+                    "/api/uploads", json={"files": [{"name": "model.safetensors", "size": 10 * size}]}
+                )
+                sid = client.post(
+                    "/api/uploads", json={"files": [{"name": "model.safetensors", "size": size}]}
+                ).json()["id"]
                 ballast = volume / "ballast"
                 free = shutil.disk_usage(volume).free
                 ballast.write_bytes(bytes(free - size // 2))  # someone else filled the disk meanwhile
@@ -260,17 +345,32 @@ def test_disk_full_during_upload(tmp_path, pair):
                 ballast.unlink()
                 with open(path, "rb") as f:
                     f.seek(received)
-                    resumed = client.put(f"/api/uploads/{sid}/files/model.safetensors", params={"offset": received}, content=f.read())
+                    resumed = client.put(
+                        f"/api/uploads/{sid}/files/model.safetensors",
+                        params={"offset": received},
+                        content=f.read(),
+                    )
                 done = client.post(f"/api/uploads/{sid}/complete")
                 files = client.get(f"/api/checkpoints/{done.json()['id']}").json()["files"]
-        row = {"refused_up_front": too_big.status_code, "refused_up_front_message": too_big.json()["message"],
-               "mid_upload": full.status_code, "mid_upload_message": full.json()["message"], "received_after_failure": received,
-               "checkpoints_registered_while_full": len(before), "complete_while_incomplete": incomplete.status_code,
-               "resumed": resumed.status_code, "completed": done.status_code,
-               "sha256_matches": files[0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()}
+        row = {
+            "refused_up_front": too_big.status_code,
+            "refused_up_front_message": too_big.json()["message"],
+            "mid_upload": full.status_code,
+            "mid_upload_message": full.json()["message"],
+            "received_after_failure": received,
+            "checkpoints_registered_while_full": len(before),
+            "complete_while_incomplete": incomplete.status_code,
+            "resumed": resumed.status_code,
+            "completed": done.status_code,
+            "sha256_matches": files[0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
         record("disk_full", [row])
         assert too_big.status_code == 507 and too_big.json()["code"] == "disk_full"
-        assert full.status_code == 507 and full.json()["code"] == "disk_full" and "resume from byte" in full.json()["message"]
+        assert (
+            full.status_code == 507
+            and full.json()["code"] == "disk_full"
+            and "resume from byte" in full.json()["message"]
+        )
         assert before == [] and incomplete.status_code == 409 and 0 <= received < size
         assert resumed.status_code == 200 and done.status_code == 201 and row["sha256_matches"]
     finally:

@@ -5,22 +5,23 @@ into its matrices (`families.parts_of`), feeds row chunks to a kernel accumulato
 accumulated counts into an `AnalysisResult`: the `--json` document plus the per-matrix detail
 (histograms, spectra, update maps) that goes to DuckDB.
 """
+
 from __future__ import annotations
 
 import bisect
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-from worker import fused
-from worker.checkpoint import Checkpoint, open_checkpoint
-from worker.contract import BLOCKS, MATRIX_TYPES
-from worker.errors import InputError
-from worker.families import Layout, Part, detect_family, parts_of
-from worker.metrics import MAP_CELLS, bin_bounds
-from worker.prefetch import CudaStager, prefetched
+from deltalens.worker import fused
+from deltalens.worker.checkpoint import Checkpoint, open_checkpoint
+from deltalens.worker.contract import BLOCKS, MATRIX_TYPES
+from deltalens.worker.errors import InputError
+from deltalens.worker.families import Layout, Part, detect_family, parts_of
+from deltalens.worker.metrics import MAP_CELLS, bin_bounds
+from deltalens.worker.prefetch import CudaStager, prefetched
 
 DEFAULT_TAU = 1e-5
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current tensor)
@@ -31,11 +32,11 @@ class Options:
     taus: list[float] = field(default_factory=lambda: [DEFAULT_TAU])
     relative: bool = False
     rank: bool = True
-    device: str | None = None          # None: CUDA when available, else CPU
+    device: str | None = None  # None: CUDA when available, else CPU
     chunk_elements: int | None = None  # None: per-device default
-    fused: bool | None = None          # pair on CPU: one-pass C kernel (None: when available)
+    fused: bool | None = None  # pair on CPU: one-pass C kernel (None: when available)
     progress: Progress | None = None
-    names: list[str] | None = None     # only these tensors (one part of a fanned-out analysis)
+    names: list[str] | None = None  # only these tensors (one part of a fanned-out analysis)
 
     def resolved_device(self) -> str:
         if self.device in (None, "auto"):
@@ -45,7 +46,12 @@ class Options:
         return self.device
 
     def use_fused(self, device: str) -> bool:
-        return device == "cpu" and fused.AVAILABLE and self.fused is not False and len(self.taus) <= fused.MAX_TAUS
+        return (
+            device == "cpu"
+            and fused.AVAILABLE
+            and self.fused is not False
+            and len(self.taus) <= fused.MAX_TAUS
+        )
 
 
 def _cuda_available() -> bool:
@@ -53,13 +59,14 @@ def _cuda_available() -> bool:
     if not (Path("/dev/nvidiactl").exists() or os.environ.get("CUDA_VISIBLE_DEVICES")):
         return False
     import torch
+
     return torch.cuda.is_available()
 
 
 @dataclass
 class AnalysisResult:
     kind: str
-    document: dict                           # exactly what --json writes
+    document: dict  # exactly what --json writes
     details: list[dict] = field(default_factory=list)  # per matrix: histograms, spectrum, map, run
     family: str = "generic"
     device: str = "cpu"
@@ -90,10 +97,14 @@ def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str],
     for i, c in enumerate(others):
         for name in c.names():
             if name not in base_names:
-                skipped["only_target"].append(name if len(others) == 1 else {"name": name, "only_in": labels[i + 1]})
+                skipped["only_target"].append(
+                    name if len(others) == 1 else {"name": name, "only_in": labels[i + 1]}
+                )
     if not common:
-        raise InputError(labels[1] if len(labels) == 2 else labels[0],
-                         "no tensor in common with the base (same name and shape): nothing to compare")
+        raise InputError(
+            labels[1] if len(labels) == 2 else labels[0],
+            "no tensor in common with the base (same name and shape): nothing to compare",
+        )
     return common, {k: v for k, v in skipped.items() if v or k != "not_numeric"}
 
 
@@ -130,7 +141,7 @@ class _Stream:
     family: str
     layout: Layout
     device: str
-    fused: bool          # stream NumPy arrays to the one-pass CPU kernel where the dtype allows
+    fused: bool  # stream NumPy arrays to the one-pass CPU kernel where the dtype allows
     chunk_elements: int | None
     progress: Progress | None
     skipped: dict[str, list]
@@ -148,8 +159,11 @@ class _Stream:
         stager = CudaStager(self.device) if self.device.startswith("cuda") else None
 
         def load(name: str) -> tuple[bool, list]:  # on the prefetch thread, one tensor ahead
-            numpy = self.fused and all(c.meta(name).dtype in fused.DTYPES for c in self.checkpoints) \
+            numpy = (
+                self.fused
+                and all(c.meta(name).dtype in fused.DTYPES for c in self.checkpoints)
                 and len({c.meta(name).dtype for c in self.checkpoints}) == 1
+            )
             if numpy:
                 return True, [c.array(name) for c in self.checkpoints]  # pages faulted in here
             return False, [stager(c.tensor(name)) if stager else c.tensor(name) for c in self.checkpoints]
@@ -167,14 +181,21 @@ class _Stream:
                 # the torch kernel needs each chunk inside one update-map row; the fused one does not
                 grid_edges = bin_bounds(rows, min(MAP_CELLS, rows)) if is_2d and not numpy else [0, rows]
                 acc = make(part, rows, cols, is_2d, numpy)
-                chunk = self.chunk_elements or (1 << 20 if numpy else 1 << 24 if self.device.startswith("cuda") else 1 << 18)
+                chunk = self.chunk_elements or (
+                    1 << 20 if numpy else 1 << 24 if self.device.startswith("cuda") else 1 << 18
+                )
                 budget_rows = max(1, chunk // max(cols, 1))
                 for at, grid_row, start, stop in row_chunks(segments, budget_rows, grid_edges):
                     acc.add(mats[0][start:stop], [m[start:stop] for m in mats[1:]], at, grid_row)
                 result = acc.result()
                 if not _finite(result):
                     self.refuse_nonfinite(name)
-                yield part, [rows, cols] if (part.segments or part.transpose) else list(meta.shape), meta.dtype, result
+                yield (
+                    part,
+                    [rows, cols] if (part.segments or part.transpose) else list(meta.shape),
+                    meta.dtype,
+                    result,
+                )
             del tensors
             for c in self.checkpoints:
                 c.release(name)
@@ -182,21 +203,25 @@ class _Stream:
             if self.progress:
                 self.progress(done, total, name)
 
-
     def refuse_nonfinite(self, name: str) -> None:
         """Σ Δ² or Σ b² came out NaN/Inf: name the checkpoint whose tensor holds NaN or Inf values."""
         for c in self.checkpoints:
             nan, inf = c.nonfinite(name)
             if nan or inf:
-                raise InputError(c.path, f"tensor {name!r} holds {nan} NaN and {inf} infinite values; "
-                                         f"weight changes are only defined for finite weights")
+                raise InputError(
+                    c.path,
+                    f"tensor {name!r} holds {nan} NaN and {inf} infinite values; "
+                    f"weight changes are only defined for finite weights",
+                )
         raise InputError(self.checkpoints[0].path, f"tensor {name!r}: weight changes overflow float64")
 
 
 def _finite(result: dict) -> bool:
     """Σ Δ² and Σ b² are finite exactly when every b and Δ are: a free NaN/Inf check."""
     sq_delta = result["sq_delta"]
-    return math.isfinite(sum(sq_delta) if isinstance(sq_delta, list) else sq_delta) and math.isfinite(result["sq_base"])
+    return math.isfinite(sum(sq_delta) if isinstance(sq_delta, list) else sq_delta) and math.isfinite(
+        result["sq_base"]
+    )
 
 
 def _open_all(paths: list[str], opts: Options, fused_ok: bool = False) -> tuple[list[Checkpoint], _Stream]:
@@ -207,13 +232,31 @@ def _open_all(paths: list[str], opts: Options, fused_ok: bool = False) -> tuple[
         names = [n for n in names if n in wanted]
     config = next((c.config for c in checkpoints if c.config), {})
     device = opts.resolved_device()
-    return checkpoints, _Stream(checkpoints, names, detect_family(config, names), Layout.from_config(config), device,
-                                fused_ok and opts.use_fused(device), opts.chunk_elements, opts.progress, skipped)
+    return checkpoints, _Stream(
+        checkpoints,
+        names,
+        detect_family(config, names),
+        Layout.from_config(config),
+        device,
+        fused_ok and opts.use_fused(device),
+        opts.chunk_elements,
+        opts.progress,
+        skipped,
+    )
 
 
 def _part_fields(part: Part, shape: list[int], dtype: str) -> dict:
-    return dict(name=part.name, source=part.source, layer=part.layer, block=part.block, matrix=part.matrix,
-                expert=part.expert, shape=shape, numel=math.prod(shape), dtype=dtype)
+    return dict(
+        name=part.name,
+        source=part.source,
+        layer=part.layer,
+        block=part.block,
+        matrix=part.matrix,
+        expert=part.expert,
+        shape=shape,
+        numel=math.prod(shape),
+        dtype=dtype,
+    )
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -228,9 +271,15 @@ def _group(rows: list[dict], key: str, taus: list[float]) -> list[dict]:
         g["numel"] += r["numel"]
         g["changed"] = [x + c["count"] for x, c in zip(g["changed"], r["changed"])]
     vocab = {"block": BLOCKS, "matrix": MATRIX_TYPES}.get(key)
-    order = (lambda g: (g[key] is None, g[key] or 0)) if vocab is None else (lambda g: vocab.index(g[key]) if g[key] in vocab else 99)
-    return [{**g, "changed": [{"tau": t, "count": c} for t, c in zip(taus, g["changed"])]}
-            for g in sorted(groups.values(), key=order)]
+    order = (
+        (lambda g: (g[key] is None, g[key] or 0))
+        if vocab is None
+        else (lambda g: vocab.index(g[key]) if g[key] in vocab else 99)
+    )
+    return [
+        {**g, "changed": [{"tau": t, "count": c} for t, c in zip(taus, g["changed"])]}
+        for g in sorted(groups.values(), key=order)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +295,9 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
         if numpy:
             return fused.FusedPairAccumulator(*args)
         import torch
-        from worker.kernels import PairAccumulator
+
+        from deltalens.worker.kernels import PairAccumulator
+
         return PairAccumulator(*args, torch.device(stream.device))
 
     details = []
@@ -254,16 +305,22 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
         row = _part_fields(part, shape, dtype)
         row["changed"] = [{"tau": t, "count": c} for t, c in zip(taus, r[mode])]
         row["sparsity"] = [1 - c / row["numel"] if row["numel"] else None for c in r[mode]]
-        row.update(norm_delta=r["norm_delta"], norm_base=r["norm_base"], relative_change=_ratio(r["norm_delta"], r["norm_base"]),
-                   max_abs_delta=r["max_abs_delta"], mean_abs_delta=_ratio(r["sum_abs_delta"], row["numel"]))
+        row.update(
+            norm_delta=r["norm_delta"],
+            norm_base=r["norm_base"],
+            relative_change=_ratio(r["norm_delta"], r["norm_base"]),
+            max_abs_delta=r["max_abs_delta"],
+            mean_abs_delta=_ratio(r["sum_abs_delta"], row["numel"]),
+        )
         for k in ("rank", "full_rank", "rank_pct", "effective_rank", "stable_rank", "rank90", "rank99"):
             row[k] = r.get(k)
         details.append({"run": 0, "name": part.name, "row": row, **r})
     return pair_result(base, target, opts, details, stream.skipped, stream.family, str(stream.device))
 
 
-def pair_result(base: str, target: str, opts: Options, details: list[dict], skipped: dict, family: str,
-                device: str) -> AnalysisResult:
+def pair_result(
+    base: str, target: str, opts: Options, details: list[dict], skipped: dict, family: str, device: str
+) -> AnalysisResult:
     """The pair document from its per-matrix details — of one pass, or of a fanned-out analysis's
     parts concatenated in tensor order (the same sums in the same order: identical numbers)."""
     taus, tensors = opts.taus, [d["row"] for d in details]
@@ -272,14 +329,23 @@ def pair_result(base: str, target: str, opts: Options, details: list[dict], skip
     changed = [sum(t["changed"][i]["count"] for t in tensors) for i in range(len(taus))]
     ranked = [t["rank_pct"] for t in tensors if t["rank_pct"] is not None]
     document = {
-        "kind": "pair", "base": str(base), "target": str(target), "taus": taus,
-        "mode": "relative" if opts.relative else "absolute", "family": family,
+        "kind": "pair",
+        "base": str(base),
+        "target": str(target),
+        "taus": taus,
+        "mode": "relative" if opts.relative else "absolute",
+        "family": family,
         "summary": {
             "numel": numel,
             "changed": [{"tau": t, "count": c} for t, c in zip(taus, changed)],
-            "sparsity": [{"tau": t, "value": 1 - c / numel if numel else None} for t, c in zip(taus, changed)],
-            "similarity": {"tau": taus[0], "equal_share": 1 - changed[0] / numel if numel else None,
-                           "relative_l2": _ratio(math.sqrt(sq_delta), math.sqrt(sq_base))},
+            "sparsity": [
+                {"tau": t, "value": 1 - c / numel if numel else None} for t, c in zip(taus, changed)
+            ],
+            "similarity": {
+                "tau": taus[0],
+                "equal_share": 1 - changed[0] / numel if numel else None,
+                "relative_l2": _ratio(math.sqrt(sq_delta), math.sqrt(sq_base)),
+            },
             "mean_rank_pct": sum(ranked) / len(ranked) if ranked else None,
             "min_rank_pct": min(ranked) if ranked else None,
             "by_block": _group(tensors, "block", taus),
@@ -302,17 +368,28 @@ def _mask_stream(paths: list[str], opts: Options, series: bool):
 
     def make(part, rows, cols, is_2d, numpy):
         import torch
-        from worker.kernels import MaskAccumulator
+
+        from deltalens.worker.kernels import MaskAccumulator
+
         return MaskAccumulator(runs, tau, opts.relative, series, torch.device(stream.device))
 
     return stream, tau, stream.parts(make)
 
 
-def _series_figures(steps: list[list[int]], union: list[int], numel: int, labels: list[str], sq_delta, sq_base) -> dict:
+def _series_figures(
+    steps: list[list[int]], union: list[int], numel: int, labels: list[str], sq_delta, sq_base
+) -> dict:
     return {
-        "steps": [{"checkpoint": label, "changed": c, "outside_final": o, "transient_fraction": _ratio(o, c),
-                   "relative_l2": _ratio(math.sqrt(d), math.sqrt(sq_base))}
-                  for label, (c, o), d in zip(labels, steps, sq_delta)],
+        "steps": [
+            {
+                "checkpoint": label,
+                "changed": c,
+                "outside_final": o,
+                "transient_fraction": _ratio(o, c),
+                "relative_l2": _ratio(math.sqrt(d), math.sqrt(sq_base)),
+            }
+            for label, (c, o), d in zip(labels, steps, sq_delta)
+        ],
         "categories": {"consistent": steps[-1][0], "transient": union[1], "untouched": numel - union[0]},
     }
 
@@ -336,10 +413,18 @@ def analyze_series(base: str, checkpoints: list[str], opts: Options) -> Analysis
         sq_delta_total = [a + x for a, x in zip(sq_delta_total, r["sq_delta"])]
         sq_base_total += r["sq_base"]
     numel = sum(t["numel"] for t in tensors)
-    document = {"kind": "series", "base": str(base), "checkpoints": labels, "tau": tau,
-                "mode": "relative" if opts.relative else "absolute", "family": stream.family, "numel": numel,
-                **_series_figures(steps_total, union_total, numel, labels, sq_delta_total, sq_base_total),
-                "tensors": tensors, "skipped": stream.skipped}
+    document = {
+        "kind": "series",
+        "base": str(base),
+        "checkpoints": labels,
+        "tau": tau,
+        "mode": "relative" if opts.relative else "absolute",
+        "family": stream.family,
+        "numel": numel,
+        **_series_figures(steps_total, union_total, numel, labels, sq_delta_total, sq_base_total),
+        "tensors": tensors,
+        "skipped": stream.skipped,
+    }
     return AnalysisResult("series", document, details, stream.family, str(stream.device))
 
 
@@ -350,13 +435,25 @@ def _overlap_figures(patterns: list[int], runs: int, numel: int) -> dict:
         for b in range(a + 1, runs):
             both = sum(n for code, n in enumerate(patterns) if code >> a & 1 and code >> b & 1)
             either = changed[a] + changed[b] - both
-            pairs.append({"a": a, "b": b, "both": both, "o1": _ratio(both, changed[a]), "o2": _ratio(both, changed[b]),
-                          "baseline1": _ratio(changed[b], numel), "baseline2": _ratio(changed[a], numel),
-                          "jaccard": _ratio(both, either)})
+            pairs.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "both": both,
+                    "o1": _ratio(both, changed[a]),
+                    "o2": _ratio(both, changed[b]),
+                    "baseline1": _ratio(changed[b], numel),
+                    "baseline2": _ratio(changed[a], numel),
+                    "jaccard": _ratio(both, either),
+                }
+            )
     out = {"numel": numel, "changed": changed, "pairs": pairs}
     if runs <= 3:
-        out["venn"] = {"".join("1" if code >> k & 1 else "0" for k in range(runs)): n
-                       for code, n in enumerate(patterns) if code}
+        out["venn"] = {
+            "".join("1" if code >> k & 1 else "0" for k in range(runs)): n
+            for code, n in enumerate(patterns)
+            if code
+        }
     return out
 
 
@@ -373,9 +470,17 @@ def analyze_overlap(base: str, runs: list[str], opts: Options) -> AnalysisResult
         details.append({"run": 0, "name": part.name, "row": row, "patterns": r["patterns"]})
         totals = [a + b for a, b in zip(totals, r["patterns"])]
     numel = sum(t["numel"] for t in tensors)
-    document = {"kind": "overlap", "base": str(base), "runs": [str(r) for r in runs], "tau": tau,
-                "mode": "relative" if opts.relative else "absolute", "family": stream.family,
-                "summary": _overlap_figures(totals, len(runs), numel), "tensors": tensors, "skipped": stream.skipped}
+    document = {
+        "kind": "overlap",
+        "base": str(base),
+        "runs": [str(r) for r in runs],
+        "tau": tau,
+        "mode": "relative" if opts.relative else "absolute",
+        "family": stream.family,
+        "summary": _overlap_figures(totals, len(runs), numel),
+        "tensors": tensors,
+        "skipped": stream.skipped,
+    }
     return AnalysisResult("overlap", document, details, stream.family, str(stream.device))
 
 
@@ -389,4 +494,3 @@ def run_analysis(kind: str, paths: list[str], opts: Options) -> AnalysisResult:
             raise InputError(paths[0] if paths else "pair", "a pair analysis takes exactly BASE and TARGET")
         return analyze_pair(paths[0], paths[1], opts)
     return ANALYSES[kind](paths[0], list(paths[1:]), opts)
-

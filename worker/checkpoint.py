@@ -6,6 +6,7 @@ back as zero-copy views of the mapped file — NumPy arrays (`array`, bfloat16 a
 torch tensors (`tensor`); `release(name)` hands the pages back so resident memory stays
 O(one tensor), not O(model). torch is imported only when a torch tensor is asked for.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,28 +20,55 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.errors import InputError
-from worker.safetensors_header import TensorInfo, read_header
+from deltalens.worker.errors import InputError
+from deltalens.worker.safetensors_header import TensorInfo, read_header
 
 # safetensors dtype -> NumPy storage (bfloat16 and float8 kept as raw bits)
 NUMPY_DTYPES = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
-    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "F16": np.float16, "BF16": np.uint16,
-    "F32": np.float32, "F64": np.float64, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U64": np.uint64,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 RAW_BITS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # torch dtype names
 
 
 def torch_dtype_name(dtype: str) -> str:
-    return RAW_BITS.get(dtype) or {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32",
-                                   "I64": "int64", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-                                   "F16": "float16", "F32": "float32", "F64": "float64"}[dtype]
+    return (
+        RAW_BITS.get(dtype)
+        or {
+            "BOOL": "bool",
+            "U8": "uint8",
+            "I8": "int8",
+            "I16": "int16",
+            "I32": "int32",
+            "I64": "int64",
+            "U16": "uint16",
+            "U32": "uint32",
+            "U64": "uint64",
+            "F16": "float16",
+            "F32": "float32",
+            "F64": "float64",
+        }[dtype]
+    )
 
 
 def to_torch(array: np.ndarray, dtype: str):
     """Zero-copy torch view of a NumPy array read from a file (raw bits reinterpreted)."""
     import torch
+
     tensor = torch.from_numpy(array)
     return tensor.view(getattr(torch, RAW_BITS[dtype])) if dtype in RAW_BITS else tensor
 
@@ -68,7 +96,9 @@ class SafetensorsFile:
         if self._map is None:
             with open(self.path, "rb") as f:
                 # ACCESS_COPY: writable (never written) arrays, which torch.from_numpy accepts silently.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(self.path) else None
+                self._map = (
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(self.path) else None
+                )
         return self._map
 
     def meta(self, name: str) -> Meta:
@@ -103,6 +133,7 @@ class PickledStateDict:
 
     def __init__(self, path: Path):
         import torch
+
         self.path = path
         try:
             with warnings.catch_warnings():
@@ -111,12 +142,19 @@ class PickledStateDict:
         except pickle.UnpicklingError as e:
             culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = f"it calls {culprit.group(1)}" if culprit else "it holds more than tensors"
-            raise InputError(path, f"refused to unpickle: {what}; only plain state dicts of tensors are read") from None
+            raise InputError(
+                path, f"refused to unpickle: {what}; only plain state dicts of tensors are read"
+            ) from None
         except (RuntimeError, EOFError, ValueError, OSError) as e:
-            raise InputError(path, f"cannot read as a torch state dict: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+            raise InputError(
+                path,
+                f"cannot read as a torch state dict: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
+            ) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+        ):
             raise InputError(path, "not a state dict (expected a mapping of names to tensors)")
         self.tensors = obj
         self.infos = obj
@@ -126,6 +164,7 @@ class PickledStateDict:
     @staticmethod
     def _load(path: Path):
         import torch
+
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
@@ -144,6 +183,7 @@ class PickledStateDict:
         t, dtype = self.tensors[name], self.dtypes[name]
         if dtype in RAW_BITS:  # NumPy has no bfloat16 / float8: hand out the raw bits
             import torch
+
             t = t.view(torch.uint16 if dtype == "BF16" else torch.uint8)
         return t.numpy()
 
@@ -184,7 +224,7 @@ class Checkpoint:
             return 0, 0
         nan = inf = 0
         for start in range(0, flat.size, chunk):
-            part = flat[start:start + chunk]
+            part = flat[start : start + chunk]
             values = to_torch(part, dtype).float().numpy() if dtype in RAW_BITS else part
             nan, inf = nan + int(np.isnan(values).sum()), inf + int(np.isinf(values).sum())
         return nan, inf
@@ -195,7 +235,9 @@ def _open_file(path: Path):
         return SafetensorsFile(path)
     if path.suffix in PICKLE_SUFFIXES:
         return PickledStateDict(path)
-    raise InputError(path, "unsupported file type (expected .safetensors, .bin, .pt or a checkpoint directory)")
+    raise InputError(
+        path, "unsupported file type (expected .safetensors, .bin, .pt or a checkpoint directory)"
+    )
 
 
 def _read_config(folder: Path) -> dict:
@@ -238,7 +280,9 @@ def _directory_files(folder: Path) -> dict[str, Path] | list[Path]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
             return [folder / single]
-    candidates = sorted(folder.glob("*.safetensors")) or sorted(p for s in PICKLE_SUFFIXES for p in folder.glob("*" + s))
+    candidates = sorted(folder.glob("*.safetensors")) or sorted(
+        p for s in PICKLE_SUFFIXES for p in folder.glob("*" + s)
+    )
     if len(candidates) == 1:
         return candidates
     if not candidates:
@@ -259,15 +303,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 if shard not in opened:
                     opened[shard] = _open_file(shard)
                 if name not in opened[shard].infos:
-                    raise InputError(shard, f"the index names tensor {name!r} but this shard does not hold it")
+                    raise InputError(
+                        shard, f"the index names tensor {name!r} but this shard does not hold it"
+                    )
                 checkpoint.files[name] = opened[shard]
         else:
             reader = _open_file(found[0])
             checkpoint.files = {name: reader for name in reader.infos}
     else:
         reader = _open_file(path)
-        checkpoint = Checkpoint(path, files={name: reader for name in reader.infos}, config=_read_config(path.parent))
+        checkpoint = Checkpoint(
+            path, files={name: reader for name in reader.infos}, config=_read_config(path.parent)
+        )
     if not checkpoint.files:
         raise InputError(path, "checkpoint holds no tensors")
     return checkpoint
-

@@ -2,6 +2,7 @@
 
 Exit 0 on success; bad input exits 2 with one line on stderr naming the file and the problem.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,19 @@ def _tau(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser, many_taus: bool) -> None:
-    p.add_argument("--tau", type=_tau, nargs="+", action="extend", metavar="T",
-                   help="tolerance(s) τ: a weight counts as changed when |Δ| > τ (default 1e-5)"
-                   + ("" if many_taus else "; the first one is used"))
+    p.add_argument(
+        "--tau",
+        type=_tau,
+        nargs="+",
+        action="extend",
+        metavar="T",
+        help="tolerance(s) τ: a weight counts as changed when |Δ| > τ (default 1e-5)"
+        + ("" if many_taus else "; the first one is used"),
+    )
     p.add_argument("--relative", action="store_true", help="relative mode: changed when |Δ| > τ·|base|")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available"
+    )
     p.add_argument("--out", metavar="FILE.duckdb", help="add the results to this DuckDB file")
     p.add_argument("--json", metavar="FILE|-", help="write the result object as JSON ('-' = stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -54,8 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--data-dir", type=Path, default=Path("deltalens-data"))
-    p.add_argument("--demo", type=Path, metavar="DIR", help="register DIR (from demo-data) and queue its analyses")
-    p = sub.add_parser("demo-data", help="train a tiny Llama through pretrain / SFT / RL / DPO into OUT (CPU, minutes)")
+    p.add_argument(
+        "--demo", type=Path, metavar="DIR", help="register DIR (from demo-data) and queue its analyses"
+    )
+    p = sub.add_parser("api", help="run the API alone (hosted mode; settings from DELTALENS_* variables)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* from a reverse proxy")
+    p = sub.add_parser("worker", help="run one analysis worker (a Celery worker; settings from DELTALENS_*)")
+    p.add_argument("--queue", default=None, help="queue to take analyses from (default: DELTALENS_QUEUE)")
+    p.add_argument("--loglevel", default="INFO")
+    p = sub.add_parser(
+        "demo-data", help="train a tiny Llama through pretrain / SFT / RL / DPO into OUT (CPU, minutes)"
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--quick", action="store_true", help="a seconds-long version (fewer steps, smaller model)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,9 +95,19 @@ class ProgressBar:
             return
         if self.bar is None:
             from tqdm import tqdm
+
             width = shutil.get_terminal_size((0, 0)).columns or 100  # a fresh pty may report 0 columns
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False,
-                            desc="comparing", mininterval=0.25, ncols=width)
+            self.bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                leave=False,
+                desc="comparing",
+                mininterval=0.25,
+                ncols=width,
+            )
         self.bar.n = done
         self.bar.set_postfix_str(name[-40:], refresh=False)
         self.bar.refresh()
@@ -88,27 +119,46 @@ class ProgressBar:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "up":
-        from backend.local import up  # the CLI is the one place that starts the service
-        return up(args.port, args.data_dir, args.host, demo=args.demo)
+    if args.command in ("up", "api", "worker"):
+        from deltalens.worker import service  # the CLI is the one place that starts the service
+
+        if args.command == "api":
+            return service.run_api(args.host, args.port, args.log_level, args.proxy_headers)
+        if args.command == "worker":
+            from deltalens.worker.settings import get_settings
+
+            return service.run_worker(args.queue or get_settings().queue, args.loglevel)
+        return service.up(args.port, args.data_dir, args.host, demo=args.demo)
     if args.command == "demo-data":
-        from worker.demo import DemoConfig, make_demo_data
+        from deltalens.worker.demo import DemoConfig, make_demo_data
+
         summary = make_demo_data(args.out, DemoConfig.quick() if args.quick else DemoConfig(), seed=args.seed)
-        print(f"demo checkpoints in {args.out} ({summary['seconds']} s); training log: {args.out / 'log.json'}")
+        print(
+            f"demo checkpoints in {args.out} ({summary['seconds']} s); training log: {args.out / 'log.json'}"
+        )
         return 0
-    from worker.analyses import Options, run_analysis
-    from worker.errors import InputError
-    from worker.report import SUMMARIES
+    from deltalens.worker.analyses import Options, run_analysis
+    from deltalens.worker.errors import InputError
+    from deltalens.worker.report import SUMMARIES
 
     kind = {"analyze": "pair", "series": "series", "overlap": "overlap"}[args.command]
-    paths = [args.base, *( [args.target] if kind == "pair" else args.checkpoints if kind == "series" else args.runs)]
+    paths = [
+        args.base,
+        *([args.target] if kind == "pair" else args.checkpoints if kind == "series" else args.runs),
+    ]
     progress = ProgressBar(enabled=not args.quiet)
-    opts = Options(taus=args.tau or [1e-5], relative=args.relative, rank=not getattr(args, "no_rank", False),
-                   device=args.device, progress=progress)
+    opts = Options(
+        taus=args.tau or [1e-5],
+        relative=args.relative,
+        rank=not getattr(args, "no_rank", False),
+        device=args.device,
+        progress=progress,
+    )
     try:
         result = run_analysis(kind, paths, opts)
         if args.out:
-            from worker.store import write_artifact
+            from deltalens.worker.store import write_artifact
+
             write_artifact(result, args.out)
     except InputError as e:
         print(f"deltalens: error: {e}", file=sys.stderr)

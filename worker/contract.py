@@ -7,6 +7,7 @@ It fixes three things:
   * the DuckDB schema of a results artifact (``SCHEMA_SQL``),
   * the vocabulary: canonical matrix types and blocks.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,9 @@ def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint32).view(np.float32)
 
 
-BIN_EDGES: tuple[float, ...] = tuple(float(e) for e in _round_to_bfloat16(10.0 ** (_EXPONENTS / BINS_PER_DECADE)))
+BIN_EDGES: tuple[float, ...] = tuple(
+    float(e) for e in _round_to_bfloat16(10.0 ** (_EXPONENTS / BINS_PER_DECADE))
+)
 NUM_BINS = len(BIN_EDGES) + 2  # zero bin + K-1 inner bins + underflow (0, E0] + overflow
 # Kernels first count values per bfloat16-grid cell (lo, hi] — a "fine" histogram — and fold
 # that into the bins above. A positive value's grid cell is ((float64 bits - 1) >> 45) minus
@@ -42,7 +45,9 @@ NUM_BINS = len(BIN_EDGES) + 2  # zero bin + K-1 inner bins + underflow (0, E0] +
 # the last edge matter, so the fine histogram keeps: [0] exact zero, [1] every cell up to E0,
 # then one slot per cell, then one slot for everything above the last edge (and NaN).
 F64_CELL_OFFSET = ((1023 - 127) << 7) - 1
-_GRID_CELLS = np.asarray(BIN_EDGES, np.float32).view(np.uint32) >> 16  # grid cell whose upper edge is each edge
+_GRID_CELLS = (
+    np.asarray(BIN_EDGES, np.float32).view(np.uint32) >> 16
+)  # grid cell whose upper edge is each edge
 FINE_LO, FINE_HI = int(_GRID_CELLS[0]), int(_GRID_CELLS[-1]) + 1
 FINE_CELLS = FINE_HI - FINE_LO + 2
 EDGE_CELLS: tuple[int, ...] = tuple(int(c) - FINE_LO + 1 for c in _GRID_CELLS)  # fine slot of each edge
@@ -50,7 +55,7 @@ EDGE_CELLS: tuple[int, ...] = tuple(int(c) - FINE_LO + 1 for c in _GRID_CELLS)  
 
 def changed_from_histogram(counts, tau_edge_index: int) -> int:
     """Number of values > BIN_EDGES[tau_edge_index], from a histogram over these bins (exact)."""
-    return int(sum(counts[tau_edge_index + 2:]))
+    return int(sum(counts[tau_edge_index + 2 :]))
 
 
 def nearest_edge_index(tau: float) -> int:
@@ -135,5 +140,16 @@ CREATE TABLE IF NOT EXISTS skipped (
 );
 """
 
-TABLES = ("analyses", "tensors", "changed", "histograms", "spectra", "update_maps",
-          "overlap_regions", "overlap_pairs", "series_steps", "series_categories", "skipped")
+TABLES = (
+    "analyses",
+    "tensors",
+    "changed",
+    "histograms",
+    "spectra",
+    "update_maps",
+    "overlap_regions",
+    "overlap_pairs",
+    "series_steps",
+    "series_categories",
+    "skipped",
+)

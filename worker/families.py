@@ -4,6 +4,7 @@ Each family is a list of rules `(regex, block, matrix, split)` tried in order; t
 wins, then the shared fallback rules. A `split` names how a fused tensor is cut into parts
 (`SPLITS`), each part a set of row segments of the (optionally transposed) stored matrix.
 """
+
 from __future__ import annotations
 
 import re
@@ -71,21 +72,51 @@ _FALLBACK: list[Rule] = [
     (r"\.bias$", "", "bias", None),  # block "" = guess from the name
 ]
 
-FAMILIES: dict[str, list[Rule]] = {"llama": _LLAMA, "gpt2": _GPT2, "gpt_neox": _NEOX, "phi3": _PHI3, "bert": _BERT, "generic": []}
+FAMILIES: dict[str, list[Rule]] = {
+    "llama": _LLAMA,
+    "gpt2": _GPT2,
+    "gpt_neox": _NEOX,
+    "phi3": _PHI3,
+    "bert": _BERT,
+    "generic": [],
+}
 
 # config.json model_type -> family
 MODEL_TYPES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "gemma3_text": "llama", "mixtral": "llama", "qwen2_moe": "llama", "qwen3_moe": "llama",
-    "olmo": "llama", "olmo2": "llama", "smollm3": "llama",
-    "gpt2": "gpt2", "gpt_neox": "gpt_neox", "phi3": "phi3", "bert": "bert",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma": "llama",
+    "gemma2": "llama",
+    "gemma3_text": "llama",
+    "mixtral": "llama",
+    "qwen2_moe": "llama",
+    "qwen3_moe": "llama",
+    "olmo": "llama",
+    "olmo2": "llama",
+    "smollm3": "llama",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+    "phi3": "phi3",
+    "bert": "bert",
 }
 # name fragment -> family, used when there is no config.json (first hit wins)
-NAME_HINTS = [("gpt_neox.", "gpt_neox"), ("query_key_value", "gpt_neox"), ("attn.c_attn", "gpt2"),
-              ("qkv_proj", "phi3"), ("attention.self.query", "bert"), ("self_attn.q_proj", "llama")]
+NAME_HINTS = [
+    ("gpt_neox.", "gpt_neox"),
+    ("query_key_value", "gpt_neox"),
+    ("attn.c_attn", "gpt2"),
+    ("qkv_proj", "phi3"),
+    ("attention.self.query", "bert"),
+    ("self_attn.q_proj", "llama"),
+]
 
-_BLOCK_GUESS = [(r"attn|attention", "attn"), (r"mlp|ffn|feed_forward|intermediate|experts|\.output\.", "mlp"),
-                (r"embed|wte|wpe", "embed"), (r"lm_head|embed_out|pooler", "head")]
+_BLOCK_GUESS = [
+    (r"attn|attention", "attn"),
+    (r"mlp|ffn|feed_forward|intermediate|experts|\.output\.", "mlp"),
+    (r"embed|wte|wpe", "embed"),
+    (r"lm_head|embed_out|pooler", "head"),
+]
 _LAYER = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
@@ -93,26 +124,28 @@ _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 @dataclass(frozen=True)
 class Part:
     """One analysed matrix: a stored tensor, or a slice of a fused one."""
-    name: str            # display name, e.g. 'transformer.h.0.attn.c_attn.weight[q]'
-    source: str          # stored tensor name
+
+    name: str  # display name, e.g. 'transformer.h.0.attn.c_attn.weight[q]'
+    source: str  # stored tensor name
     layer: int | None
     block: str
     matrix: str
     expert: int | None
-    transpose: bool      # view the stored 2-D tensor as (out, in)
+    transpose: bool  # view the stored 2-D tensor as (out, in)
     segments: tuple[tuple[int, int], ...] | None  # row ranges of the (transposed) matrix; None = all
-    heads: int | None    # attention heads along rows (q/k/v) or columns (o)
+    heads: int | None  # attention heads along rows (q/k/v) or columns (o)
 
 
 @dataclass(frozen=True)
 class Layout:
     """What the fused splits need from config.json."""
+
     heads: int | None = None
     kv_heads: int | None = None
     head_dim: int | None = None
 
     @classmethod
-    def from_config(cls, config: dict) -> "Layout":
+    def from_config(cls, config: dict) -> Layout:
         heads = config.get("num_attention_heads") or config.get("n_head")
         kv = config.get("num_key_value_heads") or heads
         hidden = config.get("hidden_size") or config.get("n_embd")
@@ -144,8 +177,16 @@ def _split(kind: str, shape: tuple[int, ...], layout: Layout):
             return []
         n = rows // 3
         transpose = kind == "gpt2_qkv"
-        return [(f"[{m}]", m if transpose else "bias", transpose, _rows((i * n, (i + 1) * n)), layout.heads if transpose else None)
-                for i, m in enumerate("qkv")]
+        return [
+            (
+                f"[{m}]",
+                m if transpose else "bias",
+                transpose,
+                _rows((i * n, (i + 1) * n)),
+                layout.heads if transpose else None,
+            )
+            for i, m in enumerate("qkv")
+        ]
     if kind == "halves":
         if rows % 2:
             return []
@@ -162,17 +203,26 @@ def _split(kind: str, shape: tuple[int, ...], layout: Layout):
         else:
             q, k = h * d, kv * d
         weight = len(shape) == 2
-        return [(f"[{m}]", m if weight else "bias", False, _rows(seg), hh if weight else None)
-                for m, seg, hh in (("q", (0, q), h), ("k", (q, q + k), kv), ("v", (q + k, rows), kv))]
+        return [
+            (f"[{m}]", m if weight else "bias", False, _rows(seg), hh if weight else None)
+            for m, seg, hh in (("q", (0, q), h), ("k", (q, q + k), kv), ("v", (q + k, rows), kv))
+        ]
     if kind == "neox_qkv":
         h = layout.heads
         if not h or rows % (3 * h):
             return []
         d = rows // (3 * h)
         weight = len(shape) == 2
-        return [(f"[{m}]", m if weight else "bias", False,
-                 tuple((head * 3 * d + i * d, head * 3 * d + (i + 1) * d) for head in range(h)), h if weight else None)
-                for i, m in enumerate("qkv")]
+        return [
+            (
+                f"[{m}]",
+                m if weight else "bias",
+                False,
+                tuple((head * 3 * d + i * d, head * 3 * d + (i + 1) * d) for head in range(h)),
+                h if weight else None,
+            )
+            for i, m in enumerate("qkv")
+        ]
     raise KeyError(kind)
 
 
@@ -197,9 +247,24 @@ def parts_of(name: str, shape: tuple[int, ...], family: str, layout: Layout) -> 
     block = block or _guess_block(name)
     pieces = _split(split, shape, layout) if split else []
     if not pieces:  # not fused, or a fused tensor we cannot split safely: keep it whole
-        whole = matrix if matrix in ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "bias") else "other"
+        whole = (
+            matrix
+            if matrix in ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "bias")
+            else "other"
+        )
         heads = _heads_for(whole, layout) if len(shape) == 2 else None
         return [Part(name, name, layer, block, whole, expert, False, None, heads)]
-    return [Part(name + suffix, name, layer, block, sub or matrix, expert, transpose, segments,
-                 heads if heads is not None else (_heads_for(sub or matrix, layout) if len(shape) == 2 else None))
-            for suffix, sub, transpose, segments, heads in pieces]
+    return [
+        Part(
+            name + suffix,
+            name,
+            layer,
+            block,
+            sub or matrix,
+            expert,
+            transpose,
+            segments,
+            heads if heads is not None else (_heads_for(sub or matrix, layout) if len(shape) == 2 else None),
+        )
+        for suffix, sub, transpose, segments, heads in pieces
+    ]

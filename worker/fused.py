@@ -8,6 +8,7 @@ path. Same float64 arithmetic and bins as the torch kernel: identical counts (th
 both against the NumPy reference). Without the compiled library, `AVAILABLE` is False and the
 torch kernel is used.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO
-from worker.metrics import Spectrum, UpdateMap, pair_result
+from deltalens.worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO
+from deltalens.worker.metrics import Spectrum, UpdateMap, pair_result
 
 # dtypes (safetensors spelling) the kernel reads, as NumPy holds them (float16 is widened first)
 DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
@@ -29,13 +30,35 @@ _MIN_PARALLEL = 1 << 16  # elements below which one thread does the whole chunk
 
 
 def _load_kernel():
-    spec = importlib.util.find_spec("worker._fastpair")
+    spec = importlib.util.find_spec("deltalens.worker._fastpair")
     if spec is None or not spec.origin:
         return None
     fn = ctypes.CDLL(spec.origin).pair_rows
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ptr, ptr, i64, i64,
-                   ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64]
+    fn.argtypes = [
+        ctypes.c_int,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ctypes.c_int,
+        ctypes.c_int,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        ptr,
+        i64,
+    ]
     fn.restype = None
     return fn
 
@@ -64,8 +87,17 @@ def _ptr(array: np.ndarray, offset_items: int = 0) -> int:
 class FusedPairAccumulator:
     """`pair` figures for one matrix from NumPy row chunks (same record as kernels.PairAccumulator)."""
 
-    def __init__(self, rows: int, cols: int, taus: list[float], relative: bool, matrix_2d: bool, want_rank: bool,
-                 heads: int | None, heads_on_rows: bool):
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        taus: list[float],
+        relative: bool,
+        matrix_2d: bool,
+        want_rank: bool,
+        heads: int | None,
+        heads_on_rows: bool,
+    ):
         parts = THREADS
         self.rows, self.cols, self.relative = rows, cols, relative
         self.taus = np.asarray(taus, dtype=np.float64)
@@ -93,12 +125,29 @@ class FusedPairAccumulator:
             r0, n = bounds[p], bounds[p + 1] - bounds[p]
             col_counts = m.col_counts[p] if m else self._sink[p]
             return lambda: _pair_rows(
-                kind, _ptr(base, r0 * cols), _ptr(target, r0 * cols), n, cols, _ptr(self.taus), len(self.taus),
-                int(self.relative), int(m is not None), _ptr(m.row_bin, row0 + r0) if m else 0,
-                _ptr(m.col_bin) if m else 0, _SLOT_OFFSET, _TOP_SLOT, _ptr(self.hist[0, p]), _ptr(self.hist[1, p]),
-                _ptr(self.changed[p]), _ptr(self.moments[p]), _ptr(self.max_abs, p),
-                _ptr(m.row_counts, row0 + r0) if m else 0, _ptr(col_counts), _ptr(m.grid[p]) if m else _ptr(col_counts),
-                m.grid_cols if m else 0)
+                kind,
+                _ptr(base, r0 * cols),
+                _ptr(target, r0 * cols),
+                n,
+                cols,
+                _ptr(self.taus),
+                len(self.taus),
+                int(self.relative),
+                int(m is not None),
+                _ptr(m.row_bin, row0 + r0) if m else 0,
+                _ptr(m.col_bin) if m else 0,
+                _SLOT_OFFSET,
+                _TOP_SLOT,
+                _ptr(self.hist[0, p]),
+                _ptr(self.hist[1, p]),
+                _ptr(self.changed[p]),
+                _ptr(self.moments[p]),
+                _ptr(self.max_abs, p),
+                _ptr(m.row_counts, row0 + r0) if m else 0,
+                _ptr(col_counts),
+                _ptr(m.grid[p]) if m else _ptr(col_counts),
+                m.grid_cols if m else 0,
+            )
 
         _run_parallel([call(p) for p in range(parts) if bounds[p + 1] > bounds[p]])
         if self.spectrum is not None:
@@ -106,8 +155,18 @@ class FusedPairAccumulator:
 
     def result(self) -> dict:
         changed = self.changed.sum(0)
-        return pair_result(self.hist[0].sum(0), self.hist[1].sum(0), changed[0], changed[1], self.moments.sum(0),
-                           self.max_abs.max(), self.map, self.spectrum, self.rows, self.cols)
+        return pair_result(
+            self.hist[0].sum(0),
+            self.hist[1].sum(0),
+            changed[0],
+            changed[1],
+            self.moments.sum(0),
+            self.max_abs.max(),
+            self.map,
+            self.spectrum,
+            self.rows,
+            self.cols,
+        )
 
 
 def widen(x: np.ndarray) -> np.ndarray:

@@ -7,12 +7,13 @@ Exactness rules (ARCHITECTURE.md invariant 3):
   * Histograms bin a value by its bit pattern on the bfloat16 grid (see contract.BIN_EDGES), so
     "count of values > edge" read from a histogram is exact.
 """
+
 from __future__ import annotations
 
 import torch
 
-from worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO
-from worker.metrics import Spectrum, UpdateMap, pair_result
+from deltalens.worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO
+from deltalens.worker.metrics import Spectrum, UpdateMap, pair_result
 
 
 def fine_cells(x: torch.Tensor) -> torch.Tensor:
@@ -34,14 +35,24 @@ class PairAccumulator:
     """`pair` figures for one matrix from torch row chunks (any device); the per-element work is
     ~15 torch ops. On CPU the one-pass kernel in worker.fused does the same in one sweep."""
 
-    def __init__(self, rows: int, cols: int, taus: list[float], relative: bool, matrix_2d: bool, want_rank: bool,
-                 heads: int | None, heads_on_rows: bool, device: torch.device):
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        taus: list[float],
+        relative: bool,
+        matrix_2d: bool,
+        want_rank: bool,
+        heads: int | None,
+        heads_on_rows: bool,
+        device: torch.device,
+    ):
         self.device, self.taus, self.relative = device, taus, relative
         self.rows, self.cols = rows, cols
         zeros = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
-        self.fine = zeros(2, FINE_CELLS)           # [abs, rel] x cell
-        self.changed = zeros(2, len(taus))             # [abs, rel] x τ
-        self.moments = zeros(3, dt=torch.float64)      # Σ Δ², Σ b², Σ |Δ|
+        self.fine = zeros(2, FINE_CELLS)  # [abs, rel] x cell
+        self.changed = zeros(2, len(taus))  # [abs, rel] x τ
+        self.moments = zeros(3, dt=torch.float64)  # Σ Δ², Σ b², Σ |Δ|
         self.max_abs = zeros(1, dt=torch.float64)
         self.map = UpdateMap(rows, cols, heads, heads_on_rows) if matrix_2d else None
         self.spectrum = Spectrum(rows, cols, torch) if matrix_2d and want_rank else None
@@ -66,8 +77,18 @@ class PairAccumulator:
 
     def result(self) -> dict:
         changed = self.changed.cpu().numpy()
-        return pair_result(self.fine[0].cpu().numpy(), self.fine[1].cpu().numpy(), changed[0], changed[1],
-                           self.moments.cpu().numpy(), self.max_abs.item(), self.map, self.spectrum, self.rows, self.cols)
+        return pair_result(
+            self.fine[0].cpu().numpy(),
+            self.fine[1].cpu().numpy(),
+            changed[0],
+            changed[1],
+            self.moments.cpu().numpy(),
+            self.max_abs.item(),
+            self.map,
+            self.spectrum,
+            self.rows,
+            self.cols,
+        )
 
 
 class MaskAccumulator:
@@ -85,8 +106,8 @@ class MaskAccumulator:
         self.device = device
         self.tau, self.relative, self.runs, self.series = tau, relative, runs, series
         self.patterns = torch.zeros(1 << runs if not series else 1, dtype=torch.int64, device=device)
-        self.steps = torch.zeros(runs, 2, dtype=torch.int64, device=device)   # |M_k|, |M_k ∧ ¬M_final|
-        self.union = torch.zeros(2, dtype=torch.int64, device=device)         # |∪M|, |∪M ∧ ¬M_final|
+        self.steps = torch.zeros(runs, 2, dtype=torch.int64, device=device)  # |M_k|, |M_k ∧ ¬M_final|
+        self.union = torch.zeros(2, dtype=torch.int64, device=device)  # |∪M|, |∪M ∧ ¬M_final|
         self.sq_delta = torch.zeros(runs, dtype=torch.float64, device=device)
         self.sq_base = torch.zeros(1, dtype=torch.float64, device=device)
 
@@ -115,5 +136,10 @@ class MaskAccumulator:
         self.union += torch.stack([union.sum(), (union & not_final).sum()])
 
     def result(self) -> dict:
-        return dict(patterns=self.patterns.tolist(), steps=self.steps.tolist(), union=self.union.tolist(),
-                    sq_delta=self.sq_delta.tolist(), sq_base=float(self.sq_base.item()))
+        return dict(
+            patterns=self.patterns.tolist(),
+            steps=self.steps.tolist(),
+            union=self.union.tolist(),
+            sq_delta=self.sq_delta.tolist(),
+            sq_base=float(self.sq_base.item()),
+        )

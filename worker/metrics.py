@@ -3,16 +3,17 @@
 Both kernels — torch (worker.kernels) and the one-pass CPU kernel (worker.fused) — accumulate
 into these, so the reported figures are built by one piece of code.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from worker.contract import EDGE_CELLS, FINE_CELLS
+from deltalens.worker.contract import EDGE_CELLS, FINE_CELLS
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
-MAP_CELLS = 64          # update map grid: at most 64 x 64
-PROFILE_BINS = 1024     # row / column profiles binned to at most this many entries
-SPECTRUM_POINTS = 512   # singular spectrum kept at this many points when longer
+MAP_CELLS = 64  # update map grid: at most 64 x 64
+PROFILE_BINS = 1024  # row / column profiles binned to at most this many entries
+SPECTRUM_POINTS = 512  # singular spectrum kept at this many points when longer
 _EDGE_CELLS = np.asarray(EDGE_CELLS, dtype=np.int64)
 
 
@@ -59,9 +60,11 @@ class UpdateMap:
 
     def add(self, row_sums: np.ndarray, col_sums: np.ndarray, row0: int, grid_row: int) -> None:
         """Changed counts per row and per column of rows row0.., all inside map row `grid_row`."""
-        self.row_counts[row0:row0 + len(row_sums)] = row_sums
+        self.row_counts[row0 : row0 + len(row_sums)] = row_sums
         self.col_counts[0] += col_sums
-        self.grid[0, grid_row] += np.bincount(self.col_bin, weights=col_sums, minlength=self.grid_cols).astype(np.int64)
+        self.grid[0, grid_row] += np.bincount(
+            self.col_bin, weights=col_sums, minlength=self.grid_cols
+        ).astype(np.int64)
 
     def result(self) -> dict:
         rows_n, cols_n, grid = self.row_counts, self.col_counts.sum(0), self.grid.sum(0)
@@ -69,13 +72,20 @@ class UpdateMap:
         row_sum, row_size = binned_sum(rows_n, PROFILE_BINS)
         col_sum, col_size = binned_sum(cols_n, PROFILE_BINS)
         head_frac = None
-        axis_counts, axis_len, other = (rows_n, self.rows, self.cols) if self.heads_on_rows else (cols_n, self.cols, self.rows)
+        axis_counts, axis_len, other = (
+            (rows_n, self.rows, self.cols) if self.heads_on_rows else (cols_n, self.cols, self.rows)
+        )
         if self.heads and axis_len % self.heads == 0:
             per_head = axis_counts.reshape(self.heads, -1).sum(1)
             head_frac = (per_head / (axis_len // self.heads * other)).tolist()
-        return dict(grid_rows=self.grid_rows, grid_cols=self.grid_cols, cells=cells.ravel().tolist(),
-                    row_frac=(row_sum / (row_size * self.cols)).tolist(), col_frac=(col_sum / (col_size * self.rows)).tolist(),
-                    head_frac=head_frac)
+        return dict(
+            grid_rows=self.grid_rows,
+            grid_cols=self.grid_cols,
+            cells=cells.ravel().tolist(),
+            row_frac=(row_sum / (row_size * self.cols)).tolist(),
+            col_frac=(col_sum / (col_size * self.rows)).tolist(),
+            head_frac=head_frac,
+        )
 
 
 class Spectrum:
@@ -107,7 +117,7 @@ class Spectrum:
             self.chunks.clear()
             step = max(1, (1 << 22) // self.rows)
             for c in range(0, self.cols, step):
-                block = full[:, c:c + step]
+                block = full[:, c : c + step]
                 gram = block @ block.T if gram is None else gram + block @ block.T
         eig = self.xp.linalg.eigvalsh(gram)
         eig = np.asarray(eig.cpu() if hasattr(eig, "cpu") else eig, dtype=np.float64)
@@ -119,17 +129,30 @@ def spectrum_metrics(sigma: np.ndarray, rows: int, cols: int, tolerance: float |
     sigma = np.asarray(sigma, dtype=np.float64)
     top = float(sigma[0]) if len(sigma) else 0.0
     if top == 0.0:
-        return dict(rank=0, full_rank=full, rank_pct=0.0, effective_rank=0.0, stable_rank=0.0, rank90=0, rank99=0,
-                    spectrum=_downsample(sigma))
+        return dict(
+            rank=0,
+            full_rank=full,
+            rank_pct=0.0,
+            effective_rank=0.0,
+            stable_rank=0.0,
+            rank90=0,
+            rank99=0,
+            spectrum=_downsample(sigma),
+        )
     tol = tolerance if tolerance is not None else top * max(rows, cols) * FLOAT32_EPS
-    energy = np.cumsum(sigma ** 2)
+    energy = np.cumsum(sigma**2)
     p = sigma[sigma > 0] / sigma.sum()
     rank = int((sigma > tol).sum())
     return dict(
-        rank=rank, full_rank=full, rank_pct=rank / full * 100,
-        effective_rank=float(np.exp(-(p * np.log(p)).sum())), stable_rank=float(energy[-1] / top ** 2),
-        rank90=int(np.searchsorted(energy, 0.9 * energy[-1]) + 1), rank99=int(np.searchsorted(energy, 0.99 * energy[-1]) + 1),
-        spectrum=_downsample(sigma))
+        rank=rank,
+        full_rank=full,
+        rank_pct=rank / full * 100,
+        effective_rank=float(np.exp(-(p * np.log(p)).sum())),
+        stable_rank=float(energy[-1] / top**2),
+        rank90=int(np.searchsorted(energy, 0.9 * energy[-1]) + 1),
+        rank99=int(np.searchsorted(energy, 0.99 * energy[-1]) + 1),
+        spectrum=_downsample(sigma),
+    )
 
 
 def _downsample(sigma: np.ndarray) -> tuple[list[int], list[float]]:
@@ -140,13 +163,23 @@ def _downsample(sigma: np.ndarray) -> tuple[list[int], list[float]]:
     return idx.tolist(), sigma[idx].tolist()
 
 
-def pair_result(fine_abs, fine_rel, changed_abs, changed_rel, moments, max_abs, update_map, spectrum, rows, cols) -> dict:
+def pair_result(
+    fine_abs, fine_rel, changed_abs, changed_rel, moments, max_abs, update_map, spectrum, rows, cols
+) -> dict:
     """The per-matrix record both pair kernels return."""
     sq_delta, sq_base, abs_sum = (float(x) for x in moments)
-    out = dict(changed_abs=[int(c) for c in changed_abs], changed_rel=[int(c) for c in changed_rel],
-               hist_abs=coarse_histogram(fine_abs), hist_rel=coarse_histogram(fine_rel),
-               norm_delta=float(np.sqrt(sq_delta)), norm_base=float(np.sqrt(sq_base)), sum_abs_delta=abs_sum,
-               max_abs_delta=float(max_abs), sq_delta=sq_delta, sq_base=sq_base)
+    out = dict(
+        changed_abs=[int(c) for c in changed_abs],
+        changed_rel=[int(c) for c in changed_rel],
+        hist_abs=coarse_histogram(fine_abs),
+        hist_rel=coarse_histogram(fine_rel),
+        norm_delta=float(np.sqrt(sq_delta)),
+        norm_base=float(np.sqrt(sq_base)),
+        sum_abs_delta=abs_sum,
+        max_abs_delta=float(max_abs),
+        sq_delta=sq_delta,
+        sq_base=sq_base,
+    )
     if update_map is not None:
         out["update_map"] = update_map.result()
     if spectrum is not None and np.isfinite(sq_delta):  # non-finite Δ: refused by the caller, no spectrum

@@ -6,10 +6,12 @@ compute; on CUDA `to_device` also stages it through pinned host memory and copie
 on a side stream, so transfers overlap the kernels. At most two tensors per checkpoint are held:
 memory stays O(largest tensor).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -33,6 +35,7 @@ class CudaStager:
 
     def __init__(self, device):
         import torch
+
         self.torch, self.device = torch, torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
 

@@ -3,22 +3,34 @@
 Torch-free, so the API process can validate uploads with the same code the engine reads with.
 Every problem raises InputError(path, one-line problem).
 """
+
 from __future__ import annotations
 
 import json
 import math
-import re
 import os
+import re
 import struct
 from dataclasses import dataclass
 
-from worker.errors import InputError
+from deltalens.worker.errors import InputError
 
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 DEFAULT_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 MAX_NAME_LENGTH = 1024
@@ -54,7 +66,9 @@ def _reject_duplicates(pairs):
     return seen
 
 
-def read_header(path: str | os.PathLike, max_header: int = DEFAULT_MAX_HEADER) -> tuple[dict[str, TensorInfo], dict]:
+def read_header(
+    path: str | os.PathLike, max_header: int = DEFAULT_MAX_HEADER
+) -> tuple[dict[str, TensorInfo], dict]:
     """Return ({name: TensorInfo}, metadata) for a safetensors file, or raise InputError."""
     path = os.fspath(path)
     try:
@@ -62,12 +76,16 @@ def read_header(path: str | os.PathLike, max_header: int = DEFAULT_MAX_HEADER) -
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise InputError(path, f"not a safetensors file: {size} bytes, too short for the 8-byte header length")
+                raise InputError(
+                    path, f"not a safetensors file: {size} bytes, too short for the 8-byte header length"
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > max_header:
                 raise InputError(path, f"header length {header_len} exceeds the limit of {max_header} bytes")
             if 8 + header_len > size:
-                raise InputError(path, f"header length {header_len} goes beyond the end of the file ({size} bytes)")
+                raise InputError(
+                    path, f"header length {header_len} goes beyond the end of the file ({size} bytes)"
+                )
             raw = f.read(header_len)
     except OSError as e:
         raise InputError(path, f"cannot read: {e.strerror or e}") from None
@@ -79,7 +97,12 @@ def read_header(path: str | os.PathLike, max_header: int = DEFAULT_MAX_HEADER) -
         raise InputError(path, "header JSON is nested too deeply") from None
     except ValueError as e:  # json.JSONDecodeError is a ValueError, so is our duplicate check
         msg = str(e)
-        raise InputError(path, f"header JSON has a {msg}" if msg.startswith("duplicate") else f"header is not valid JSON ({msg})") from None
+        raise InputError(
+            path,
+            f"header JSON has a {msg}"
+            if msg.startswith("duplicate")
+            else f"header is not valid JSON ({msg})",
+        ) from None
     if not isinstance(header, dict):
         raise InputError(path, "header JSON is not an object")
     try:  # a \ud800-style escape decodes to a lone surrogate: not Unicode, refused by the reference loader
@@ -105,25 +128,38 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
     if len(name) > MAX_NAME_LENGTH:
         raise InputError(path, f"tensor name longer than {MAX_NAME_LENGTH} characters: {shown!r}")
     if UNSAFE_NAME.search(name):
-        raise InputError(path, f"tensor name {shown!r} holds markup, quotes, control characters or a '..' segment")
+        raise InputError(
+            path, f"tensor name {shown!r} holds markup, quotes, control characters or a '..' segment"
+        )
     if not isinstance(entry, dict):
         raise InputError(path, f"tensor {shown!r}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise InputError(path, f"tensor {shown!r}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise InputError(path, f"tensor {shown!r}: shape must be a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise InputError(path, f"tensor {shown!r}: data_offsets must be two integers")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise InputError(path, f"tensor {shown!r}: data_offsets [{begin}, {end}] are not ordered")
     if end > data_len:
-        raise InputError(path, f"tensor {shown!r}: data_offsets [{begin}, {end}] out of bounds (data section is {data_len} bytes; file truncated?)")
+        raise InputError(
+            path,
+            f"tensor {shown!r}: data_offsets [{begin}, {end}] out of bounds (data section is {data_len} bytes; file truncated?)",
+        )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
-        raise InputError(path, f"tensor {shown!r}: shape {shape} x {dtype} needs {expected} bytes but data_offsets span {end - begin}")
+        raise InputError(
+            path,
+            f"tensor {shown!r}: shape {shape} x {dtype} needs {expected} bytes but data_offsets span {end - begin}",
+        )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -134,7 +170,9 @@ def _check_layout(path: str, tensors: dict[str, TensorInfo], data_start: int, da
         if info.start < position:
             raise InputError(path, f"tensor {info.name!r}: data_offsets overlap the previous tensor")
         if info.start > position:
-            raise InputError(path, f"tensor {info.name!r}: {info.start - position} unindexed bytes before its data")
+            raise InputError(
+                path, f"tensor {info.name!r}: {info.start - position} unindexed bytes before its data"
+            )
         position = info.end
     if position != data_start + data_len:
         raise InputError(path, f"{data_start + data_len - position} trailing bytes after the last tensor")

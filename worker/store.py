@@ -4,19 +4,20 @@ The file is built next to its destination under a temporary name (a copy of the 
 when there is one, so earlier analyses are kept) and renamed over it only when complete: a
 reader never sees half an analysis, and a crash leaves the old file untouched.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 
-from worker.analyses import AnalysisResult
-from worker.contract import BIN_EDGES, SCHEMA_SQL, SCHEMA_VERSION
+from deltalens.worker.analyses import AnalysisResult
+from deltalens.worker.contract import BIN_EDGES, SCHEMA_SQL, SCHEMA_VERSION
 
 
 def _targets(doc: dict) -> list[str]:
@@ -27,28 +28,89 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
     doc = result.document
     taus = doc.get("taus") or [doc["tau"]]
     mode = "rel" if doc["mode"] == "relative" else "abs"
-    rows: dict[str, list[tuple]] = {t: [] for t in ("tensors", "changed", "histograms", "spectra", "update_maps",
-                                                   "overlap_regions", "overlap_pairs", "series_steps",
-                                                   "series_categories", "skipped")}
-    rows["analyses"] = [(aid, result.kind, datetime.now(timezone.utc).replace(tzinfo=None), SCHEMA_VERSION, doc["base"],
-                         _targets(doc), taus, doc["mode"] == "relative", result.family, result.device, list(BIN_EDGES),
-                         json.dumps(doc))]
+    rows: dict[str, list[tuple]] = {
+        t: []
+        for t in (
+            "tensors",
+            "changed",
+            "histograms",
+            "spectra",
+            "update_maps",
+            "overlap_regions",
+            "overlap_pairs",
+            "series_steps",
+            "series_categories",
+            "skipped",
+        )
+    }
+    rows["analyses"] = [
+        (
+            aid,
+            result.kind,
+            datetime.now(UTC).replace(tzinfo=None),
+            SCHEMA_VERSION,
+            doc["base"],
+            _targets(doc),
+            taus,
+            doc["mode"] == "relative",
+            result.family,
+            result.device,
+            list(BIN_EDGES),
+            json.dumps(doc),
+        )
+    ]
     for d in result.details:
         t, run, name = d["row"], d["run"], d["name"]
-        rows["tensors"].append((aid, run, name, t["source"], t["layer"], t["block"], t["matrix"], t["expert"], t["shape"],
-                                t["numel"], t["dtype"], t.get("norm_delta"), t.get("norm_base"), t.get("max_abs_delta"),
-                                d.get("sum_abs_delta"), t.get("rank"), t.get("full_rank"), t.get("rank_pct"),
-                                t.get("effective_rank"), t.get("stable_rank"), t.get("rank90"), t.get("rank99")))
+        rows["tensors"].append(
+            (
+                aid,
+                run,
+                name,
+                t["source"],
+                t["layer"],
+                t["block"],
+                t["matrix"],
+                t["expert"],
+                t["shape"],
+                t["numel"],
+                t["dtype"],
+                t.get("norm_delta"),
+                t.get("norm_base"),
+                t.get("max_abs_delta"),
+                d.get("sum_abs_delta"),
+                t.get("rank"),
+                t.get("full_rank"),
+                t.get("rank_pct"),
+                t.get("effective_rank"),
+                t.get("stable_rank"),
+                t.get("rank90"),
+                t.get("rank99"),
+            )
+        )
         if result.kind == "pair":
             for mode in ("abs", "rel"):
-                rows["changed"] += [(aid, run, name, mode, tau, c) for tau, c in zip(taus, d[f"changed_{mode}"])]
+                rows["changed"] += [
+                    (aid, run, name, mode, tau, c) for tau, c in zip(taus, d[f"changed_{mode}"])
+                ]
                 rows["histograms"].append((aid, run, name, mode, d[f"hist_{mode}"]))
             if "spectrum" in d:
                 rows["spectra"].append((aid, run, name, *d["spectrum"]))
             if "update_map" in d:
                 m = d["update_map"]
-                rows["update_maps"].append((aid, run, name, taus[0], m["grid_rows"], m["grid_cols"], m["cells"],
-                                            m["row_frac"], m["col_frac"], m["head_frac"]))
+                rows["update_maps"].append(
+                    (
+                        aid,
+                        run,
+                        name,
+                        taus[0],
+                        m["grid_rows"],
+                        m["grid_cols"],
+                        m["cells"],
+                        m["row_frac"],
+                        m["col_frac"],
+                        m["head_frac"],
+                    )
+                )
         elif result.kind == "overlap":
             _overlap_rows(rows, aid, name, t, d["patterns"], len(doc["runs"]), taus[0], mode)
         else:
@@ -64,17 +126,32 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
 
 
 def _overlap_rows(rows, aid, name, fig, patterns, runs, tau, mode):
-    rows["overlap_regions"] += [(aid, name, "".join("1" if code >> k & 1 else "0" for k in range(runs)), n)
-                                for code, n in enumerate(patterns)]
-    rows["overlap_pairs"] += [(aid, name, p["a"], p["b"], p["both"], p["o1"], p["o2"], p["baseline1"], p["baseline2"],
-                               p["jaccard"]) for p in fig["pairs"]]
+    rows["overlap_regions"] += [
+        (aid, name, "".join("1" if code >> k & 1 else "0" for k in range(runs)), n)
+        for code, n in enumerate(patterns)
+    ]
+    rows["overlap_pairs"] += [
+        (aid, name, p["a"], p["b"], p["both"], p["o1"], p["o2"], p["baseline1"], p["baseline2"], p["jaccard"])
+        for p in fig["pairs"]
+    ]
     if name != "*":
         rows["changed"] += [(aid, run, name, mode, tau, c) for run, c in enumerate(fig["changed"])]
 
 
 def _series_rows(rows, aid, name, fig):
-    rows["series_steps"] += [(aid, name, i, s["checkpoint"], s["changed"], s["outside_final"], s["transient_fraction"],
-                              s["relative_l2"]) for i, s in enumerate(fig["steps"])]
+    rows["series_steps"] += [
+        (
+            aid,
+            name,
+            i,
+            s["checkpoint"],
+            s["changed"],
+            s["outside_final"],
+            s["transient_fraction"],
+            s["relative_l2"],
+        )
+        for i, s in enumerate(fig["steps"])
+    ]
     c = fig["categories"]
     rows["series_categories"].append((aid, name, c["consistent"], c["transient"], c["untouched"]))
 

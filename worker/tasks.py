@@ -6,6 +6,7 @@ broker restarts) and past `max_attempts` the task gives up with a reason instead
 Expected failures are returned as {"status": "failed", "error": {code, message}}; the API turns
 the return value into the analysis status.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from celery.exceptions import SoftTimeLimitExceeded
 
-from worker.celery_app import ANALYSIS_TASK, MERGE_TASK, PART_TASK, celery_app
-from worker.errors import InputError
-from worker.settings import get_settings
+from deltalens.worker.celery_app import ANALYSIS_TASK, MERGE_TASK, PART_TASK, celery_app
+from deltalens.worker.errors import InputError
+from deltalens.worker.settings import get_settings
 
 
 class Cancelled(Exception):
@@ -67,10 +67,19 @@ class _Progress:
         self.last = now
         elapsed = now - self.started
         eta = elapsed / done * (total - done) if done else None
-        self.task.update_state(state="PROGRESS", meta={
-            "progress": done / total if total else 0.0, "bytes_done": done, "bytes_total": total,
-            "tensors_done": self.tensors_done, "tensors_total": self.tensors_total, "tensor": name,
-            "elapsed_s": elapsed, "eta_s": eta})
+        self.task.update_state(
+            state="PROGRESS",
+            meta={
+                "progress": done / total if total else 0.0,
+                "bytes_done": done,
+                "bytes_total": total,
+                "tensors_done": self.tensors_done,
+                "tensors_total": self.tensors_total,
+                "tensor": name,
+                "elapsed_s": elapsed,
+                "eta_s": eta,
+            },
+        )
 
 
 def _attempt(key: str) -> dict | None:
@@ -78,18 +87,22 @@ def _attempt(key: str) -> dict | None:
     settings = get_settings()
     attempts = _count_attempt(key)
     if attempts > settings.max_attempts:
-        return {"status": "failed", "error": {
-            "code": "worker_lost",
-            "message": f"the worker stopped {attempts - 1} times while running this analysis "
-                       f"(killed or out of memory); gave up after {settings.max_attempts} attempts"}}
+        return {
+            "status": "failed",
+            "error": {
+                "code": "worker_lost",
+                "message": f"the worker stopped {attempts - 1} times while running this analysis "
+                f"(killed or out of memory); gave up after {settings.max_attempts} attempts",
+            },
+        }
     return None
 
 
 def _run(task, analysis_id: str, kind: str, paths: list[str], opts, publish) -> dict:
     """Run the analysis with progress and cancellation; `publish(result)` stores it. Expected
     failures come back as {"status": "failed" | "cancelled", ...}."""
-    from worker.analyses import run_analysis
-    from worker.checkpoint import open_checkpoint
+    from deltalens.worker.analyses import run_analysis
+    from deltalens.worker.checkpoint import open_checkpoint
 
     settings = get_settings()
     try:
@@ -99,22 +112,35 @@ def _run(task, analysis_id: str, kind: str, paths: list[str], opts, publish) -> 
     except Cancelled:
         return {"status": "cancelled"}
     except SoftTimeLimitExceeded:
-        return {"status": "failed", "error": {"code": "time_limit", "message":
-                f"the analysis ran longer than DELTALENS_TASK_TIME_LIMIT ({settings.task_time_limit} s)"}}
+        return {
+            "status": "failed",
+            "error": {
+                "code": "time_limit",
+                "message": f"the analysis ran longer than DELTALENS_TASK_TIME_LIMIT ({settings.task_time_limit} s)",
+            },
+        }
     except InputError as e:
         return {"status": "failed", "error": {"code": "invalid_checkpoint", "message": str(e)}}
     return {"status": "done"}
 
 
 def _options(taus, relative, rank, names=None):
-    from worker.analyses import Options
+    from deltalens.worker.analyses import Options
+
     return Options(taus=taus, relative=relative, rank=rank, device=get_settings().device, names=names)
 
 
 @celery_app.task(name=ANALYSIS_TASK, bind=True)
-def run_analysis_task(self, analysis_id: str, kind: str, paths: list[str], taus: list[float],
-                      relative: bool = False, rank: bool = True) -> dict:
-    from worker.store import write_artifact
+def run_analysis_task(
+    self,
+    analysis_id: str,
+    kind: str,
+    paths: list[str],
+    taus: list[float],
+    relative: bool = False,
+    rank: bool = True,
+) -> dict:
+    from deltalens.worker.store import write_artifact
 
     artifact = artifact_path(analysis_id)
     if artifact.exists():
@@ -123,8 +149,14 @@ def run_analysis_task(self, analysis_id: str, kind: str, paths: list[str], taus:
         return {"status": "cancelled"}
     if gave_up := _attempt(analysis_id):
         return gave_up
-    outcome = _run(self, analysis_id, kind, paths, _options(taus, relative, rank),
-                   lambda result: write_artifact(result, artifact, analysis_id))
+    outcome = _run(
+        self,
+        analysis_id,
+        kind,
+        paths,
+        _options(taus, relative, rank),
+        lambda result: write_artifact(result, artifact, analysis_id),
+    )
     return {**outcome, "artifact": str(artifact)} if outcome["status"] == "done" else outcome
 
 
@@ -137,8 +169,16 @@ def _plain(x):
 
 
 @celery_app.task(name=PART_TASK, bind=True)
-def run_part_task(self, analysis_id: str, part: int, paths: list[str], names: list[str], taus: list[float],
-                  relative: bool = False, rank: bool = True) -> dict:
+def run_part_task(
+    self,
+    analysis_id: str,
+    part: int,
+    paths: list[str],
+    names: list[str],
+    taus: list[float],
+    relative: bool = False,
+    rank: bool = True,
+) -> dict:
     """One shard group of a pair analysis: its per-matrix details, written to results/<id>.parts/<part>.json."""
     out = parts_folder(analysis_id) / f"{part}.json"
     if out.exists():
@@ -150,23 +190,37 @@ def run_part_task(self, analysis_id: str, part: int, paths: list[str], names: li
     started = time.time()
 
     def publish(result) -> None:
-        record = {"details": result.details, "skipped": result.document["skipped"], "family": result.family,
-                  "device": result.device, "worker": f"{socket.gethostname()}:{os.getpid()}",
-                  "seconds": time.time() - started}
+        record = {
+            "details": result.details,
+            "skipped": result.document["skipped"],
+            "family": result.family,
+            "device": result.device,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "seconds": time.time() - started,
+        }
         tmp = out.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(record, default=_plain))
         os.replace(tmp, out)  # a part is there whole or not at all
 
-    return {**_run(self, analysis_id, "pair", paths, _options(taus, relative, rank, names), publish), "part": part}
+    return {
+        **_run(self, analysis_id, "pair", paths, _options(taus, relative, rank, names), publish),
+        "part": part,
+    }
 
 
 @celery_app.task(name=MERGE_TASK)
-def merge_parts_task(outcomes: list[dict], analysis_id: str, paths: list[str], taus: list[float],
-                     relative: bool = False, rank: bool = True) -> dict:
+def merge_parts_task(
+    outcomes: list[dict],
+    analysis_id: str,
+    paths: list[str],
+    taus: list[float],
+    relative: bool = False,
+    rank: bool = True,
+) -> dict:
     """Chord callback: the parts' details in tensor order -> the same artifact one worker would publish."""
-    from worker.analyses import pair_result
-    from worker.checkpoint import open_checkpoint
-    from worker.store import write_artifact
+    from deltalens.worker.analyses import pair_result
+    from deltalens.worker.checkpoint import open_checkpoint
+    from deltalens.worker.store import write_artifact
 
     artifact = artifact_path(analysis_id)
     if artifact.exists():
@@ -174,14 +228,29 @@ def merge_parts_task(outcomes: list[dict], analysis_id: str, paths: list[str], t
     for outcome in outcomes:
         if outcome["status"] != "done":
             return outcome
-    parts = [json.loads((parts_folder(analysis_id) / f"{o['part']}.json").read_text())
-             for o in sorted(outcomes, key=lambda o: o["part"])]
+    parts = [
+        json.loads((parts_folder(analysis_id) / f"{o['part']}.json").read_text())
+        for o in sorted(outcomes, key=lambda o: o["part"])
+    ]
     order = {n: i for i, n in enumerate(parts[0]["order"])} if "order" in parts[0] else None
     order = {name: i for i, name in enumerate(open_checkpoint(paths[0]).names())}  # the one-pass order
     details = sorted((d for p in parts for d in p["details"]), key=lambda d: order[d["row"]["source"]])
-    result = pair_result(paths[0], paths[1], _options(taus, relative, rank), details, parts[0]["skipped"],
-                         parts[0]["family"], parts[0]["device"])
+    result = pair_result(
+        paths[0],
+        paths[1],
+        _options(taus, relative, rank),
+        details,
+        parts[0]["skipped"],
+        parts[0]["family"],
+        parts[0]["device"],
+    )
     write_artifact(result, artifact, analysis_id)
     shutil.rmtree(parts_folder(analysis_id), ignore_errors=True)
-    return {"status": "done", "artifact": str(artifact),
-            "parts": [{"worker": p["worker"], "seconds": round(p["seconds"], 3), "matrices": len(p["details"])} for p in parts]}
+    return {
+        "status": "done",
+        "artifact": str(artifact),
+        "parts": [
+            {"worker": p["worker"], "seconds": round(p["seconds"], 3), "matrices": len(p["details"])}
+            for p in parts
+        ],
+    }

@@ -1,4 +1,5 @@
 """Analyses: create, follow, cancel, delete — and read their results."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from backend import masks, results
-from backend.deps import CatalogDep, JobsDep, WriteAccess
-from backend.errors import WRITE, ApiError, ErrorOut, errors, found, link
-from backend.routes.checkpoints import Created
+from deltalens.backend import masks, results
+from deltalens.backend.deps import CatalogDep, JobsDep, WriteAccess
+from deltalens.backend.errors import WRITE, ApiError, ErrorOut, errors, found, link
+from deltalens.backend.routes.checkpoints import Created
 
 router = APIRouter(prefix="/api", tags=["analyses"])
 Mode = Literal["abs", "rel"]
@@ -53,18 +54,32 @@ TO_ANALYSIS = {
 
 def status_of(job: dict) -> dict:
     error = {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None
-    return {"id": job["id"], "kind": job["kind"], "status": job["status"], "progress": job["progress"], "error": error,
-            "checkpoints": job["checkpoints"], "taus": job["taus"], "relative": job["relative"],
-            "created_at": job["created_at"].isoformat() + "Z", "updated_at": job["updated_at"].isoformat() + "Z",
-            "detail": json.loads(job["detail"]) if job["detail"] else None}
+    return {
+        "id": job["id"],
+        "kind": job["kind"],
+        "status": job["status"],
+        "progress": job["progress"],
+        "error": error,
+        "checkpoints": job["checkpoints"],
+        "taus": job["taus"],
+        "relative": job["relative"],
+        "created_at": job["created_at"].isoformat() + "Z",
+        "updated_at": job["updated_at"].isoformat() + "Z",
+        "detail": json.loads(job["detail"]) if job["detail"] else None,
+    }
 
 
 def _job(catalog, aid: str) -> dict:
     return found(catalog.job(aid), "analysis", aid)
 
 
-@router.post("/analyses", status_code=202, dependencies=WriteAccess, response_model=Created,
-             responses={**WRITE, **errors(404), 202: {"links": TO_ANALYSIS}})
+@router.post(
+    "/analyses",
+    status_code=202,
+    dependencies=WriteAccess,
+    response_model=Created,
+    responses={**WRITE, **errors(404), 202: {"links": TO_ANALYSIS}},
+)
 def create(body: AnalysisIn, jobs: JobsDep) -> dict:
     return {"id": jobs.submit(body.kind, body.checkpoints, body.taus, body.relative, body.rank)}
 
@@ -79,14 +94,20 @@ def get_analysis(aid: str, catalog: CatalogDep) -> dict:
     return status_of(_job(catalog, aid))
 
 
-@router.post("/analyses/{aid}/cancel", dependencies=WriteAccess, response_model=AnalysisOut,
-             responses={**WRITE, **errors(404, 409)})
+@router.post(
+    "/analyses/{aid}/cancel",
+    dependencies=WriteAccess,
+    response_model=AnalysisOut,
+    responses={**WRITE, **errors(404, 409)},
+)
 def cancel(aid: str, jobs: JobsDep, catalog: CatalogDep) -> dict:
     jobs.cancel(aid)
     return status_of(_job(catalog, aid))
 
 
-@router.delete("/analyses/{aid}", status_code=204, dependencies=WriteAccess, responses={**WRITE, **errors(404)})
+@router.delete(
+    "/analyses/{aid}", status_code=204, dependencies=WriteAccess, responses={**WRITE, **errors(404)}
+)
 def delete(aid: str, jobs: JobsDep) -> Response:
     jobs.delete(aid)
     return Response(status_code=204)
@@ -106,7 +127,9 @@ def summary(aid: str, catalog: CatalogDep) -> dict:
 
 
 @router.get("/analyses/{aid}/heatmap", responses=NOT_READY)
-def heatmap(aid: str, catalog: CatalogDep, metric: str = "sparsity", tau: float = 1e-5, mode: Mode = "abs") -> dict:
+def heatmap(
+    aid: str, catalog: CatalogDep, metric: str = "sparsity", tau: float = 1e-5, mode: Mode = "abs"
+) -> dict:
     """Layer × matrix type grid of a metric; τ snaps to the nearest histogram edge."""
     return results.heatmap(catalog, aid, metric, tau, mode)
 
@@ -151,32 +174,59 @@ def overlap(aid: str, catalog: CatalogDep) -> dict:
         raise ApiError(409, "wrong_kind", f"analysis {aid} is a {doc['kind']}, not an overlap")
     per_layer = {}
     for t in doc["tensors"]:
-        layer = per_layer.setdefault(t["layer"], {"layer": t["layer"], "numel": 0, "changed": [0] * len(doc["runs"]),
-                                                  "both": [0] * len(t["pairs"])})
+        layer = per_layer.setdefault(
+            t["layer"],
+            {
+                "layer": t["layer"],
+                "numel": 0,
+                "changed": [0] * len(doc["runs"]),
+                "both": [0] * len(t["pairs"]),
+            },
+        )
         layer["numel"] += t["numel"]
         layer["changed"] = [a + b for a, b in zip(layer["changed"], t["changed"])]
         layer["both"] = [a + p["both"] for a, p in zip(layer["both"], t["pairs"])]
-    return {"runs": doc["runs"], "tau": doc["tau"], "summary": doc["summary"],
-            "layers": sorted(per_layer.values(), key=lambda r: (r["layer"] is None, r["layer"] or 0))}
+    return {
+        "runs": doc["runs"],
+        "tau": doc["tau"],
+        "summary": doc["summary"],
+        "layers": sorted(per_layer.values(), key=lambda r: (r["layer"] is None, r["layer"] or 0)),
+    }
 
 
 @router.get("/compare", responses=NOT_READY)
-def compare(catalog: CatalogDep, ids: str = Query(description="comma-separated pair analysis ids"),
-            tau: float = 1e-5, mode: Mode = "abs") -> dict:
+def compare(
+    catalog: CatalogDep,
+    ids: str = Query(description="comma-separated pair analysis ids"),
+    tau: float = 1e-5,
+    mode: Mode = "abs",
+) -> dict:
     return results.compare(catalog, [i for i in ids.split(",") if i], tau, mode)
 
 
-@router.get("/analyses/{aid}/mask", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                       **errors(404, 409)})
-def mask(aid: str, catalog: CatalogDep, tau: float | None = None, relative: bool | None = None,
-         format: Literal["bool", "packed"] = "bool",
-         run: int = Query(-1, description="which target/run/checkpoint (default: the last one)")) -> StreamingResponse:
+@router.get(
+    "/analyses/{aid}/mask",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        **errors(404, 409),
+    },
+)
+def mask(
+    aid: str,
+    catalog: CatalogDep,
+    tau: float | None = None,
+    relative: bool | None = None,
+    format: Literal["bool", "packed"] = "bool",
+    run: int = Query(-1, description="which target/run/checkpoint (default: the last one)"),
+) -> StreamingResponse:
     """The update mask (|Δ| > τ per weight) as safetensors, for sparse fine-tuning of the subnetwork."""
     job = _job(catalog, aid)
     ids = job["checkpoints"]
     if not -len(ids) < run < len(ids) or run % len(ids) == 0:
-        raise ApiError(422, "invalid_request", f"run must pick one of the {len(ids) - 1} checkpoints after the base")
+        raise ApiError(
+            422, "invalid_request", f"run must pick one of the {len(ids) - 1} checkpoints after the base"
+        )
     base, target = catalog.checkpoint(ids[0]), catalog.checkpoint(ids[run])
     if base is None or target is None:
         raise ApiError(409, "checkpoint_gone", "a checkpoint of this analysis is no longer registered")
@@ -185,5 +235,8 @@ def mask(aid: str, catalog: CatalogDep, tau: float | None = None, relative: bool
         raise ApiError(422, "invalid_request", "tau must be a finite number >= 0")
     relative = job["relative"] if relative is None else relative
     size, body = masks.mask_file(base["path"], target["path"], tau, relative, format == "packed")
-    headers = {"Content-Length": str(size), "Content-Disposition": f'attachment; filename="mask-{aid}-{format}.safetensors"'}
+    headers = {
+        "Content-Length": str(size),
+        "Content-Disposition": f'attachment; filename="mask-{aid}-{format}.safetensors"',
+    }
     return StreamingResponse(body, media_type="application/octet-stream", headers=headers)

@@ -1,4 +1,5 @@
 """Short links: a code for a dashboard URL (path + query = the whole view state)."""
+
 from __future__ import annotations
 
 import secrets
@@ -8,21 +9,25 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 
-from backend.deps import CatalogDep, WriteAccess
-from backend.errors import WRITE, ApiError, found
+from deltalens.backend.deps import CatalogDep, WriteAccess
+from deltalens.backend.errors import WRITE, ApiError, found
 
 router = APIRouter(tags=["links"])
 
 
 class LinkIn(BaseModel):
-    url: str = Field(max_length=4000, description="a dashboard path with its query, e.g. /analyses/ab12?tau=1e-4")
+    url: str = Field(
+        max_length=4000, description="a dashboard path with its query, e.g. /analyses/ab12?tau=1e-4"
+    )
 
 
 @router.post("/api/links", status_code=201, dependencies=WriteAccess, responses=WRITE)
 def create_link(body: LinkIn, request: Request, catalog: CatalogDep) -> dict:
     parts = urlsplit(body.url)
     if parts.scheme or parts.netloc or not parts.path.startswith("/"):
-        raise ApiError(422, "invalid_request", "url must be a path on this dashboard, e.g. /analyses/ab12?tau=1e-4")
+        raise ApiError(
+            422, "invalid_request", "url must be a path on this dashboard, e.g. /analyses/ab12?tau=1e-4"
+        )
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     # 128 random bits: a code says nothing about its view and cannot be guessed or enumerated
     code = catalog.link_code(path) or catalog.add_link(secrets.token_urlsafe(16), path)
