@@ -95,7 +95,8 @@ def main() -> None:
                     context.close()
                 browser.close()
     print(
-        f"{args.layers}-layer Llama (hidden {args.hidden}); median of {args.repeat}, a fresh browser context each (no cache)"
+        f"{args.layers}-layer Llama (hidden {args.hidden}); median of {args.repeat}, a fresh "
+        f"browser context each (no cache)"
     )
     print(f"{'time to first heatmap (navigation -> drawn)':46} {statistics.median(page_times):6.2f} s")
     print(f"{'baseline: the 4 API requests behind it':46} {statistics.median(api_times):6.2f} s")

@@ -66,7 +66,8 @@ def main() -> None:
         times[label] = (time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30)
     name = torch.cuda.get_device_name(args.device)
     print(
-        f"{args.shape}-shaped bf16 pair: {layers} layers, {gb:.1f} GB read, {len(doc['tensors'])} matrices; {name}"
+        f"{args.shape}-shaped bf16 pair: {layers} layers, {gb:.1f} GB read, {len(doc['tensors'])} "
+        f"matrices; {name}"
     )
     print(f"{'':6} {'wall s':>8} {'GB/s':>7} {'peak GPU GiB':>13}")
     print(f"{'read':6} {read:8.2f} {gb / read:7.2f} {'':>13}")

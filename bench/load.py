@@ -347,7 +347,8 @@ def main() -> None:
         tmp = Path(tmp)
         if args.skip != "load":
             print(
-                f"1. {args.readers} readers for {args.duration:.0f} s while new analyses run and are ingested ...",
+                f"1. {args.readers} readers for {args.duration:.0f} s while new analyses run and "
+                f"are ingested ...",
                 file=sys.stderr,
             )
             report["load"] = readers_under_load(tmp, args.readers, args.duration)
@@ -361,8 +362,10 @@ def main() -> None:
     if "load" in report:
         ld = report["load"]
         print(
-            f"\n1. readers under load: {ld['readers']} readers, think {THINK[0]}-{THINK[1]} s, {ld['duration_s']} s, "
-            f"{ld['requests']} requests ({ld['requests_per_s']}/s), {ld['analyses_ingested_during_window']} analyses "
+            f"\n1. readers under load: {ld['readers']} readers, think {THINK[0]}-{THINK[1]} s, "
+            f"{ld['duration_s']} s, "
+            f"{ld['requests']} requests ({ld['requests_per_s']}/s), "
+            f"{ld['analyses_ingested_during_window']} analyses "
             f"ingested during the window ({ld['model']}); {report['cpu_cores']} CPU cores"
         )
         print(f"   {'':10} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}")
@@ -400,7 +403,8 @@ def main() -> None:
             for k in ("heatmap", "tensor"):
                 p = sc[phase][k]
                 print(
-                    f"   {label + ' ' + k:28.28} {p['n']:6} {p['p50_ms']:8} {p['p95_ms']:8} {p['p99_ms']:8} {p['max_ms']:8}"
+                    f"   {label + ' ' + k:28.28} {p['n']:6} {p['p50_ms']:8} {p['p95_ms']:8} "
+                    f"{p['p99_ms']:8} {p['max_ms']:8}"
                 )
         for phase in ("first_read", "sequential", "concurrent"):
             for k in ("heatmap", "tensor"):

@@ -262,7 +262,8 @@ def main() -> None:
         print(f"{label:12} {t:8.2f} {gb / t:7.2f} {shown} {t / best['read'][0]:7.2f}  {ratio}")
     for label in skipped:
         print(
-            f"{label:12} not run: both state dicts ({gb:.1f} GB) would not fit in {ram / 2**30:.0f} GiB of RAM"
+            f"{label:12} not run: both state dicts ({gb:.1f} GB) would not fit in {ram / 2**30:.0f} "
+            f"GiB of RAM"
         )
     e = best["engine"][0]
     print(f"engine: {e / best['read'][0]:.2f}x the read cost (target <= 3x)", end="")
@@ -274,14 +275,16 @@ def main() -> None:
         )
     if "naive+rank" in best:
         print(
-            f"; with rank {best['naive+rank'][0] / best['engine+rank'][0]:.2f}x faster than naive+matrix_rank "
+            f"; with rank {best['naive+rank'][0] / best['engine+rank'][0]:.2f}x faster than "
+            f"naive+matrix_rank "
             f"(target >= 1x) while returning full spectra",
             end="",
         )
     print()
     if "naive" in changed and changed["naive"] != changed["engine"]:
         print(
-            f"note: counts differ by {changed['engine'] - changed['naive']}: the naive loop subtracts in float32, "
+            f"note: counts differ by {changed['engine'] - changed['naive']}: the naive loop "
+            f"subtracts in float32, "
             "which rounds when a tiny weight meets a large one; the engine's float64 Δ is exact"
         )
 

@@ -30,7 +30,8 @@ def main() -> None:
         rows.append(
             (
                 "header fuzzing vs safetensors.safe_open: cases / disagreements",
-                f"{d['cases']:,} / {d['disagreements']} ({d['accepted']:,} accepted, {d['rejected']:,} refused by both, "
+                f"{d['cases']:,} / {d['disagreements']} ({d['accepted']:,} accepted, "
+                f"{d['rejected']:,} refused by both, "
                 f"{d['policy_rejected']:,} refused by policy)",
             )
         )
@@ -38,7 +39,8 @@ def main() -> None:
         rows.append(
             (
                 "Schemathesis: operations / requests / failures / 5xx",
-                f"{d['operations']} / {d['requests']:,} ({d['stateful_requests']} stateful) / {d['failures']} / "
+                f"{d['operations']} / {d['requests']:,} ({d['stateful_requests']} stateful) / "
+                f"{d['failures']} / "
                 f"{sum(n for code, n in d['status_codes'].items() if code.startswith('5'))}",
             )
         )
@@ -50,8 +52,10 @@ def main() -> None:
             (
                 "worker pool process SIGKILLed at a random point of a running analysis",
                 f"{len(landed)} kills landed mid-analysis (at {min(r['kill_after_s'] for r in landed)}–"
-                f"{max(r['kill_after_s'] for r in landed)} s of a {d['running_span_s']} s run); all {ok}/{d['runs']} "
-                f"runs done, exact, never partial; retry finished in median {recovered[len(recovered) // 2]} s",
+                f"{max(r['kill_after_s'] for r in landed)} s of a {d['running_span_s']} s run); all "
+                f"{ok}/{d['runs']} "
+                f"runs done, exact, never partial; retry finished in median "
+                f"{recovered[len(recovered) // 2]} s",
             )
         )
     for name, what, check in (
@@ -86,7 +90,8 @@ def main() -> None:
         lo = d["load"]
         rows.append(
             (
-                f"{lo['readers']} readers, {lo['duration_s']:.0f} s, worker publishing ({lo['analyses_ingested_during_window']} ingested)",
+                f"{lo['readers']} readers, {lo['duration_s']:.0f} s, worker publishing "
+                f"({lo['analyses_ingested_during_window']} ingested)",
                 f"{lo['requests']:,} requests, {lo['errors']} errors, p50 {lo['all']['p50_ms']:.1f} ms, "
                 f"p95 {lo['all']['p95_ms']:.1f} ms, p99 {lo['all']['p99_ms']:.1f} ms",
             )

@@ -105,7 +105,8 @@ def main() -> None:
             api.wait(20)
     mib = size / (1 << 20)
     print(
-        f"upload of a {mib / 1024:.1f} GiB safetensors file in {args.chunk_mib} MiB chunks over loopback, {os.cpu_count()} cores"
+        f"upload of a {mib / 1024:.1f} GiB safetensors file in {args.chunk_mib} MiB chunks over "
+        f"loopback, {os.cpu_count()} cores"
     )
     print(f"{'':34} {'seconds':>8} {'MiB/s':>8}")
     print(f"{'API upload (chunks sent)':34} {sent:8.2f} {mib / sent:8.0f}")
@@ -113,7 +114,8 @@ def main() -> None:
     print(f"{'baseline: read + sha256 + write':34} {baseline:8.2f} {mib / baseline:8.0f}")
     print(f"throughput ratio upload/baseline: {baseline / total:.2f}")
     print(
-        f"API resident memory: idle {idle / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB (+{(peak - idle) / 1024:.0f} MiB during the upload)"
+        f"API resident memory: idle {idle / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB "
+        f"(+{(peak - idle) / 1024:.0f} MiB during the upload)"
     )
 
 

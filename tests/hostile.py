@@ -152,7 +152,8 @@ CASES = [
         "duplicate_keys",
         lambda p: raw_safetensors(
             p,
-            '{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+            '{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+            '"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
             bytes(8),
         ),
         "duplicate key 'w'",

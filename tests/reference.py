@@ -1,7 +1,7 @@
 """Independent float64 NumPy reference for every metric (does not use worker.kernels).
 
 Checkpoints are read with the `safetensors` library (not the engine's reader) and every figure
-is recomputed here from the definitions in ARCHITECTURE.md.
+is recomputed here from the definitions in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

@@ -151,7 +151,8 @@ def test_validator_agrees_with_the_reference_loader(tmp_path, content):
     if ours != theirs and not policy:
         COUNTS["disagreements"] += 1
     assert ours == theirs or policy, (
-        f"read_header {'accepts' if ours else 'refuses'} what safe_open {'refuses' if ours else 'reads'}: {content[:300]!r}"
+        f"read_header {'accepts' if ours else 'refuses'} what safe_open "
+        f"{'refuses' if ours else 'reads'}: {content[:300]!r}"
     )
 
 

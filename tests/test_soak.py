@@ -1,4 +1,4 @@
-"""Fault loops (ARCHITECTURE.md invariant 5) with figures: SIGKILLs of the worker at random
+"""Fault loops (docs/ARCHITECTURE.md invariant 5) with figures: SIGKILLs of the worker at random
 points, Redis killed with jobs queued, the API killed during an upload and during ingestion, the
 data volume full during an upload. Every run must end with each job done exactly once, with the
 engine's exact numbers, and nothing partial visible at any time.
@@ -210,7 +210,7 @@ def _summary_without_rank(client, aid, expected) -> bool:
 
 
 def _upload_with_api_kill(client: httpx.Client, api: Api, path: Path, chunk: int) -> dict:
-    """Upload `path` in chunks; SIGKILL the API while a random chunk is on the wire; restart; resume; complete."""
+    """Upload `path` in chunks; SIGKILL the API while a chunk is on the wire; restart; resume; complete."""
     size = path.stat().st_size
     sid = client.post(
         "/api/uploads", json={"name": "soak", "files": [{"name": path.name, "size": size}]}

@@ -148,7 +148,8 @@ class PickledStateDict:
         except (RuntimeError, EOFError, ValueError, OSError) as e:
             raise InputError(
                 path,
-                f"cannot read as a torch state dict: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
+                f"cannot read as a torch state dict: "
+                f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
             ) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]

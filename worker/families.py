@@ -239,7 +239,7 @@ def parts_of(name: str, shape: tuple[int, ...], family: str, layout: Layout) -> 
     layer_match, expert_match = _LAYER.search("." + name), _EXPERT.search("." + name)
     layer = int(layer_match.group(1)) if layer_match else None
     expert = int(expert_match.group(1)) if expert_match else None
-    for pattern, block, matrix, split in FAMILIES[family] + _FALLBACK:
+    for pattern, block, matrix, split in FAMILIES[family] + _FALLBACK:  # noqa: B007 (used after break)
         if re.search(pattern, name):
             break
     else:

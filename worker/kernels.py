@@ -1,6 +1,6 @@
 """Per-tensor metric kernels (torch; CPU or CUDA), fed one row chunk at a time.
 
-Exactness rules (ARCHITECTURE.md invariant 3):
+Exactness rules (docs/ARCHITECTURE.md invariant 3):
   * Δ = t − b, |Δ| > τ and |Δ| > τ·|b| are evaluated in float64 for every input dtype: the same
     IEEE operations as a float64 NumPy reference, so counts agree to the last weight. (float32 is
     not enough: bf16 0.01 minus bf16 -1e-7 rounds in float32 and lands on a bin edge.)

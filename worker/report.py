@@ -110,7 +110,8 @@ def overlap_summary(doc: dict) -> str:
     ]
     return "\n".join(
         [
-            f"overlap  base {doc['base']}, {len(doc['runs'])} runs, τ={doc['tau']:g}, {s['numel']:,} parameters",
+            f"overlap  base {doc['base']}, {len(doc['runs'])} runs, τ={doc['tau']:g}, "
+            f"{s['numel']:,} parameters",
             "",
             _table(["#", "run", "changed", "sparsity"], runs),
             "",

@@ -152,13 +152,15 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
     if end > data_len:
         raise InputError(
             path,
-            f"tensor {shown!r}: data_offsets [{begin}, {end}] out of bounds (data section is {data_len} bytes; file truncated?)",
+            f"tensor {shown!r}: data_offsets [{begin}, {end}] out of bounds (data section is "
+            f"{data_len} bytes; file truncated?)",
         )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise InputError(
             path,
-            f"tensor {shown!r}: shape {shape} x {dtype} needs {expected} bytes but data_offsets span {end - begin}",
+            f"tensor {shown!r}: shape {shape} x {dtype} needs {expected} bytes but data_offsets "
+            f"span {end - begin}",
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 

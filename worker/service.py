@@ -23,7 +23,6 @@ import warnings
 from pathlib import Path
 
 API_APP = "deltalens.backend.app:app"
-TASKS_APP = "deltalens.worker.tasks"
 CLI = "deltalens.worker.cli"
 
 

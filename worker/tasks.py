@@ -116,7 +116,8 @@ def _run(task, analysis_id: str, kind: str, paths: list[str], opts, publish) -> 
             "status": "failed",
             "error": {
                 "code": "time_limit",
-                "message": f"the analysis ran longer than DELTALENS_TASK_TIME_LIMIT ({settings.task_time_limit} s)",
+                "message": "the analysis ran longer than DELTALENS_TASK_TIME_LIMIT "
+                f"({settings.task_time_limit} s)",
             },
         }
     except InputError as e:
@@ -179,7 +180,7 @@ def run_part_task(
     relative: bool = False,
     rank: bool = True,
 ) -> dict:
-    """One shard group of a pair analysis: its per-matrix details, written to results/<id>.parts/<part>.json."""
+    """One shard group of a pair analysis: its per-matrix details, in results/<id>.parts/<part>.json."""
     out = parts_folder(analysis_id) / f"{part}.json"
     if out.exists():
         return {"status": "done", "part": part}
