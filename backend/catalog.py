@@ -24,12 +24,13 @@ from typing import Any
 
 import duckdb
 
-from deltalens.worker.contract import SCHEMA_SQL, TABLES
+from deltalens.worker.contract import SCHEMA_SQL, TABLES, TERMINAL
 
 CATALOG_SQL = """
 CREATE TABLE IF NOT EXISTS checkpoints (
     id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, source VARCHAR NOT NULL,   -- upload | path
-    path VARCHAR NOT NULL, files JSON NOT NULL, bytes BIGINT NOT NULL, sha256 VARCHAR, created_at TIMESTAMP NOT NULL
+    path VARCHAR NOT NULL, files JSON NOT NULL, bytes BIGINT NOT NULL, sha256 VARCHAR,
+    created_at TIMESTAMP NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, status VARCHAR NOT NULL,
@@ -37,25 +38,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at TIMESTAMP NOT NULL, updated_at TIMESTAMP NOT NULL,
     progress DOUBLE NOT NULL DEFAULT 0, detail JSON, error_code VARCHAR, error_message VARCHAR
 );
-CREATE TABLE IF NOT EXISTS links (code VARCHAR PRIMARY KEY, url VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS links (
+    code VARCHAR PRIMARY KEY, url VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL
+);
 """
-JOB_FIELDS = (
-    "id",
-    "kind",
-    "status",
-    "checkpoints",
-    "taus",
-    "relative",
-    "rank",
-    "created_at",
-    "updated_at",
-    "progress",
-    "detail",
-    "error_code",
-    "error_message",
-)
 CHECKPOINT_FIELDS = ("id", "name", "source", "path", "files", "bytes", "sha256", "created_at")
-TERMINAL = ("done", "failed", "cancelled")
 # Result tables with one or a few rows per matrix. In the catalog they carry one more column,
 # tensor_key = '<analysis id>/<name>', with an ART index: a one-matrix lookup on that single key
 # is ~1 ms, where filtering analysis_id and name scans every stored update map (~10 ms).
@@ -216,7 +203,8 @@ class Catalog:
         t = now()
         with self.lock:
             self.db.execute(
-                "INSERT INTO jobs (id, kind, status, checkpoints, taus, relative, rank, created_at, updated_at) "
+                "INSERT INTO jobs "
+                "(id, kind, status, checkpoints, taus, relative, rank, created_at, updated_at) "
                 "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
                 [jid, kind, checkpoints, taus, relative, rank, t, t],
             )

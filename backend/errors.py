@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deltalens.backend.models import ErrorOut
 
 log = logging.getLogger("deltalens.api")
 
@@ -20,15 +21,6 @@ class ApiError(Exception):
         super().__init__(message)
 
 
-class ErrorOut(BaseModel):
-    """The body of every error response."""
-
-    code: str = Field(
-        description="machine-readable reason: not_found, invalid_request, wrong_kind, not_ready, ..."
-    )
-    message: str = Field(description="what went wrong, for people")
-
-
 # What each error status means here; routes declare the ones they can answer with `errors(...)`.
 ERRORS: dict[int, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": text}
@@ -37,8 +29,8 @@ ERRORS: dict[int, dict[str, Any]] = {
         401: "Hosted mode (DELTALENS_TOKEN set): this write needs 'Authorization: Bearer <token>'",
         403: "The path is outside DELTALENS_ALLOWED_ROOTS",
         404: "No such analysis, checkpoint, upload, file or tensor",
-        409: "Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, "
-        "offset gap, checkpoint gone)",
+        409: "Not possible in the resource's current state (not ready, wrong kind, already finished, "
+        "incomplete, offset gap, checkpoint gone)",
         413: "More bytes than DELTALENS_MAX_UPLOAD_BYTES or than the file's declared size",
         415: "A pickled checkpoint (refused) or a file type that is not weights or JSON metadata",
         422: "Invalid parameters, body or checkpoint content",

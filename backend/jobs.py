@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import threading
 import uuid
@@ -20,6 +19,7 @@ from celery import Celery, chord
 from deltalens.backend.catalog import Catalog
 from deltalens.backend.errors import ApiError, not_found
 from deltalens.worker.celery_app import ANALYSIS_TASK, MERGE_TASK, PART_TASK
+from deltalens.worker.contract import TAU_RULE, TERMINAL, valid_tau
 from deltalens.worker.settings import Settings
 
 log = logging.getLogger("deltalens.jobs")
@@ -44,8 +44,8 @@ class Jobs:
                 + (f" to {high}" if high != low else "")
                 + f" checkpoints (base first); got {len(checkpoint_ids)}",
             )
-        if not taus or any(not math.isfinite(t) or t < 0 for t in taus):
-            raise ApiError(422, "invalid_request", "taus must be finite numbers >= 0")
+        if not taus or not all(valid_tau(t) for t in taus):
+            raise ApiError(422, "invalid_request", f"taus: each {TAU_RULE}")
         paths = []
         for cid in checkpoint_ids:
             checkpoint = self.catalog.checkpoint(cid)
@@ -82,7 +82,7 @@ class Jobs:
         job = self.catalog.job(jid)
         if job is None:
             raise not_found("analysis", jid)
-        if job["status"] in ("done", "failed", "cancelled"):
+        if job["status"] in TERMINAL:
             raise ApiError(409, "already_finished", f"analysis {jid} is already {job['status']}")
         (self.settings.path("cancel") / jid).touch()  # the worker checks this between tensors
         self.catalog.update_job(jid, status="cancelled")
@@ -91,7 +91,7 @@ class Jobs:
         job = self.catalog.job(jid)
         if job is None:
             raise not_found("analysis", jid)
-        if job["status"] not in ("done", "failed", "cancelled"):
+        if job["status"] not in TERMINAL:
             (self.settings.path("cancel") / jid).touch()
         self.catalog.delete_job(jid)
         (self.settings.path("results") / f"{jid}.duckdb").unlink(missing_ok=True)

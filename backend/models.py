@@ -1,10 +1,459 @@
-"""Every JSON shape the API answers with: the pydantic response models, in one place."""
+"""Every JSON shape the API reads or answers with: the pydantic request and response models, in one place.
+
+The result document (`GET /api/analyses/{id}/result`) is exactly what the CLI's `--json` writes; its
+models name the fields of ARCHITECTURE.md's "CLI contract" and allow extra ones, so nothing is dropped.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel
+
+from deltalens.worker.contract import DEFAULT_TAU, Kind, Mode, Status, check_tau
+
+Tau = Annotated[float, Field(ge=0, description="tolerance τ (finite, >= 0)"), AfterValidator(check_tau)]
+FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # an uploaded file's name (checked by Uploads)
+# the catalog keeps naive UTC times; the API says so (RFC 3339, "...Z")
+UtcTime = Annotated[datetime, AfterValidator(lambda t: t if t.tzinfo else t.replace(tzinfo=UTC))]
+Layer = Annotated[int | None, Field(description="layer index; null for tensors outside the layers")]
 
 
+class Open(BaseModel):
+    """A part of the result document: the fields named here, and any others the engine adds."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# --- meta, errors ------------------------------------------------------------------------------
 class Health(BaseModel):
     status: str = Field(description="'ok' while the API serves")
     dashboard: bool = Field(description="whether this installation carries the built dashboard")
+
+
+class ErrorOut(BaseModel):
+    """The body of every error response."""
+
+    code: str = Field(
+        description="machine-readable reason: not_found, invalid_request, wrong_kind, not_ready, ..."
+    )
+    message: str = Field(description="what went wrong, for people")
+
+
+class Created(BaseModel):
+    id: str = Field(description="id of what was created")
+
+
+# --- checkpoints and uploads ---------------------------------------------------------------------
+class PathIn(BaseModel):
+    path: str = Field(
+        description="a checkpoint folder or .safetensors file under DELTALENS_ALLOWED_ROOTS",
+        max_length=4096,
+        pattern=r"^[^\x00]*$",
+    )
+
+
+class FileIn(BaseModel):
+    name: str = Field(
+        json_schema_extra={"pattern": FILE_NAME},  # checked by Uploads (422 invalid_name), not here
+        description=".safetensors weights or .json metadata",
+    )
+    size: int = Field(ge=0, description="bytes")
+
+
+class UploadIn(BaseModel):
+    name: str = Field("checkpoint", max_length=200)
+    files: list[FileIn] = Field(max_length=10_000)
+
+
+class UploadFileOut(FileIn):
+    received: int = Field(description="bytes of the file's contiguous prefix the server holds")
+
+
+class UploadOut(BaseModel):
+    id: str
+    name: str
+    files: list[UploadFileOut]
+    complete: bool = Field(description="every byte of every file is in")
+
+
+class ChunkOut(BaseModel):
+    name: str
+    received: int = Field(description="bytes of the file's contiguous prefix the server holds")
+    size: int
+
+
+class CheckpointFile(BaseModel):
+    name: str
+    size: int = Field(description="bytes")
+    sha256: str | None = Field(None, description="uploaded files only: their content's sha256 (blob name)")
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    name: str
+    source: Literal["upload", "path"] = Field(description="uploaded, or registered from a server path")
+    path: str = Field(description="where the checkpoint lies on the server")
+    files: list[CheckpointFile]
+    bytes: int = Field(description="total size of its files")
+    sha256: str | None = Field(description="uploads only: sha256 of the sorted (file name, sha256) list")
+    created_at: UtcTime
+
+
+# --- short links -------------------------------------------------------------------------------
+class LinkIn(BaseModel):
+    url: str = Field(
+        max_length=4000, description="a dashboard path with its query, e.g. /analyses/ab12?tau=1e-4"
+    )
+
+
+class LinkOut(BaseModel):
+    code: str
+    url: str = Field(description="the view's path and query")
+    short_url: str = Field(description="absolute URL that redirects to the view")
+
+
+# --- analyses ----------------------------------------------------------------------------------
+class AnalysisIn(BaseModel):
+    kind: Kind
+    checkpoints: list[str] = Field(description="checkpoint ids in the CLI's order: base first")
+    taus: list[Tau] = Field([DEFAULT_TAU], max_length=16)
+    relative: bool = Field(False, description="count |Δ| > τ·|base| instead of |Δ| > τ")
+    rank: bool = Field(True, description="compute update ranks (SVD) of 2-D tensors")
+
+
+class AnalysisOut(BaseModel):
+    id: str
+    kind: Kind
+    status: Status
+    progress: float = Field(description="0 … 1")
+    error: ErrorOut | None = Field(description="why it failed, when it did")
+    checkpoints: list[str]
+    taus: list[float]
+    relative: bool
+    created_at: str
+    updated_at: str
+    detail: dict[str, Any] | None = Field(description="the worker's latest progress report")
+
+
+# --- the result document (what `--json` writes) -------------------------------------------------
+class TauCount(BaseModel):
+    tau: float
+    count: int = Field(description="weights with |Δ| > τ (or > τ·|b| in relative mode)")
+
+
+class TauValue(BaseModel):
+    tau: float
+    value: float | None
+
+
+class SkippedTensor(Open):
+    name: str
+
+
+Skipped = Annotated[
+    dict[str, list[str | SkippedTensor]],
+    Field(description="tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric"),
+]
+
+
+class TensorRow(Open):
+    """One matrix (a fused tensor appears as its split parts) in the result document."""
+
+    name: str
+    source: str = Field(description="the stored tensor it is (a part of)")
+    layer: Layer
+    block: str
+    matrix: str = Field(
+        description="canonical matrix type: q k v o gate up down embed lm_head norm bias other"
+    )
+    expert: int | None
+    shape: list[int]
+    numel: int
+    dtype: str
+
+
+class PairTensor(TensorRow):
+    changed: list[TauCount]
+    sparsity: list[float | None]
+    norm_delta: float | None
+    norm_base: float | None
+    relative_change: float | None = Field(description="‖Δ‖₂ / ‖base‖₂")
+    max_abs_delta: float | None
+    mean_abs_delta: float | None
+    rank: int | None
+    full_rank: int | None
+    rank_pct: float | None
+    effective_rank: float | None
+    stable_rank: float | None
+    rank90: int | None
+    rank99: int | None
+
+
+class Group(Open):
+    """Parameter-weighted totals of one block, matrix type or layer (the group's key is its own field)."""
+
+    numel: int
+    changed: list[TauCount]
+
+
+class Similarity(Open):
+    tau: float
+    equal_share: float | None = Field(description="share of weights equal within τ")
+    relative_l2: float | None = Field(description="‖target − base‖₂ / ‖base‖₂")
+
+
+class PairFigures(Open):
+    numel: int
+    changed: list[TauCount]
+    sparsity: list[TauValue]
+    similarity: Similarity
+    mean_rank_pct: float | None
+    min_rank_pct: float | None
+    by_block: list[Group]
+    by_matrix: list[Group]
+    by_layer: list[Group]
+
+
+class SeriesStep(Open):
+    checkpoint: str
+    changed: int = Field(description="|M_t|")
+    outside_final: int = Field(description="|M_t ∧ ¬M_T|")
+    transient_fraction: float | None = Field(description="|M_t ∧ ¬M_T| / |M_t|")
+    relative_l2: float | None = Field(description="‖θ_t − θ0‖₂ / ‖θ0‖₂")
+
+
+class SeriesCategories(Open):
+    consistent: int = Field(description="|M_T|")
+    transient: int = Field(description="|(∪ M_t) ∧ ¬M_T|")
+    untouched: int = Field(description="N − |∪ M_t|")
+
+
+class SeriesTensor(TensorRow):
+    steps: list[SeriesStep]
+    categories: SeriesCategories
+
+
+class OverlapPair(Open):
+    a: int = Field(description="run index")
+    b: int = Field(description="run index")
+    both: int = Field(description="|A ∧ B|")
+    o1: float | None = Field(description="|A ∧ B| / |A|")
+    o2: float | None = Field(description="|A ∧ B| / |B|")
+    baseline1: float | None = Field(description="|B| / N: o1 of a random mask of B's size")
+    baseline2: float | None = Field(description="|A| / N")
+    jaccard: float | None
+
+
+class OverlapFigures(Open):
+    numel: int
+    changed: list[int] = Field(description="per run, weights changed")
+    pairs: list[OverlapPair]
+    venn: dict[str, int] | None = Field(
+        None, description="for 2–3 runs: count of every Venn region, keyed by membership bits in run order"
+    )
+
+
+class OverlapTensor(TensorRow, OverlapFigures):
+    pass
+
+
+class PairHead(Open):
+    kind: Literal["pair"]
+    base: str
+    target: str
+    taus: list[float]
+    mode: Literal["absolute", "relative"]
+    family: str
+    summary: PairFigures
+    skipped: Skipped
+
+
+class SeriesHead(Open):
+    kind: Literal["series"]
+    base: str
+    checkpoints: list[str] = Field(description="θ1 … θT, the last one final")
+    tau: float
+    mode: Literal["absolute", "relative"]
+    family: str
+    numel: int
+    steps: list[SeriesStep]
+    categories: SeriesCategories
+    skipped: Skipped
+
+
+class OverlapHead(Open):
+    kind: Literal["overlap"]
+    base: str
+    runs: list[str]
+    tau: float
+    mode: Literal["absolute", "relative"]
+    family: str
+    summary: OverlapFigures
+    skipped: Skipped
+
+
+class PairResult(PairHead):
+    tensors: list[PairTensor]
+
+
+class SeriesResult(SeriesHead):
+    tensors: list[SeriesTensor]
+
+
+class OverlapResult(OverlapHead):
+    tensors: list[OverlapTensor]
+
+
+class ResultDocument(
+    RootModel[Annotated[PairResult | SeriesResult | OverlapResult, Field(discriminator="kind")]]
+):
+    """The object `deltalens pair|series|overlap --json` writes, told apart by `kind`."""
+
+
+class PairSummary(PairHead):
+    tensor_count: int = Field(description="rows in the result's `tensors`")
+
+
+class SeriesSummary(SeriesHead):
+    tensor_count: int = Field(description="rows in the result's `tensors`")
+
+
+class OverlapSummary(OverlapHead):
+    tensor_count: int = Field(description="rows in the result's `tensors`")
+
+
+class ResultSummary(
+    RootModel[Annotated[PairSummary | SeriesSummary | OverlapSummary, Field(discriminator="kind")]]
+):
+    """The result document without its `tensors`, told apart by `kind`."""
+
+
+# --- read-side views ---------------------------------------------------------------------------
+class Heatmap(BaseModel):
+    analysis: str
+    metric: str
+    mode: Mode
+    tau: float = Field(description="the histogram edge τ snapped to (0: stored values differ)")
+    tau_requested: float
+    layers: list[int | None] = Field(description="grid rows")
+    matrices: list[str] = Field(description="grid columns: matrix types present, in canonical order")
+    values: list[list[float | None]] = Field(description="the metric per cell; null where no tensor is")
+    changed: list[list[int | None]]
+    numel: list[list[int | None]]
+
+
+class HeatmapCube(BaseModel):
+    analysis: str
+    mode: Mode
+    layers: list[int | None]
+    matrices: list[str]
+    numel: list[list[int | None]]
+    hist: list[list[list[int] | None]] = Field(description="per cell, the summed histogram over bin_edges")
+    bin_edges: list[float] = Field(
+        description="bins: [exactly 0], (0, E0], (E0, E1], …, (E_last, +inf): len(bin_edges) + 2 counts"
+    )
+
+
+class SparsityCurve(BaseModel):
+    analysis: str
+    mode: Mode
+    tau: list[float] = Field(description="every histogram edge")
+    sparsity: list[float] = Field(description="model sparsity at each τ")
+    zero_share: float | None = Field(description="share of weights whose stored value did not change")
+
+
+class Spectrum(BaseModel):
+    idx: list[int] = Field(description="0-based positions kept (downsampled when long)")
+    sigma: list[float]
+
+
+class UpdateMap(BaseModel):
+    tau: float
+    grid_rows: int
+    grid_cols: int
+    cells: list[float] = Field(description="fraction changed, row-major grid_rows × grid_cols")
+    row_frac: list[float]
+    col_frac: list[float]
+    head_frac: list[float] | None = Field(description="per attention head, when heads are known")
+
+
+class ModeCount(BaseModel):
+    mode: Mode
+    tau: float
+    count: int
+
+
+class TensorDetail(BaseModel):
+    """One matrix in detail: its row of the results, histograms, spectrum and update map."""
+
+    run: int = Field(description="target index: 0 for a pair")
+    name: str
+    source: str
+    layer: Layer
+    block: str
+    matrix: str
+    expert: int | None
+    shape: list[int]
+    numel: int
+    dtype: str
+    norm_delta: float | None
+    norm_base: float | None
+    max_abs_delta: float | None
+    sum_abs_delta: float | None
+    rank: int | None
+    full_rank: int | None
+    rank_pct: float | None
+    effective_rank: float | None
+    stable_rank: float | None
+    rank90: int | None
+    rank99: int | None
+    histograms: dict[str, list[int]] = Field(description="per mode (abs, rel), counts over bin_edges")
+    bin_edges: list[float]
+    spectrum: Spectrum | None
+    update_map: UpdateMap | None
+    changed: list[ModeCount]
+
+
+class SeriesView(BaseModel):
+    checkpoints: list[str]
+    tau: float
+    numel: int
+    steps: list[SeriesStep]
+    categories: SeriesCategories
+
+
+class OverlapLayer(BaseModel):
+    layer: Layer
+    numel: int
+    changed: list[int] = Field(description="per run")
+    both: list[int] = Field(description="per pair, in the order of summary.pairs")
+
+
+class OverlapView(BaseModel):
+    runs: list[str]
+    tau: float
+    summary: OverlapFigures
+    layers: list[OverlapLayer]
+
+
+class ComparedLayer(BaseModel):
+    layer: Layer
+    sparsity: float
+    changed: int
+    numel: int
+
+
+class ComparedAnalysis(BaseModel):
+    analysis: str
+    base: str
+    target: str
+    sparsity: float
+    layers: list[ComparedLayer]
+
+
+class Comparison(BaseModel):
+    tau: float = Field(description="the histogram edge τ snapped to")
+    mode: Mode
+    analyses: list[ComparedAnalysis]

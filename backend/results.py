@@ -1,5 +1,6 @@
 """Read-side queries over ingested results: summaries, layer × matrix heatmaps at any τ (from the
-stored histograms, no recomputation), one matrix in detail, comparisons of analyses."""
+stored histograms, no recomputation), one matrix in detail, series and overlap figures (from their
+tables), comparisons of analyses."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import numpy as np
 
 from deltalens.backend.catalog import Catalog
 from deltalens.backend.errors import ApiError, not_found
-from deltalens.worker.contract import BIN_EDGES, MATRIX_TYPES, changed_from_histogram, nearest_edge_index
+from deltalens.worker.contract import (
+    BIN_EDGES,
+    MATRIX_TYPES,
+    TAU_RULE,
+    changed_from_histogram,
+    nearest_edge_index,
+    valid_tau,
+)
 
 # metric -> (what it needs summed per cell, how the cell value follows from the sums)
 HEATMAP_METRICS = {
@@ -24,11 +32,16 @@ HEATMAP_METRICS = {
 }
 
 
-def document(catalog: Catalog, aid: str) -> dict:
+def document_text(catalog: Catalog, aid: str) -> str:
+    """The result document as stored: the JSON text `--json` writes (served as is, never re-encoded)."""
     found = catalog.read("SELECT result_json FROM analyses WHERE analysis_id = ?", [aid])
     if not found:
         _not_ready(catalog, aid)
-    return json.loads(found[0][0])
+    return found[0][0]
+
+
+def document(catalog: Catalog, aid: str) -> dict:
+    return json.loads(document_text(catalog, aid))
 
 
 def _not_ready(catalog: Catalog, aid: str):
@@ -39,15 +52,15 @@ def _not_ready(catalog: Catalog, aid: str):
 
 
 def _meta(catalog: Catalog, aid: str) -> dict:
-    """kind, base and targets of a finished analysis, without parsing its whole result document."""
+    """kind, base, targets and taus of a finished analysis, without parsing its whole result document."""
     key = (aid, "meta")
     meta = catalog.cache.get(key)
     if meta is None:
         version = catalog.cache.version(aid)
-        found = catalog.read("SELECT kind, base, targets FROM analyses WHERE analysis_id = ?", [aid])
+        found = catalog.read("SELECT kind, base, targets, taus FROM analyses WHERE analysis_id = ?", [aid])
         if not found:
             _not_ready(catalog, aid)
-        meta = dict(zip(("kind", "base", "targets"), found[0]))
+        meta = dict(zip(("kind", "base", "targets", "taus"), found[0]))
         catalog.cache.put(key, meta, 200, version)
     return meta
 
@@ -76,7 +89,7 @@ class Cells:
                 s["rank_pct"] += rank_pct
                 s["effective_rank"] += effective_rank
             hists[(layer, matrix)] += np.asarray(counts, np.int64)
-        self.layers = sorted({k[0] for k in sums}, key=lambda x: (x is None, x or 0))
+        self.layers = sorted({k[0] for k in sums}, key=_layer_order)
         self.matrices = [m for m in MATRIX_TYPES if any(k[1] == m for k in sums)]
         self.keys = list(sums)
         self.index = {k: i for i, k in enumerate(self.keys)}
@@ -109,8 +122,8 @@ def _cells(catalog: Catalog, aid: str, mode: str) -> Cells:
         version = catalog.cache.version(aid)
         cells = Cells(
             catalog.read(
-                "SELECT t.layer, t.matrix, t.numel, t.norm_delta, t.norm_base, t.sum_abs_delta, t.rank_pct, t.effective_rank, "
-                "h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
+                "SELECT t.layer, t.matrix, t.numel, t.norm_delta, t.norm_base, t.sum_abs_delta, t.rank_pct, "
+                "t.effective_rank, h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
                 "WHERE t.analysis_id = ? AND h.kind = ?",
                 [aid, mode],
             )
@@ -123,16 +136,26 @@ def snap_tau(tau: float) -> tuple[float, int | None]:
     """The histogram edge a τ snaps to (τ = 0 is the exact-zero bin)."""
     if tau == 0:
         return 0.0, None
-    if not (math.isfinite(tau) and tau > 0):
-        raise ApiError(422, "invalid_request", "tau must be a finite number >= 0")
+    if not valid_tau(tau):
+        raise ApiError(422, "invalid_request", TAU_RULE)
     k = nearest_edge_index(tau)
     return BIN_EDGES[k], k
 
 
+def _kind(catalog: Catalog, aid: str, kind: str, what: str) -> dict:
+    """The analysis's meta, or 409 wrong_kind when it is not of this kind."""
+    meta = _meta(catalog, aid)
+    if meta["kind"] != kind:
+        raise ApiError(409, "wrong_kind", f"{what} {kind} analyses; {aid} is a {meta['kind']}")
+    return meta
+
+
+def _layer_order(layer: int | None) -> tuple[bool, int]:
+    return layer is None, layer or 0
+
+
 def heatmap(catalog: Catalog, aid: str, metric: str, tau: float, mode: str) -> dict:
-    kind = _meta(catalog, aid)["kind"]
-    if kind != "pair":
-        raise ApiError(409, "wrong_kind", f"heatmaps are drawn for pair analyses; {aid} is a {kind}")
+    _kind(catalog, aid, "pair", "heatmaps are drawn for")
     if metric not in HEATMAP_METRICS:
         raise ApiError(422, "invalid_request", f"metric must be one of {', '.join(HEATMAP_METRICS)}")
     snapped, edge = snap_tau(tau)
@@ -156,9 +179,7 @@ def heatmap(catalog: Catalog, aid: str, metric: str, tau: float, mode: str) -> d
 
 def heatmap_cube(catalog: Catalog, aid: str, mode: str) -> dict:
     """Per layer × matrix cell, the summed histogram: the dashboard's τ slider reads any τ from it."""
-    kind = _meta(catalog, aid)["kind"]
-    if kind != "pair":
-        raise ApiError(409, "wrong_kind", f"heatmaps are drawn for pair analyses; {aid} is a {kind}")
+    _kind(catalog, aid, "pair", "heatmaps are drawn for")
     cells = _cells(catalog, aid, mode)
     return {
         "analysis": aid,
@@ -173,7 +194,8 @@ def heatmap_cube(catalog: Catalog, aid: str, mode: str) -> dict:
 
 def sparsity_curve(catalog: Catalog, aid: str, mode: str) -> dict:
     """Model sparsity at every histogram edge: the whole sparsity-vs-τ curve."""
-    _meta(catalog, aid)
+    # a series/overlap stores no |Δ| histograms to read a curve from
+    _kind(catalog, aid, "pair", "sparsity curves are drawn for")
     cells = _cells(catalog, aid, mode)
     total = cells.hist.sum(axis=0).tolist()
     numel = sum(cells.numel)
@@ -228,11 +250,7 @@ def compare(catalog: Catalog, ids: list[str], tau: float, mode: str) -> dict:
     snapped, edge = snap_tau(tau)
     out = []
     for aid in ids:
-        meta = _meta(catalog, aid)
-        if meta["kind"] != "pair":
-            raise ApiError(
-                409, "wrong_kind", f"only pair analyses can be compared; {aid} is a {meta['kind']}"
-            )
+        meta = _kind(catalog, aid, "pair", "comparisons are of")
         cells = _cells(catalog, aid, mode)
         per_layer: dict = defaultdict(lambda: [0, 0])
         for (layer, _), c, n in zip(cells.keys, cells.changed(edge), cells.numel):
@@ -248,8 +266,111 @@ def compare(catalog: Catalog, ids: list[str], tau: float, mode: str) -> dict:
                 "sparsity": 1 - changed / numel,
                 "layers": [
                     {"layer": k, "sparsity": 1 - c / n, "changed": c, "numel": n}
-                    for k, (c, n) in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+                    for k, (c, n) in sorted(per_layer.items(), key=lambda kv: _layer_order(kv[0]))
                 ],
             }
         )
     return {"tau": snapped, "mode": mode, "analyses": out}
+
+
+def _cached(catalog: Catalog, key: tuple, build) -> dict:
+    """A small figure derived from one analysis's rows, built once per ingest."""
+    value = catalog.cache.get(key)
+    if value is None:
+        version = catalog.cache.version(key[0])
+        value = build()
+        catalog.cache.put(key, value, len(json.dumps(value)) + 1000, version)
+    return value
+
+
+def _numel(catalog: Catalog, aid: str) -> int:
+    return int(catalog.read("SELECT coalesce(sum(numel), 0) FROM tensors WHERE analysis_id = ?", [aid])[0][0])
+
+
+def series(catalog: Catalog, aid: str) -> dict:
+    """The whole-model figures of a series, read from its tables (rows named '*')."""
+    meta = _kind(catalog, aid, "series", "series figures are read from")
+
+    def build() -> dict:
+        steps = catalog.read_rows(
+            "SELECT checkpoint, changed, outside_final, transient_fraction, relative_l2 FROM series_steps "
+            "WHERE analysis_id = ? AND name = '*' ORDER BY step",
+            [aid],
+        )
+        categories = catalog.read_rows(
+            "SELECT consistent, transient, untouched FROM series_categories "
+            "WHERE analysis_id = ? AND name = '*'",
+            [aid],
+        )
+        return {
+            "checkpoints": list(meta["targets"]),
+            "tau": meta["taus"][0],
+            "numel": _numel(catalog, aid),
+            "steps": steps,
+            "categories": categories[0],
+        }
+
+    return _cached(catalog, (aid, "series"), build)
+
+
+def _region_code(region: str) -> int:
+    """'101' (membership bits in run order) -> 0b101 read from run 0 as the lowest bit."""
+    return sum(1 << k for k, bit in enumerate(region) if bit == "1")
+
+
+def overlap(catalog: Catalog, aid: str) -> dict:
+    """Whole-model overlap figures and per-layer sums, read from the overlap tables."""
+    meta = _kind(catalog, aid, "overlap", "overlap figures are read from")
+
+    def build() -> dict:
+        runs = len(meta["targets"])
+        regions = sorted(
+            catalog.read(
+                "SELECT region, count FROM overlap_regions WHERE analysis_id = ? AND name = '*'", [aid]
+            ),
+            key=lambda r: _region_code(r[0]),
+        )
+        pairs = catalog.read_rows(
+            "SELECT a, b, both_count AS both, o1, o2, baseline1, baseline2, jaccard FROM overlap_pairs "
+            "WHERE analysis_id = ? AND name = '*' ORDER BY a, b",
+            [aid],
+        )
+        summary = {
+            "numel": _numel(catalog, aid),
+            "changed": [sum(n for region, n in regions if region[k] == "1") for k in range(runs)],
+            "pairs": pairs,
+        }
+        if runs <= 3:
+            summary["venn"] = {region: n for region, n in regions if "1" in region}
+        layers: dict = {}
+        for layer, numel in catalog.read(
+            "SELECT layer, sum(numel) FROM tensors WHERE analysis_id = ? GROUP BY layer", [aid]
+        ):
+            layers[layer] = {
+                "layer": layer,
+                "numel": int(numel),
+                "changed": [0] * runs,
+                "both": [0] * len(pairs),
+            }
+        for layer, run, count in catalog.read(
+            "SELECT t.layer, c.run, sum(c.count) FROM changed c JOIN tensors t USING (tensor_key) "
+            "WHERE c.analysis_id = ? GROUP BY t.layer, c.run",
+            [aid],
+        ):
+            layers[layer]["changed"][run] = int(count)
+        column = {(p["a"], p["b"]): i for i, p in enumerate(pairs)}
+        for layer, a, b, both in catalog.read(
+            "SELECT t.layer, p.a, p.b, sum(p.both_count) FROM overlap_pairs p "
+            "JOIN tensors t ON t.analysis_id = p.analysis_id AND t.name = p.name "
+            "WHERE p.analysis_id = ? AND p.name <> '*' GROUP BY t.layer, p.a, p.b",
+            [aid],
+        ):
+            layers[layer]["both"][column[(a, b)]] = int(both)
+        return {
+            "runs": list(meta["targets"]),
+            "tau": meta["taus"][0],
+            "summary": summary,
+            "layers": [layers[k] for k in sorted(layers, key=_layer_order)],
+        }
+
+    return _cached(catalog, (aid, "overlap"), build)

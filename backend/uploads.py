@@ -23,20 +23,15 @@ from pathlib import Path
 
 from deltalens.backend.catalog import Catalog
 from deltalens.backend.errors import ApiError, not_found
+from deltalens.backend.models import FILE_NAME
 from deltalens.worker.errors import InputError
 from deltalens.worker.safetensors_header import read_header
 from deltalens.worker.settings import Settings
 
 STEP_NAME = re.compile(r"^(step|checkpoint|ckpt|global_step|iter)[-_]?\d+$", re.IGNORECASE)
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+NAME = re.compile(FILE_NAME)
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-JSON_FILES = (
-    "config.json",
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
-    "generation_config.json",
-)
 
 
 class Uploads:
@@ -213,7 +208,8 @@ class Uploads:
         return cid
 
     def _register(self, name: str, digests: dict[str, str], staged: Path, target: Path) -> str:
-        """Content-addressed blobs (hard links from the session), a checkpoint folder of links to them, the catalog row."""
+        """Content-addressed blobs (hard links from the session), a checkpoint folder of links to them,
+        the catalog row."""
         target.mkdir()
         blobs = self.settings.path("blobs")
         for file, digest in digests.items():

@@ -248,7 +248,7 @@ def fuzz(tally: Tally, strategy, checks, examples: int) -> bool:
 
 
 def stateful(schema, tally: Tally, examples: int) -> int:
-    """Sequences along the schema's links (create upload -> status / chunk / complete, register -> get, ...)."""
+    """Sequences along the schema's links (create upload -> status/chunk/complete, register -> get, ...)."""
 
     class Links(schema.as_state_machine()):
         def get_call_kwargs(self, case):

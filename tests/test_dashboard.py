@@ -14,7 +14,7 @@ from service import ROOT, Api, Worker, running, service_env, wait_done
 from deltalens.worker.contract import BIN_EDGES, changed_from_histogram
 
 playwright = pytest.importorskip("playwright.sync_api")
-DIST = ROOT / "frontend" / "dist" / "index.html"
+DIST = ROOT / "backend" / "dashboard" / "index.html"  # vite outDir: served by the API
 SHOTS = ROOT / "test-output" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

@@ -95,3 +95,51 @@ def test_bounded_in_bytes_least_recently_used_first():
         cache.put((f"a{i}", "x"), i, 30, 0)
     assert cache.bytes <= 100
     assert cache.get(("a0", "x")) is None and cache.get(("a4", "x")) == 4
+
+
+def _overlap_from_document(doc: dict) -> dict:
+    """What the overlap view was when it was derived from the result document (the reference)."""
+    per_layer: dict = {}
+    for t in doc["tensors"]:
+        layer = per_layer.setdefault(
+            t["layer"],
+            {
+                "layer": t["layer"],
+                "numel": 0,
+                "changed": [0] * len(doc["runs"]),
+                "both": [0] * len(t["pairs"]),
+            },
+        )
+        layer["numel"] += t["numel"]
+        layer["changed"] = [a + b for a, b in zip(layer["changed"], t["changed"])]
+        layer["both"] = [a + p["both"] for a, p in zip(layer["both"], t["pairs"])]
+    layers = sorted(per_layer.values(), key=lambda r: (r["layer"] is None, r["layer"] or 0))
+    return {"runs": doc["runs"], "tau": doc["tau"], "summary": doc["summary"], "layers": layers}
+
+
+@pytest.mark.parametrize("runs", [2, 4])
+def test_series_and_overlap_are_read_from_their_tables(tmp_path, llama_series, runs):
+    """The series and overlap views come from the stored tables, with the document's numbers exactly."""
+    paths = [str(p) for p in llama_series]
+    series = run_analysis("series", paths, Options(taus=[1e-4], device="cpu"))
+    overlap = run_analysis("overlap", paths[: runs + 1], Options(taus=[1e-4], device="cpu"))
+    artifact = tmp_path / "results.duckdb"
+    write_artifact(series, artifact, "s1")
+    write_artifact(overlap, artifact, "o1")
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    try:
+        for aid, kind in (("s1", "series"), ("o1", "overlap")):
+            catalog.add_job(aid, kind, ["b", "t"], [1e-4], False, True)
+            catalog.ingest(aid, artifact)
+        doc = series.document
+        got = results.series(catalog, "s1")
+        assert got == {k: doc[k] for k in ("checkpoints", "tau", "numel", "steps", "categories")}
+        assert json.dumps(got) == json.dumps({k: doc[k] for k in got})  # same keys, same order, same numbers
+        got = results.overlap(catalog, "o1")
+        assert json.dumps(got) == json.dumps(_overlap_from_document(overlap.document))
+        assert ("venn" in got["summary"]) == (runs <= 3)
+        with pytest.raises(ApiError) as e:
+            results.overlap(catalog, "s1")
+        assert e.value.code == "wrong_kind"
+    finally:
+        catalog.close()

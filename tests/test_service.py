@@ -217,7 +217,8 @@ MALFORMED = {
     "dtype": _header({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}) + bytes(4),
     "shape_bytes": _header({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}) + bytes(8),
     "duplicate": (lambda raw: struct.pack("<Q", len(raw)) + raw + bytes(8))(
-        b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+        b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+        b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
     ),
 }
 

@@ -90,7 +90,9 @@ def test_installed_wheel_serves_and_analyses_from_a_shadowing_folder(wheel, tmp_
         page = httpx.get(url + "/analyses/x")
         assert page.status_code == 200 and 'id="app"' in page.text
         with httpx.Client(base_url=url, timeout=30) as client:
-            ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in (base, target)]
+            ids = [
+                client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in (base, target)
+            ]
             aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
             status = wait_done(client, aid, 180)
             assert status["status"] == "done", status

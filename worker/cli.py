@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -15,12 +14,14 @@ from pathlib import Path
 
 
 def _tau(text: str) -> float:
+    from deltalens.worker.contract import TAU_RULE, valid_tau
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"τ must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"τ must be finite and >= 0, got {text!r}")
+    if not valid_tau(value):
+        raise argparse.ArgumentTypeError(f"{TAU_RULE}, got {text!r}")
     return value
 
 

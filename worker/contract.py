@@ -5,14 +5,41 @@ Imports neither torch nor FastAPI: the backend may import this module freely.
 It fixes three things:
   * the |Δ| histogram bins (``BIN_EDGES``) — the same for every tensor and every analysis,
   * the DuckDB schema of a results artifact (``SCHEMA_SQL``),
-  * the vocabulary: canonical matrix types and blocks.
+  * the vocabulary: analysis kinds, job statuses, count modes, the default τ and what a valid τ is,
+    canonical matrix types and blocks.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import numpy as np
 
 SCHEMA_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary shared by the CLI, the worker, the API and its schema.
+# ---------------------------------------------------------------------------------------------
+Kind = Literal["pair", "series", "overlap"]
+Status = Literal["queued", "running", "done", "failed", "cancelled"]
+TERMINAL = ("done", "failed", "cancelled")  # statuses a job never leaves
+Mode = Literal["abs", "rel"]  # changed when |Δ| > τ (abs) or |Δ| > τ·|b| (rel)
+DEFAULT_TAU = 1e-5
+TAU_RULE = "τ must be a finite number >= 0"
+
+
+def valid_tau(tau: float) -> bool:
+    """τ = 0 means "stored values differ"; negative, infinite and NaN τ mean nothing."""
+    return isinstance(tau, int | float) and math.isfinite(tau) and tau >= 0
+
+
+def check_tau(tau: float) -> float:
+    """τ itself, or ValueError(TAU_RULE) when it is not a valid τ."""
+    if not valid_tau(tau):
+        raise ValueError(TAU_RULE)
+    return tau
+
 
 MATRIX_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "bias", "other")
 BLOCKS = ("embed", "attn", "mlp", "norm", "head", "other")

@@ -3,43 +3,34 @@
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
 
 from deltalens.backend import masks, results
 from deltalens.backend.deps import CatalogDep, JobsDep, WriteAccess
-from deltalens.backend.errors import WRITE, ApiError, ErrorOut, errors, found, link
-from deltalens.backend.routes.checkpoints import Created
+from deltalens.backend.errors import WRITE, ApiError, errors, found, link
+from deltalens.backend.models import (
+    AnalysisIn,
+    AnalysisOut,
+    Comparison,
+    Created,
+    ErrorOut,
+    Heatmap,
+    HeatmapCube,
+    OverlapView,
+    ResultDocument,
+    ResultSummary,
+    SeriesView,
+    SparsityCurve,
+    TensorDetail,
+    TensorRow,
+)
+from deltalens.worker.contract import DEFAULT_TAU, TAU_RULE, Mode, valid_tau
 
 router = APIRouter(prefix="/api", tags=["analyses"])
-Mode = Literal["abs", "rel"]
-
-
-class AnalysisIn(BaseModel):
-    kind: Literal["pair", "series", "overlap"]
-    checkpoints: list[str] = Field(description="checkpoint ids in the CLI's order: base first")
-    taus: list[float] = Field([1e-5], max_length=16)
-    relative: bool = False
-    rank: bool = True
-
-
-class AnalysisOut(BaseModel):
-    id: str
-    kind: Literal["pair", "series", "overlap"]
-    status: Literal["queued", "running", "done", "failed", "cancelled"]
-    progress: float
-    error: ErrorOut | None
-    checkpoints: list[str]
-    taus: list[float]
-    relative: bool
-    created_at: str
-    updated_at: str
-    detail: dict[str, Any] | None = Field(description="the worker's latest progress report")
-
+JSON = "application/json"
 
 NOT_READY = errors(404, 409)  # no such analysis; not done yet, or the wrong kind for this view
 AID = "$response.body#/id"
@@ -52,21 +43,21 @@ TO_ANALYSIS = {
 }
 
 
-def status_of(job: dict) -> dict:
-    error = {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None
-    return {
-        "id": job["id"],
-        "kind": job["kind"],
-        "status": job["status"],
-        "progress": job["progress"],
-        "error": error,
-        "checkpoints": job["checkpoints"],
-        "taus": job["taus"],
-        "relative": job["relative"],
-        "created_at": job["created_at"].isoformat() + "Z",
-        "updated_at": job["updated_at"].isoformat() + "Z",
-        "detail": json.loads(job["detail"]) if job["detail"] else None,
-    }
+def status_of(job: dict) -> AnalysisOut:
+    error = ErrorOut(code=job["error_code"], message=job["error_message"]) if job["error_code"] else None
+    return AnalysisOut(
+        id=job["id"],
+        kind=job["kind"],
+        status=job["status"],
+        progress=job["progress"],
+        error=error,
+        checkpoints=job["checkpoints"],
+        taus=job["taus"],
+        relative=job["relative"],
+        created_at=job["created_at"].isoformat() + "Z",
+        updated_at=job["updated_at"].isoformat() + "Z",
+        detail=json.loads(job["detail"]) if job["detail"] else None,
+    )
 
 
 def _job(catalog, aid: str) -> dict:
@@ -80,17 +71,17 @@ def _job(catalog, aid: str) -> dict:
     response_model=Created,
     responses={**WRITE, **errors(404), 202: {"links": TO_ANALYSIS}},
 )
-def create(body: AnalysisIn, jobs: JobsDep) -> dict:
-    return {"id": jobs.submit(body.kind, body.checkpoints, body.taus, body.relative, body.rank)}
+def create(body: AnalysisIn, jobs: JobsDep) -> Created:
+    return Created(id=jobs.submit(body.kind, body.checkpoints, body.taus, body.relative, body.rank))
 
 
-@router.get("/analyses", response_model=list[AnalysisOut])
-def list_analyses(catalog: CatalogDep) -> list[dict]:
+@router.get("/analyses")
+def list_analyses(catalog: CatalogDep) -> list[AnalysisOut]:
     return [status_of(j) for j in catalog.jobs()]
 
 
-@router.get("/analyses/{aid}", response_model=AnalysisOut, responses=errors(404))
-def get_analysis(aid: str, catalog: CatalogDep) -> dict:
+@router.get("/analyses/{aid}", responses=errors(404))
+def get_analysis(aid: str, catalog: CatalogDep) -> AnalysisOut:
     return status_of(_job(catalog, aid))
 
 
@@ -100,7 +91,7 @@ def get_analysis(aid: str, catalog: CatalogDep) -> dict:
     response_model=AnalysisOut,
     responses={**WRITE, **errors(404, 409)},
 )
-def cancel(aid: str, jobs: JobsDep, catalog: CatalogDep) -> dict:
+def cancel(aid: str, jobs: JobsDep, catalog: CatalogDep) -> AnalysisOut:
     jobs.cancel(aid)
     return status_of(_job(catalog, aid))
 
@@ -113,95 +104,79 @@ def delete(aid: str, jobs: JobsDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/analyses/{aid}/result", responses=NOT_READY)
-def result(aid: str, catalog: CatalogDep) -> dict:
-    """The same object `deltalens ... --json` writes."""
-    return results.document(catalog, aid)
+@router.get("/analyses/{aid}/result", response_model=ResultDocument, responses=NOT_READY)
+def result(aid: str, catalog: CatalogDep) -> Response:
+    """The same object `deltalens ... --json` writes (its stored text, served as is)."""
+    return Response(results.document_text(catalog, aid), media_type=JSON)
 
 
-@router.get("/analyses/{aid}/summary", responses=NOT_READY)
-def summary(aid: str, catalog: CatalogDep) -> dict:
+@router.get("/analyses/{aid}/summary", response_model_exclude_unset=True, responses=NOT_READY)
+def summary(aid: str, catalog: CatalogDep) -> ResultSummary:
+    """The result document without its per-tensor rows, and how many rows there are."""
     doc = results.document(catalog, aid)
-    keep = {k: v for k, v in doc.items() if k not in ("tensors",)}
-    return {**keep, "tensor_count": len(doc.get("tensors", []))}
+    tensors = doc.pop("tensors", [])
+    return ResultSummary.model_validate({**doc, "tensor_count": len(tensors)})
 
 
 @router.get("/analyses/{aid}/heatmap", responses=NOT_READY)
 def heatmap(
-    aid: str, catalog: CatalogDep, metric: str = "sparsity", tau: float = 1e-5, mode: Mode = "abs"
-) -> dict:
+    aid: str,
+    catalog: CatalogDep,
+    metric: str = Query("sparsity", description=f"one of {', '.join(results.HEATMAP_METRICS)}"),
+    tau: float = DEFAULT_TAU,
+    mode: Mode = "abs",
+) -> Heatmap:
     """Layer × matrix type grid of a metric; τ snaps to the nearest histogram edge."""
-    return results.heatmap(catalog, aid, metric, tau, mode)
+    return Heatmap(**results.heatmap(catalog, aid, metric, tau, mode))
 
 
 @router.get("/analyses/{aid}/heatmap-cube", responses=NOT_READY)
-def heatmap_cube(aid: str, catalog: CatalogDep, mode: Mode = "abs") -> dict:
+def heatmap_cube(aid: str, catalog: CatalogDep, mode: Mode = "abs") -> HeatmapCube:
     """Summed |Δ| histograms per layer × matrix cell: sparsity at every τ without another request."""
-    return results.heatmap_cube(catalog, aid, mode)
+    return HeatmapCube(**results.heatmap_cube(catalog, aid, mode))
 
 
 @router.get("/analyses/{aid}/sparsity-curve", responses=NOT_READY)
-def sparsity_curve(aid: str, catalog: CatalogDep, mode: Mode = "abs") -> dict:
-    kind = _job(catalog, aid)["kind"]
-    if kind != "pair":  # a series/overlap stores no |Δ| histograms to read a curve from
-        raise ApiError(409, "wrong_kind", f"sparsity curves are drawn for pair analyses; {aid} is a {kind}")
-    return results.sparsity_curve(catalog, aid, mode)
+def sparsity_curve(aid: str, catalog: CatalogDep, mode: Mode = "abs") -> SparsityCurve:
+    """Model sparsity at every histogram edge τ (pair analyses)."""
+    return SparsityCurve(**results.sparsity_curve(catalog, aid, mode))
 
 
-@router.get("/analyses/{aid}/tensors", responses=NOT_READY)
-def tensors(aid: str, catalog: CatalogDep) -> list[dict]:
-    return results.document(catalog, aid)["tensors"]
+@router.get("/analyses/{aid}/tensors", response_model_exclude_unset=True, responses=NOT_READY)
+def tensors(aid: str, catalog: CatalogDep) -> list[TensorRow]:
+    """The result document's per-tensor rows (beyond the fields named here, they depend on the kind:
+    see PairTensor, SeriesTensor, OverlapTensor)."""
+    return [TensorRow.model_validate(row) for row in results.document(catalog, aid)["tensors"]]
 
 
-@router.get("/analyses/{aid}/tensors/{name:path}", responses=NOT_READY, response_model=dict)
+@router.get("/analyses/{aid}/tensors/{name:path}", response_model=TensorDetail, responses=NOT_READY)
 def tensor(aid: str, name: str, catalog: CatalogDep) -> Response:
-    """Histograms, singular spectrum, update map and counts of one matrix."""
-    return Response(results.tensor_detail(catalog, aid, name), media_type="application/json")
+    """Histograms, singular spectrum, update map and counts of one matrix (cached JSON, served as is)."""
+    return Response(results.tensor_detail(catalog, aid, name), media_type=JSON)
 
 
 @router.get("/analyses/{aid}/series", responses=NOT_READY)
-def series(aid: str, catalog: CatalogDep) -> dict:
-    doc = results.document(catalog, aid)
-    if doc["kind"] != "series":
-        raise ApiError(409, "wrong_kind", f"analysis {aid} is a {doc['kind']}, not a series")
-    return {k: doc[k] for k in ("checkpoints", "tau", "numel", "steps", "categories")}
+def series(aid: str, catalog: CatalogDep) -> SeriesView:
+    """Whole-model steps and categories of a series analysis."""
+    return SeriesView(**results.series(catalog, aid))
 
 
-@router.get("/analyses/{aid}/overlap", responses=NOT_READY)
-def overlap(aid: str, catalog: CatalogDep) -> dict:
-    doc = results.document(catalog, aid)
-    if doc["kind"] != "overlap":
-        raise ApiError(409, "wrong_kind", f"analysis {aid} is a {doc['kind']}, not an overlap")
-    per_layer = {}
-    for t in doc["tensors"]:
-        layer = per_layer.setdefault(
-            t["layer"],
-            {
-                "layer": t["layer"],
-                "numel": 0,
-                "changed": [0] * len(doc["runs"]),
-                "both": [0] * len(t["pairs"]),
-            },
-        )
-        layer["numel"] += t["numel"]
-        layer["changed"] = [a + b for a, b in zip(layer["changed"], t["changed"])]
-        layer["both"] = [a + p["both"] for a, p in zip(layer["both"], t["pairs"])]
-    return {
-        "runs": doc["runs"],
-        "tau": doc["tau"],
-        "summary": doc["summary"],
-        "layers": sorted(per_layer.values(), key=lambda r: (r["layer"] is None, r["layer"] or 0)),
-    }
+# exclude_unset: `venn` only for 2–3 runs, as in the result document
+@router.get("/analyses/{aid}/overlap", response_model_exclude_unset=True, responses=NOT_READY)
+def overlap(aid: str, catalog: CatalogDep) -> OverlapView:
+    """Whole-model overlap figures of the runs, and per-layer sums."""
+    return OverlapView(**results.overlap(catalog, aid))
 
 
 @router.get("/compare", responses=NOT_READY)
 def compare(
     catalog: CatalogDep,
     ids: str = Query(description="comma-separated pair analysis ids"),
-    tau: float = 1e-5,
+    tau: float = DEFAULT_TAU,
     mode: Mode = "abs",
-) -> dict:
-    return results.compare(catalog, [i for i in ids.split(",") if i], tau, mode)
+) -> Comparison:
+    """Per-layer and model sparsity of several pair analyses side by side (e.g. SFT vs RL stage)."""
+    return Comparison(**results.compare(catalog, [i for i in ids.split(",") if i], tau, mode))
 
 
 @router.get(
@@ -231,8 +206,8 @@ def mask(
     if base is None or target is None:
         raise ApiError(409, "checkpoint_gone", "a checkpoint of this analysis is no longer registered")
     tau = job["taus"][0] if tau is None else tau
-    if not (math.isfinite(tau) and tau >= 0):
-        raise ApiError(422, "invalid_request", "tau must be a finite number >= 0")
+    if not valid_tau(tau):
+        raise ApiError(422, "invalid_request", TAU_RULE)
     relative = job["relative"] if relative is None else relative
     size, body = masks.mask_file(base["path"], target["path"], tau, relative, format == "packed")
     headers = {

@@ -7,22 +7,16 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, Field
 
 from deltalens.backend.deps import CatalogDep, WriteAccess
 from deltalens.backend.errors import WRITE, ApiError, found
+from deltalens.backend.models import LinkIn, LinkOut
 
 router = APIRouter(tags=["links"])
 
 
-class LinkIn(BaseModel):
-    url: str = Field(
-        max_length=4000, description="a dashboard path with its query, e.g. /analyses/ab12?tau=1e-4"
-    )
-
-
 @router.post("/api/links", status_code=201, dependencies=WriteAccess, responses=WRITE)
-def create_link(body: LinkIn, request: Request, catalog: CatalogDep) -> dict:
+def create_link(body: LinkIn, request: Request, catalog: CatalogDep) -> LinkOut:
     parts = urlsplit(body.url)
     if parts.scheme or parts.netloc or not parts.path.startswith("/"):
         raise ApiError(
@@ -31,7 +25,7 @@ def create_link(body: LinkIn, request: Request, catalog: CatalogDep) -> dict:
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     # 128 random bits: a code says nothing about its view and cannot be guessed or enumerated
     code = catalog.link_code(path) or catalog.add_link(secrets.token_urlsafe(16), path)
-    return {"code": code, "url": path, "short_url": str(request.base_url).rstrip("/") + f"/s/{code}"}
+    return LinkOut(code=code, url=path, short_url=str(request.base_url).rstrip("/") + f"/s/{code}")
 
 
 @router.get("/s/{code}", include_in_schema=False)

@@ -4,7 +4,11 @@
 type Child = Node | string | number | null | undefined | false;
 type Attrs = Record<string, string | number | boolean | EventListener | undefined>;
 
-export function h<K extends keyof HTMLElementTagNameMap>(tag: K, attrs: Attrs = {}, ...children: Child[]): HTMLElementTagNameMap[K] {
+export function h<K extends keyof HTMLElementTagNameMap>(
+  tag: K,
+  attrs: Attrs = {},
+  ...children: Child[]
+): HTMLElementTagNameMap[K] {
   const el = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
     if (value === undefined || value === false) continue;
@@ -18,12 +22,18 @@ export function h<K extends keyof HTMLElementTagNameMap>(tag: K, attrs: Attrs = 
   return el;
 }
 
-export const pct = (x: number | null | undefined, digits = 2) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(digits)}%`);
-export const int = (x: number | null | undefined) => (x === null || x === undefined ? "–" : Math.round(x).toLocaleString("en-US"));
-export const sci = (x: number) => (x === 0 ? "0" : x.toExponential(2));
-export const bytes = (n: number) => {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
-};
+/** A key-figure card: a big value over a small label. The value may be an element updated later. */
+export const card = (label: string, value: string | HTMLElement, id?: string) =>
+  h(
+    "div",
+    { class: "card" },
+    typeof value === "string" ? h("div", { class: "value", id }, value) : value,
+    h("div", { class: "label" }, label),
+  );
+
+/** A titled panel, appended to `parent`. */
+export function panel(parent: HTMLElement, title: string): HTMLElement {
+  const p = h("section", { class: "panel" }, h("h2", {}, title));
+  parent.append(p);
+  return p;
+}

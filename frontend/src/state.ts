@@ -1,7 +1,14 @@
 // The whole view state lives in the URL (path + query): reloading or sharing a link restores it.
 // parse() never throws: anything invalid falls back to the default.
 
-export const METRICS = ["sparsity", "changed_share", "rank_pct", "effective_rank", "relative_change", "mean_abs_delta"] as const;
+export const METRICS = [
+  "sparsity",
+  "changed_share",
+  "rank_pct",
+  "effective_rank",
+  "relative_change",
+  "mean_abs_delta",
+] as const;
 export type Metric = (typeof METRICS)[number];
 export type View = "browse" | "new" | "overview" | "tensor" | "series" | "overlap" | "compare";
 export type Mode = "abs" | "rel";
@@ -10,18 +17,25 @@ export type Scale = "linear" | "log";
 export interface ViewState {
   view: View;
   analysis: string | null; // analysis id (overview, tensor, series, overlap)
-  tensor: string | null;   // tensor view: full matrix name
+  tensor: string | null; // tensor view: full matrix name
   metric: Metric;
-  tau: number;             // τ; the dashboard snaps it to a histogram edge
+  tau: number; // τ; the dashboard snaps it to a histogram edge
   mode: Mode;
   scale: Scale;
-  ids: string[];           // compare: analysis ids
-  filter: string;          // browse: text filter
+  ids: string[]; // compare: analysis ids
+  filter: string; // browse: text filter
 }
 
 export const DEFAULTS: ViewState = {
-  view: "browse", analysis: null, tensor: null, metric: "sparsity", tau: 1e-5, mode: "abs", scale: "linear",
-  ids: [], filter: "",
+  view: "browse",
+  analysis: null,
+  tensor: null,
+  metric: "sparsity",
+  tau: 1e-5,
+  mode: "abs",
+  scale: "linear",
+  ids: [],
+  filter: "",
 };
 
 const ID = /^[0-9a-f]{6,32}$/;
@@ -57,9 +71,12 @@ export function parse(pathname: string, search: string): ViewState {
     if (parts.length === 2) return { ...common, view: "overview", analysis };
     if (sub === "tensor" && parts.length === 3) {
       const tensor = q.get("name");
-      return tensor ? { ...common, view: "tensor", analysis, tensor } : { ...common, view: "overview", analysis };
+      return tensor
+        ? { ...common, view: "tensor", analysis, tensor }
+        : { ...common, view: "overview", analysis };
     }
-    if ((sub === "series" || sub === "overlap") && parts.length === 3) return { ...common, view: sub, analysis };
+    if ((sub === "series" || sub === "overlap") && parts.length === 3)
+      return { ...common, view: sub, analysis };
     return { ...common, view: "overview", analysis };
   }
   return { ...common, view: "browse", filter: (q.get("q") ?? "").slice(0, 200) };
@@ -70,13 +87,28 @@ export function format(s: ViewState): string {
   let path = "/";
   const a = s.analysis ? encodeURIComponent(s.analysis) : "";
   switch (s.view) {
-    case "new": path = "/new"; break;
-    case "compare": path = "/compare"; if (s.ids.length) q.set("ids", s.ids.join(",")); break;
-    case "overview": path = `/analyses/${a}`; break;
-    case "tensor": path = `/analyses/${a}/tensor`; if (s.tensor) q.set("name", s.tensor); break;
-    case "series": path = `/analyses/${a}/series`; break;
-    case "overlap": path = `/analyses/${a}/overlap`; break;
-    default: if (s.filter) q.set("q", s.filter);
+    case "new":
+      path = "/new";
+      break;
+    case "compare":
+      path = "/compare";
+      if (s.ids.length) q.set("ids", s.ids.join(","));
+      break;
+    case "overview":
+      path = `/analyses/${a}`;
+      break;
+    case "tensor":
+      path = `/analyses/${a}/tensor`;
+      if (s.tensor) q.set("name", s.tensor);
+      break;
+    case "series":
+      path = `/analyses/${a}/series`;
+      break;
+    case "overlap":
+      path = `/analyses/${a}/overlap`;
+      break;
+    default:
+      if (s.filter) q.set("q", s.filter);
   }
   if (["overview", "tensor", "compare"].includes(s.view)) {
     if (s.metric !== DEFAULTS.metric && s.view === "overview") q.set("metric", s.metric);

@@ -1,7 +1,15 @@
 import { describe, expect, it } from "vitest";
 import {
-  changedAbove, circleDistance, curveFigure, formatMetric, gridAt, heatmapFigure, histogramFigure, nearestEdge,
-  overlapMatrixFigure, vennFigure,
+  changedAbove,
+  circleDistance,
+  curveFigure,
+  formatMetric,
+  gridAt,
+  heatmapFigure,
+  histogramFigure,
+  nearestEdge,
+  overlapMatrixFigure,
+  vennFigure,
 } from "../src/charts";
 
 const edges = Array.from({ length: 225 }, (_, i) => 10 ** ((i - 192) / 16));
@@ -20,24 +28,71 @@ describe("histogram arithmetic", () => {
     expect(nearestEdge(edges, 0)).toBe(-1);
   });
   it("builds the sparsity grid from per-cell histograms", () => {
-    const cube = { layers: [0, 1], matrices: ["q", "k"], numel: [[10, 10], [10, null]], hist: [[[5, 1, 2, 2], [10, 0, 0, 0]], [[0, 0, 0, 10], null]], bin_edges: [1e-3, 1e-2] };
+    const cube = {
+      layers: [0, 1],
+      matrices: ["q", "k"],
+      numel: [
+        [10, 10],
+        [10, null],
+      ],
+      hist: [
+        [
+          [5, 1, 2, 2],
+          [10, 0, 0, 0],
+        ],
+        [[0, 0, 0, 10], null],
+      ],
+      bin_edges: [1e-3, 1e-2],
+    };
     const g = gridAt(cube, 0);
-    expect(g.changed).toEqual([[4, 0], [10, null]]);
-    expect(g.sparsity).toEqual([[0.6, 1], [0, null]]);
+    expect(g.changed).toEqual([
+      [4, 0],
+      [10, null],
+    ]);
+    expect(g.sparsity).toEqual([
+      [0.6, 1],
+      [0, null],
+    ]);
   });
 });
 
 describe("figures", () => {
   it("heatmap: one cell per layer x matrix, exact counts in the hover text", () => {
-    const f = heatmapFigure({ layers: [0, null], matrices: ["q", "norm"], values: [[0.75, 1], [0.5, null]],
-      changed: [[25, 0], [50, null]], numel: [[100, 10], [100, null]], metric: "sparsity", scale: "linear", tauLabel: "1.00e-5" });
-    expect(f.data[0].z).toEqual([[0.75, 1], [0.5, null]]);
+    const f = heatmapFigure({
+      layers: [0, null],
+      matrices: ["q", "norm"],
+      values: [
+        [0.75, 1],
+        [0.5, null],
+      ],
+      changed: [
+        [25, 0],
+        [50, null],
+      ],
+      numel: [
+        [100, 10],
+        [100, null],
+      ],
+      metric: "sparsity",
+      scale: "linear",
+      tauLabel: "1.00e-5",
+    });
+    expect(f.data[0].z).toEqual([
+      [0.75, 1],
+      [0.5, null],
+    ]);
     expect(f.data[0].y).toEqual(["layer 0", "other"]);
     expect(f.data[0].text[0][0]).toContain("changed 25 of 100");
     expect(f.data[0].text[0][0]).toContain("75.00%");
   });
   it("heatmap: log scale only for magnitude metrics", () => {
-    const base = { layers: [0], matrices: ["q"], values: [[1e-3]], metric: "mean_abs_delta" as const, tauLabel: "" };
+    const base = {
+      layers: [0],
+      matrices: ["q"],
+      values: [[1e-3]],
+      metric: "mean_abs_delta" as const,
+      tauLabel: "",
+    };
     expect(heatmapFigure({ ...base, scale: "log" }).data[0].z).toEqual([[-3]]);
     expect(heatmapFigure({ ...base, metric: "sparsity", scale: "log" }).data[0].z).toEqual([[1e-3]]);
   });
@@ -60,7 +115,8 @@ describe("Venn", () => {
   it("circle distance reproduces the overlap area", () => {
     const [a, b, both] = [100, 60, 30];
     const d = circleDistance(a, b, both);
-    const ra = Math.sqrt(a / Math.PI), rb = Math.sqrt(b / Math.PI);
+    const ra = Math.sqrt(a / Math.PI),
+      rb = Math.sqrt(b / Math.PI);
     expect(d).toBeGreaterThan(Math.abs(ra - rb));
     expect(d).toBeLessThan(ra + rb);
     expect(circleDistance(a, b, 0)).toBeCloseTo(ra + rb, 6);
@@ -72,6 +128,9 @@ describe("Venn", () => {
     expect(f.layout.annotations[0].text).toContain("100 changed");
     expect(f.layout.meta.overlapText[0]).toContain("random 6.0%");
     const m = overlapMatrixFigure(["A", "B"], pairs);
-    expect(m.data[0].z).toEqual([[100, 30], [50, 100]]);
+    expect(m.data[0].z).toEqual([
+      [100, 30],
+      [50, 100],
+    ]);
   });
 });

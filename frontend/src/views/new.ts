@@ -1,40 +1,22 @@
 // New analysis: upload checkpoints (files or a whole folder, chunked and resumable) or register a
 // server path, pick kind, checkpoints in order and τ, submit, then follow progress.
-import { ApiError, get, post, put, type AnalysisStatus, type Checkpoint } from "../api";
-import { bytes, h } from "../dom";
-import type { Context } from "../main";
+import {
+  get,
+  post,
+  type AnalysisIn,
+  type AnalysisOut,
+  type Checkpoint,
+  type Created,
+  type PathIn,
+} from "../api";
+import type { Context } from "../context";
+import { h } from "../dom";
+import { bytes } from "../format";
 import { withState } from "../state";
+import { uploadCheckpoint } from "../upload";
+import { viewOf } from "./analysis";
 
-const CHUNK = 8 << 20;
 const WANTED = /(\.safetensors|\.json)$/;
-
-interface UploadStatus { id: string; files: { name: string; size: number; received: number }[] }
-
-/** Upload files as one checkpoint; resumes from the server's count after any failed chunk. */
-export async function uploadCheckpoint(name: string, files: File[], onProgress: (file: string, done: number, total: number) => void): Promise<string> {
-  const session = await post<UploadStatus>("/api/uploads", { name, files: files.map((f) => ({ name: f.name, size: f.size })) });
-  for (const file of files) {
-    let offset = 0;
-    let failures = 0;
-    onProgress(file.name, 0, file.size);
-    while (offset < file.size) {
-      try {
-        const r = await put<{ received: number }>(`/api/uploads/${session.id}/files/${encodeURIComponent(file.name)}?offset=${offset}`,
-                                                  file.slice(offset, offset + CHUNK));
-        offset = r.received;
-        failures = 0;
-      } catch (e) {
-        if (e instanceof ApiError && e.status < 500 && e.code !== "offset_gap") throw e;
-        if (++failures > 5) throw e;
-        await new Promise((r) => setTimeout(r, 500 * failures));
-        const status = await get<UploadStatus>(`/api/uploads/${session.id}`);  // resume where the server is
-        offset = status.files.find((f) => f.name === file.name)!.received;
-      }
-      onProgress(file.name, offset, file.size);
-    }
-  }
-  return (await post<{ id: string }>(`/api/uploads/${session.id}/complete`)).id;
-}
 
 export async function renderNew(ctx: Context): Promise<void> {
   const { root, state } = ctx;
@@ -45,87 +27,223 @@ export async function renderNew(ctx: Context): Promise<void> {
   const list = h("div", { class: "chips", role: "group", "aria-label": "checkpoints, base first" });
   const order = h("p", { class: "muted" });
   const drawList = () => {
-    list.replaceChildren(...checkpoints.map((c) => h("button", {
-      type: "button", "aria-pressed": String(chosen.includes(c.id)), "data-checkpoint": c.id, title: c.path,
-      onclick: () => { const i = chosen.indexOf(c.id); if (i >= 0) chosen.splice(i, 1); else chosen.push(c.id); drawList(); },
-    }, `${c.name} · ${bytes(c.bytes)}`)));
-    order.textContent = chosen.length ? `Order: ${chosen.map((id, i) => `${i === 0 ? "base" : i}: ${checkpoints.find((c) => c.id === id)?.name}`).join(" → ")}`
-                                      : "Click checkpoints in order: the base first, then the fine-tuned one(s).";
+    list.replaceChildren(
+      ...checkpoints.map((c) =>
+        h(
+          "button",
+          {
+            type: "button",
+            "aria-pressed": String(chosen.includes(c.id)),
+            "data-checkpoint": c.id,
+            title: c.path,
+            onclick: () => {
+              const i = chosen.indexOf(c.id);
+              if (i >= 0) chosen.splice(i, 1);
+              else chosen.push(c.id);
+              drawList();
+            },
+          },
+          `${c.name} · ${bytes(c.bytes)}`,
+        ),
+      ),
+    );
+    order.textContent = chosen.length
+      ? `Order: ${chosen.map((id, i) => `${i === 0 ? "base" : i}: ${checkpoints.find((c) => c.id === id)?.name}`).join(" → ")}`
+      : "Click checkpoints in order: the base first, then the fine-tuned one(s).";
   };
   drawList();
 
   // uploads
   const files = h("ul", { class: "files" });
-  const picker = h("input", { type: "file", multiple: true, "aria-label": "checkpoint files", id: "file-input" }) as HTMLInputElement;
-  const folderPicker = h("input", { type: "file", webkitdirectory: true, "aria-label": "checkpoint folder" }) as HTMLInputElement;
-  const nameInput = h("input", { type: "text", placeholder: "name (e.g. llama-sft)", "aria-label": "checkpoint name", id: "upload-name" }) as HTMLInputElement;
+  const picker = h("input", {
+    type: "file",
+    multiple: true,
+    "aria-label": "checkpoint files",
+    id: "file-input",
+  });
+  const folderPicker = h("input", { type: "file", webkitdirectory: true, "aria-label": "checkpoint folder" });
+  const nameInput = h("input", {
+    type: "text",
+    placeholder: "name (e.g. llama-sft)",
+    "aria-label": "checkpoint name",
+    id: "upload-name",
+  });
   const start = async (picked: File[]) => {
     const wanted = picked.filter((f) => WANTED.test(f.name));
-    if (!wanted.length) { message.replaceChildren(h("div", { class: "error" }, "No .safetensors or .json files among those.")); return; }
-    const folder = (wanted[0] as any).webkitRelativePath?.split("/")[0];
-    const name = nameInput.value || folder || wanted.find((f) => f.name.endsWith(".safetensors"))!.name.replace(/\.safetensors$/, "");
-    const bars = new Map(wanted.map((f) => [f.name, h("progress", { max: f.size || 1, value: 0, "aria-label": `upload of ${f.name}` })]));
-    files.replaceChildren(...wanted.map((f) => h("li", {}, bars.get(f.name)!, ` ${f.name} (${bytes(f.size)})`)));
+    if (!wanted.length) {
+      message.replaceChildren(h("div", { class: "error" }, "No .safetensors or .json files among those."));
+      return;
+    }
+    const folder = wanted[0].webkitRelativePath.split("/")[0];
+    const name =
+      nameInput.value ||
+      folder ||
+      wanted.find((f) => f.name.endsWith(".safetensors"))!.name.replace(/\.safetensors$/, "");
+    const bars = new Map(
+      wanted.map((f) => [
+        f.name,
+        h("progress", { max: f.size || 1, value: 0, "aria-label": `upload of ${f.name}` }),
+      ]),
+    );
+    files.replaceChildren(
+      ...wanted.map((f) => h("li", {}, bars.get(f.name)!, ` ${f.name} (${bytes(f.size)})`)),
+    );
     message.replaceChildren(`Uploading ${name}…`);
     try {
-      const id = await uploadCheckpoint(name, wanted, (file, done) => { bars.get(file)!.value = done; });
+      const id = await uploadCheckpoint(name, wanted, (file, done) => {
+        bars.get(file)!.value = done;
+      });
       checkpoints = await get<Checkpoint[]>("/api/checkpoints");
       chosen.push(id);
       drawList();
       message.replaceChildren(h("span", { class: "status done" }, `Uploaded and validated: ${name}`));
     } catch (e) {
-      message.replaceChildren(h("div", { class: "error", role: "alert" }, `Upload refused: ${(e as Error).message}`));
+      message.replaceChildren(
+        h("div", { class: "error", role: "alert" }, `Upload refused: ${(e as Error).message}`),
+      );
     }
   };
   picker.addEventListener("change", () => start([...(picker.files ?? [])]));
   folderPicker.addEventListener("change", () => start([...(folderPicker.files ?? [])]));
-  const drop = h("div", { class: "dropzone", tabindex: 0 }, "Drop a checkpoint folder or its files here (.safetensors, index, config.json)");
-  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  const drop = h(
+    "div",
+    { class: "dropzone", tabindex: 0 },
+    "Drop a checkpoint folder or its files here (.safetensors, index, config.json)",
+  );
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); start([...(e.dataTransfer?.files ?? [])]); });
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    start([...(e.dataTransfer?.files ?? [])]);
+  });
 
-  const pathInput = h("input", { type: "text", placeholder: "/models/llama-3-8b-dpo", size: 40, "aria-label": "server path" }) as HTMLInputElement;
-  const register = h("button", { type: "button", onclick: async () => {
-    try {
-      const { id } = await post<{ id: string }>("/api/checkpoints", { path: pathInput.value });
-      checkpoints = await get<Checkpoint[]>("/api/checkpoints");
-      chosen.push(id);
-      drawList();
-      message.replaceChildren(h("span", { class: "status done" }, "Registered."));
-    } catch (e) { message.replaceChildren(h("div", { class: "error", role: "alert" }, (e as Error).message)); }
-  } }, "Register path");
+  const pathInput = h("input", {
+    type: "text",
+    placeholder: "/models/llama-3-8b-dpo",
+    size: 40,
+    "aria-label": "server path",
+  });
+  const register = h(
+    "button",
+    {
+      type: "button",
+      onclick: async () => {
+        try {
+          const body: PathIn = { path: pathInput.value };
+          const { id } = await post<Created>("/api/checkpoints", body);
+          checkpoints = await get<Checkpoint[]>("/api/checkpoints");
+          chosen.push(id);
+          drawList();
+          message.replaceChildren(h("span", { class: "status done" }, "Registered."));
+        } catch (e) {
+          message.replaceChildren(h("div", { class: "error", role: "alert" }, (e as Error).message));
+        }
+      },
+    },
+    "Register path",
+  );
 
   // the analysis
-  const kind = h("select", { "aria-label": "kind", id: "kind" },
-    h("option", { value: "pair" }, "pair: base → fine-tuned"), h("option", { value: "series" }, "series: base, checkpoints…, final"),
-    h("option", { value: "overlap" }, "overlap: base + 2 or more runs")) as HTMLSelectElement;
-  const taus = h("input", { type: "text", value: String(state.tau), "aria-label": "tau", id: "taus", size: 12 }) as HTMLInputElement;
+  const kind = h(
+    "select",
+    { "aria-label": "kind", id: "kind" },
+    h("option", { value: "pair" }, "pair: base → fine-tuned"),
+    h("option", { value: "series" }, "series: base, checkpoints…, final"),
+    h("option", { value: "overlap" }, "overlap: base + 2 or more runs"),
+  );
+  const taus = h("input", {
+    type: "text",
+    value: String(state.tau),
+    "aria-label": "tau",
+    id: "taus",
+    size: 12,
+  });
   const follow = h("div");
-  const submit = h("button", { type: "button", class: "primary", id: "submit", onclick: async () => {
-    const values = taus.value.split(/[\s,]+/).filter(Boolean).map(Number);
-    try {
-      const { id } = await post<{ id: string }>("/api/analyses", { kind: kind.value, checkpoints: chosen, taus: values });
-      const poll = async () => {
-        const s = await get<AnalysisStatus>(`/api/analyses/${id}`);
-        if (!ctx.alive()) return;
-        follow.replaceChildren(h("p", {}, `Analysis ${id}: `, h("span", { class: `status ${s.status}`, id: "follow-status" }, s.status), " ",
-          h("progress", { max: 1, value: s.progress }), ` ${Math.round(100 * s.progress)}%`,
-          s.error ? h("div", { class: "error" }, s.error.message) : null));
-        if (s.status === "done") ctx.navigate(withState(state, { view: s.kind === "pair" ? "overview" : s.kind, analysis: id }));
-        else if (s.status === "queued" || s.status === "running") setTimeout(poll, 500);
-      };
-      await poll();
-    } catch (e) { follow.replaceChildren(h("div", { class: "error", role: "alert" }, (e as Error).message)); }
-  } }, "Start analysis");
+  const submit = h(
+    "button",
+    {
+      type: "button",
+      class: "primary",
+      id: "submit",
+      onclick: async () => {
+        const values = taus.value
+          .split(/[\s,]+/)
+          .filter(Boolean)
+          .map(Number);
+        try {
+          const body: AnalysisIn = {
+            kind: kind.value as AnalysisIn["kind"],
+            checkpoints: chosen,
+            taus: values,
+          };
+          const { id } = await post<Created>("/api/analyses", body);
+          const poll = async () => {
+            const s = await get<AnalysisOut>(`/api/analyses/${id}`);
+            if (!ctx.alive()) return;
+            follow.replaceChildren(
+              h(
+                "p",
+                {},
+                `Analysis ${id}: `,
+                h("span", { class: `status ${s.status}`, id: "follow-status" }, s.status),
+                " ",
+                h("progress", { max: 1, value: s.progress }),
+                ` ${Math.round(100 * s.progress)}%`,
+                s.error ? h("div", { class: "error" }, s.error.message) : null,
+              ),
+            );
+            if (s.status === "done") ctx.navigate(withState(state, { view: viewOf(s.kind), analysis: id }));
+            else if (s.status === "queued" || s.status === "running") setTimeout(poll, 500);
+          };
+          await poll();
+        } catch (e) {
+          follow.replaceChildren(h("div", { class: "error", role: "alert" }, (e as Error).message));
+        }
+      },
+    },
+    "Start analysis",
+  );
 
   root.replaceChildren(
     h("h1", {}, "New analysis"),
-    h("div", { class: "grid2" },
-      h("section", { class: "panel" }, h("h2", {}, "1 · Checkpoints"), drop,
-        h("div", { class: "controls" }, nameInput, h("label", {}, "files ", picker), h("label", {}, "folder ", folderPicker)), files,
-        h("div", { class: "controls" }, pathInput, register), message),
-      h("section", { class: "panel" }, h("h2", {}, "2 · Analysis"),
+    h(
+      "div",
+      { class: "grid2" },
+      h(
+        "section",
+        { class: "panel" },
+        h("h2", {}, "1 · Checkpoints"),
+        drop,
+        h(
+          "div",
+          { class: "controls" },
+          nameInput,
+          h("label", {}, "files ", picker),
+          h("label", {}, "folder ", folderPicker),
+        ),
+        files,
+        h("div", { class: "controls" }, pathInput, register),
+        message,
+      ),
+      h(
+        "section",
+        { class: "panel" },
+        h("h2", {}, "2 · Analysis"),
         h("div", { class: "controls" }, h("label", {}, "kind ", kind), h("label", {}, "τ ", taus)),
-        h("p", { class: "muted" }, "A weight counts as changed when |Δ| > τ. Several τ may be given, separated by commas."),
-        list, order, submit, follow)));
+        h(
+          "p",
+          { class: "muted" },
+          "A weight counts as changed when |Δ| > τ. Several τ may be given, separated by commas.",
+        ),
+        list,
+        order,
+        submit,
+        follow,
+      ),
+    ),
+  );
 }

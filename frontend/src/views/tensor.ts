@@ -1,62 +1,100 @@
 // One matrix in detail: update map, row / column / head profiles, |Δ| histogram with τ marked,
 // singular spectrum with rank and energy ranks; neighbours one click away.
-import { get, type TensorDetail } from "../api";
+import { get, type TensorDetail, type TensorRow } from "../api";
 import { histogramFigure, layerLabel, profileFigure, spectrumFigure, updateMapFigure } from "../charts";
-import { h, int, pct, sci } from "../dom";
-import type { Context } from "../main";
+import type { Context } from "../context";
+import { card, h, panel } from "../dom";
+import { int, pct, sci } from "../format";
+import { plotInto } from "../plot";
 import { withState } from "../state";
-import { plotInto } from "./plot";
-
-interface Row { name: string; layer: number | null; matrix: string }
 
 export async function renderTensor(ctx: Context): Promise<void> {
   const { root, state } = ctx;
   const id = state.analysis!;
   const [t, all] = await Promise.all([
-    get<TensorDetail>(`/api/analyses/${id}/tensors/${state.tensor!.split("/").map(encodeURIComponent).join("/")}`),
-    get<Row[]>(`/api/analyses/${id}/tensors`),
+    get<TensorDetail>(
+      `/api/analyses/${id}/tensors/${state.tensor!.split("/").map(encodeURIComponent).join("/")}`,
+    ),
+    get<TensorRow[]>(`/api/analyses/${id}/tensors`),
   ]);
   if (!ctx.alive()) return;
   const go = (name: string) => ctx.navigate(withState(state, { tensor: name }));
-  const sameMatrix = all.filter((r) => r.matrix === t.matrix && r.layer !== null).sort((a, b) => (a.layer! - b.layer!));
+  const sameMatrix = all
+    .filter((r) => r.matrix === t.matrix && r.layer !== null)
+    .sort((a, b) => a.layer! - b.layer!);
   const at = sameMatrix.findIndex((r) => r.name === t.name);
-  const neighbour = (row: Row | undefined, label: string, key: string) =>
-    h("button", { type: "button", disabled: !row, "data-nav": key, onclick: () => row && go(row.name) }, label);
+  const neighbour = (row: TensorRow | undefined, label: string, key: string) =>
+    h(
+      "button",
+      { type: "button", disabled: !row, "data-nav": key, onclick: () => row && go(row.name) },
+      label,
+    );
   const siblings = all.filter((r) => r.layer === t.layer && r.name !== t.name);
   const counts = t.histograms[state.mode] ?? t.histograms.abs ?? [];
   const edges = t.bin_edges;
   root.replaceChildren(
     h("p", {}, h("a", { href: `/analyses/${id}`, "data-link": true }, "← overview")),
     h("h1", { id: "tensor-name" }, t.name),
-    h("p", { class: "muted" }, `${layerLabel(t.layer)} · ${t.block} · ${t.matrix} · shape ${t.shape.join(" × ")} · ${int(t.numel)} weights`),
-    h("div", { class: "controls" },
-      neighbour(sameMatrix[at - 1], sameMatrix[at - 1] ? `← ${layerLabel(sameMatrix[at - 1].layer)}` : "← first layer", "prev"),
-      neighbour(sameMatrix[at + 1], sameMatrix[at + 1] ? `${layerLabel(sameMatrix[at + 1].layer)} →` : "last layer →", "next"),
+    h(
+      "p",
+      { class: "muted" },
+      `${layerLabel(t.layer)} · ${t.block} · ${t.matrix} · shape ${t.shape.join(" × ")} · ${int(t.numel)} weights`,
+    ),
+    h(
+      "div",
+      { class: "controls" },
+      neighbour(
+        sameMatrix[at - 1],
+        sameMatrix[at - 1] ? `← ${layerLabel(sameMatrix[at - 1].layer)}` : "← first layer",
+        "prev",
+      ),
+      neighbour(
+        sameMatrix[at + 1],
+        sameMatrix[at + 1] ? `${layerLabel(sameMatrix[at + 1].layer)} →` : "last layer →",
+        "next",
+      ),
       h("span", { class: "muted" }, "same layer:"),
-      ...siblings.map((r) => h("button", { type: "button", onclick: () => go(r.name), title: r.name }, shortLabel(r.name)))),
-    h("div", { class: "cards" },
-      h("div", { class: "card" }, h("div", { class: "value" }, t.rank === null ? "–" : `${t.rank} / ${t.full_rank}`), h("div", { class: "label" }, "rank of ΔW")),
-      h("div", { class: "card" }, h("div", { class: "value" }, t.rank_pct === null ? "–" : `${t.rank_pct.toFixed(1)}%`), h("div", { class: "label" }, "rank % of full")),
-      h("div", { class: "card" }, h("div", { class: "value" }, t.effective_rank === null ? "–" : t.effective_rank.toFixed(1)), h("div", { class: "label" }, "effective rank")),
-      h("div", { class: "card" }, h("div", { class: "value" }, sci(t.norm_delta / (t.norm_base || 1))), h("div", { class: "label" }, "‖Δ‖ / ‖W‖")),
-      h("div", { class: "card" }, h("div", { class: "value" }, pct(counts.length ? counts[0] / t.numel : null)), h("div", { class: "label" }, "bit-identical weights"))));
+      ...siblings.map((r) =>
+        h("button", { type: "button", onclick: () => go(r.name), title: r.name }, shortLabel(r.name)),
+      ),
+    ),
+    h(
+      "div",
+      { class: "cards" },
+      card("rank of ΔW", t.rank === null ? "–" : `${t.rank} / ${t.full_rank}`),
+      card("rank % of full", t.rank_pct === null ? "–" : `${t.rank_pct.toFixed(1)}%`),
+      card("effective rank", t.effective_rank === null ? "–" : t.effective_rank.toFixed(1)),
+      card("‖Δ‖ / ‖W‖", sci((t.norm_delta ?? 0) / (t.norm_base || 1))),
+      card("bit-identical weights", pct(counts.length ? counts[0] / t.numel : null)),
+    ),
+  );
   const grid = h("div", { class: "grid2" });
   root.append(grid);
-  const panel = (title: string) => { const p = h("section", { class: "panel" }, h("h2", {}, title)); grid.append(p); return p; };
   if (t.update_map) {
-    plotInto(panel(`Update map at τ = ${sci(t.update_map.tau)} (share changed per cell)`), updateMapFigure(t.update_map), "update map");
-    const profiles = panel("Profiles");
+    plotInto(
+      panel(grid, `Update map at τ = ${sci(t.update_map.tau)} (share changed per cell)`),
+      updateMapFigure(t.update_map),
+      "update map",
+    );
+    const profiles = panel(grid, "Profiles");
     plotInto(profiles, profileFigure(t.update_map.row_frac, "row"), "changed share per row");
     plotInto(profiles, profileFigure(t.update_map.col_frac, "column"), "changed share per column");
-    if (t.update_map.head_frac) plotInto(profiles, profileFigure(t.update_map.head_frac, "head"), "changed share per head");
+    if (t.update_map.head_frac)
+      plotInto(profiles, profileFigure(t.update_map.head_frac, "head"), "changed share per head");
   }
-  if (counts.length) plotInto(panel("Histogram of |Δ|" + (state.mode === "rel" ? "/|W|" : "")),
-                              histogramFigure(counts, edges, state.tau, state.mode === "rel" ? "|Δ|/|W|" : "|Δ|"), "histogram of weight changes");
-  if (t.spectrum) plotInto(panel("Singular spectrum of ΔW"), spectrumFigure(t), "singular values");
+  if (counts.length)
+    plotInto(
+      panel(grid, "Histogram of |Δ|" + (state.mode === "rel" ? "/|W|" : "")),
+      histogramFigure(counts, edges, state.tau, state.mode === "rel" ? "|Δ|/|W|" : "|Δ|"),
+      "histogram of weight changes",
+    );
+  if (t.spectrum) plotInto(panel(grid, "Singular spectrum of ΔW"), spectrumFigure(t), "singular values");
 }
 
 /** "model.layers.3.self_attn.q_proj.weight" -> "q_proj"; fused parts keep their [q]. */
 function shortLabel(name: string): string {
-  const parts = name.replace(/\.(weight|bias)(\[\w+\])?$/, (_, kind, part) => (kind === "bias" ? ".bias" : "") + (part ?? "")).split(".");
+  const parts = name
+    .replace(/\.(weight|bias)(\[\w+\])?$/, (_, kind, part) => (kind === "bias" ? ".bias" : "") + (part ?? ""))
+    .split(".");
   return parts.slice(-(parts[parts.length - 1] === "bias" ? 2 : 1)).join(".");
 }

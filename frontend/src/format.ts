@@ -1,0 +1,16 @@
+// Number formatting for cards and tables; "–" stands for a missing value.
+
+export const pct = (x: number | null | undefined, digits = 2) =>
+  x === null || x === undefined ? "–" : `${(100 * x).toFixed(digits)}%`;
+export const int = (x: number | null | undefined) =>
+  x === null || x === undefined ? "–" : Math.round(x).toLocaleString("en-US");
+export const sci = (x: number) => (x === 0 ? "0" : x.toExponential(2));
+export const bytes = (n: number) => {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+};

@@ -1,0 +1,40 @@
+// The upload protocol: open a session listing the files, PUT each file in chunks at the offset the
+// server holds, then complete the session into a checkpoint. A failed chunk is retried from the
+// server's own count, so an interrupted upload resumes instead of starting over.
+import { ApiError, get, post, put, type ChunkOut, type Created, type UploadIn, type UploadOut } from "./api";
+
+const CHUNK = 8 << 20;
+const RETRIES = 5;
+
+/** Upload files as one checkpoint; returns the new checkpoint's id. */
+export async function uploadCheckpoint(
+  name: string,
+  files: File[],
+  onProgress: (file: string, done: number, total: number) => void,
+): Promise<string> {
+  const request: UploadIn = { name, files: files.map((f) => ({ name: f.name, size: f.size })) };
+  const session = await post<UploadOut>("/api/uploads", request);
+  for (const file of files) {
+    let offset = 0;
+    let failures = 0;
+    onProgress(file.name, 0, file.size);
+    while (offset < file.size) {
+      try {
+        const r = await put<ChunkOut>(
+          `/api/uploads/${session.id}/files/${encodeURIComponent(file.name)}?offset=${offset}`,
+          file.slice(offset, offset + CHUNK),
+        );
+        offset = r.received;
+        failures = 0;
+      } catch (e) {
+        if (e instanceof ApiError && e.status < 500 && e.code !== "offset_gap") throw e;
+        if (++failures > RETRIES) throw e;
+        await new Promise((r) => setTimeout(r, 500 * failures));
+        const status = await get<UploadOut>(`/api/uploads/${session.id}`); // resume where the server is
+        offset = status.files.find((f) => f.name === file.name)!.received;
+      }
+      onProgress(file.name, offset, file.size);
+    }
+  }
+  return (await post<Created>(`/api/uploads/${session.id}/complete`)).id;
+}

@@ -1,0 +1,239 @@
+// Overview of a pair analysis: key figures, layer × matrix heatmap with a metric selector and a
+// τ slider (instant, from the stored histograms), sparsity-vs-τ curve, per-matrix bars, skipped
+// tensors.
+import {
+  get,
+  type Checkpoint,
+  type Heatmap,
+  type HeatmapCube,
+  type PairSummary,
+  type SparsityCurve,
+  type TensorRow,
+} from "../api";
+import {
+  barsFigure,
+  changedAbove,
+  curveFigure,
+  gridAt,
+  heatmapFigure,
+  layerLabel,
+  metricLabel,
+  nearestEdge,
+} from "../charts";
+import type { Context } from "../context";
+import { card, h, panel } from "../dom";
+import { int, pct, sci } from "../format";
+import { plotInto, replot } from "../plot";
+import { METRICS, withState, type Metric, type Mode, type Scale } from "../state";
+import { finishedAnalysis } from "./analysis";
+
+export async function renderPair(ctx: Context): Promise<void> {
+  const job = await finishedAnalysis(ctx);
+  if (!job) return;
+  const { root, state } = ctx;
+  const id = state.analysis!;
+  const [summary, cube, curve, heat, checkpoints] = await Promise.all([
+    get<PairSummary>(`/api/analyses/${id}/summary`),
+    get<HeatmapCube>(`/api/analyses/${id}/heatmap-cube?mode=${state.mode}`),
+    get<SparsityCurve>(`/api/analyses/${id}/sparsity-curve?mode=${state.mode}`),
+    get<Heatmap>(`/api/analyses/${id}/heatmap?metric=${state.metric}&tau=${state.tau}&mode=${state.mode}`),
+    get<Checkpoint[]>("/api/checkpoints"),
+  ]);
+  if (!ctx.alive()) return;
+  const edges = cube.bin_edges;
+  let k = nearestEdge(edges, state.tau);
+  const s = summary.summary;
+
+  const tauLabel = h("output", { id: "tau-value" });
+  const slider = h("input", {
+    type: "range",
+    min: -1,
+    max: edges.length - 1,
+    step: 1,
+    value: k,
+    id: "tau-slider",
+    "aria-label": "tolerance τ (histogram edge)",
+  });
+  const metric = h(
+    "select",
+    { id: "metric", "aria-label": "metric" },
+    ...METRICS.map((m) => h("option", { value: m, selected: m === state.metric }, metricLabel(m))),
+  );
+  const mode = h(
+    "select",
+    { id: "mode", "aria-label": "mode" },
+    h("option", { value: "abs", selected: state.mode === "abs" }, "absolute |Δ| > τ"),
+    h("option", { value: "rel", selected: state.mode === "rel" }, "relative |Δ| > τ·|W|"),
+  );
+  const scale = h(
+    "select",
+    { id: "scale", "aria-label": "colour scale" },
+    h("option", { value: "linear", selected: state.scale === "linear" }, "linear"),
+    h("option", { value: "log", selected: state.scale === "log" }, "log"),
+  );
+  const sparsityCard = h("div", { class: "value", id: "global-sparsity" });
+  const changedCard = h("div", { class: "value", id: "global-changed" });
+
+  const tauAt = (index: number) => (index < 0 ? 0 : edges[index]);
+  const heatFigure = () => {
+    const usesTau = state.metric === "sparsity" || state.metric === "changed_share";
+    const grid = gridAt(cube, k);
+    const values = usesTau
+      ? grid.sparsity.map((row) =>
+          row.map((v) => (v === null ? null : state.metric === "sparsity" ? v : 1 - v)),
+        )
+      : heat.values;
+    return heatmapFigure({
+      layers: cube.layers,
+      matrices: cube.matrices,
+      values,
+      changed: grid.changed,
+      numel: cube.numel,
+      metric: state.metric,
+      scale: state.scale,
+      tauLabel: sci(tauAt(k)),
+    });
+  };
+  const totals = () => {
+    let changed = 0,
+      numel = 0;
+    cube.hist.forEach((row, i) =>
+      row.forEach((hist, j) => {
+        if (hist) {
+          changed += changedAbove(hist, k);
+          numel += cube.numel[i][j] as number;
+        }
+      }),
+    );
+    return { changed, numel };
+  };
+  const bars = () =>
+    barsFigure(
+      cube.matrices.map((m, j) => {
+        let changed = 0,
+          numel = 0;
+        cube.hist.forEach((row, i) => {
+          if (row[j]) {
+            changed += changedAbove(row[j]!, k);
+            numel += cube.numel[i][j] as number;
+          }
+        });
+        return { label: m, changed, numel };
+      }),
+      sci(tauAt(k)),
+    );
+
+  root.replaceChildren(
+    h("h1", {}, job.checkpoints.map((c) => checkpoints.find((x) => x.id === c)?.name ?? c).join(" → ")),
+    h(
+      "p",
+      { class: "muted" },
+      `pair analysis ${id} · ${summary.family} family · ${int(s.numel)} parameters compared · `,
+      h("a", { href: `/compare?ids=${id}`, "data-link": true }, "compare with other analyses"),
+    ),
+    h(
+      "div",
+      { class: "cards" },
+      card("sparsity at τ (share of weights unchanged)", sparsityCard),
+      card("weights changed at τ", changedCard),
+      card("parameters compared", int(s.numel)),
+      card("mean update rank (% of full)", s.mean_rank_pct === null ? "–" : `${s.mean_rank_pct.toFixed(1)}%`),
+      card("min update rank", s.min_rank_pct === null ? "–" : `${s.min_rank_pct.toFixed(1)}%`),
+      card(
+        "relative change ‖Δ‖/‖W‖",
+        s.similarity.relative_l2 === null ? "–" : sci(s.similarity.relative_l2),
+      ),
+    ),
+    h(
+      "div",
+      { class: "controls" },
+      h("label", {}, "metric ", metric),
+      h("label", {}, "τ ", slider, tauLabel),
+      h("label", {}, "mode ", mode),
+      h("label", {}, "colour ", scale),
+    ),
+  );
+  const heatPanel = panel(root, "Layer × matrix type — click a cell for that matrix");
+  const heatEl = plotInto(
+    heatPanel,
+    heatFigure(),
+    "heatmap of the metric by layer and matrix type",
+    (point) => {
+      const layer = cube.layers[cube.layers.map(layerLabel).indexOf(point.y)];
+      const matrix = point.x as string;
+      openCell(ctx, id, layer, matrix);
+    },
+  );
+  heatEl.id = "heatmap";
+  const row = h("div", { class: "grid2" });
+  root.append(row);
+  const curvePanel = panel(row, "Sparsity vs τ");
+  const barsPanel = panel(row, "By matrix type");
+  const curveEl = plotInto(
+    curvePanel,
+    curveFigure(curve, tauAt(k), curve.zero_share),
+    "sparsity as a function of tau",
+  );
+  const barsEl = plotInto(barsPanel, bars(), "sparsity by matrix type");
+  const skipped = Object.entries(summary.skipped).filter(([, v]) => v.length);
+  root.append(
+    h(
+      "section",
+      { class: "panel" },
+      h("h2", {}, "Skipped tensors"),
+      skipped.length
+        ? h(
+            "ul",
+            {},
+            ...skipped.map(([reason, names]) =>
+              h(
+                "li",
+                {},
+                `${reason.replace("_", " ")}: `,
+                names
+                  .map((n) =>
+                    typeof n === "string" ? n : `${n.name}${n.shapes ? ` ${JSON.stringify(n.shapes)}` : ""}`,
+                  )
+                  .join(", "),
+              ),
+            ),
+          )
+        : h("p", { class: "muted" }, "None: every tensor was compared."),
+    ),
+  );
+
+  const update = () => {
+    const { changed, numel } = totals();
+    tauLabel.textContent = k < 0 ? "0 (any change)" : sci(edges[k]);
+    sparsityCard.textContent = pct(1 - changed / numel);
+    changedCard.textContent = int(changed);
+  };
+  update();
+  slider.addEventListener("input", () => {
+    k = Number(slider.value);
+    update();
+    replot(heatEl, heatFigure());
+    replot(barsEl, bars());
+    replot(curveEl, curveFigure(curve, tauAt(k), curve.zero_share));
+  });
+  slider.addEventListener("change", () => {
+    state.tau = tauAt(k);
+    ctx.remember(state);
+  });
+  metric.addEventListener("change", () =>
+    ctx.navigate(withState(state, { metric: metric.value as Metric, tau: tauAt(k) })),
+  );
+  mode.addEventListener("change", () =>
+    ctx.navigate(withState(state, { mode: mode.value as Mode, tau: tauAt(k) })),
+  );
+  scale.addEventListener("change", () =>
+    ctx.navigate(withState(state, { scale: scale.value as Scale, tau: tauAt(k) })),
+  );
+}
+
+/** Open the matrix behind a heatmap cell. */
+async function openCell(ctx: Context, id: string, layer: number | null, matrix: string): Promise<void> {
+  const tensors = await get<TensorRow[]>(`/api/analyses/${id}/tensors`);
+  const hit = tensors.find((t) => t.layer === layer && t.matrix === matrix)?.name;
+  if (hit) ctx.navigate(withState(ctx.state, { view: "tensor", tensor: hit }));
+}
