@@ -29,6 +29,9 @@ run-deps:
 test-deps:
 	$(call need,$(TEST_PACKAGES))
 
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
 # torch is pinned to 2.13.0 (constraints.txt) for local and CI installs: the CPU build on this disk
 $(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | run-deps $(BIN)/python backend/dashboard/index.html
 	$(BIN)/pip install -q --upgrade pip
