@@ -14,6 +14,7 @@ from deltalens.backend.catalog import Catalog
 from deltalens.backend.errors import ApiError, install_handlers
 from deltalens.backend.headers import SecurityHeaders
 from deltalens.backend.jobs import Jobs
+from deltalens.backend.limits import BodyLimits
 from deltalens.backend.models import Health
 from deltalens.backend.routes import analyses, checkpoints, links
 from deltalens.backend.uploads import Uploads
@@ -50,7 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="What did fine-tuning change? Checkpoints in, per-tensor change metrics out.",
     )
     install_handlers(app)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyLimits, settings=settings)  # the token and body size, before any body is read
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, BodyLimits' refusals included
     for module in (checkpoints, analyses, links):
         app.include_router(module.router)
 

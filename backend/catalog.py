@@ -42,11 +42,18 @@ CREATE TABLE IF NOT EXISTS links (
     code VARCHAR PRIMARY KEY, url VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL
 );
 """
-CHECKPOINT_FIELDS = ("id", "name", "source", "path", "files", "bytes", "sha256", "created_at")
+CHECKPOINT_FIELDS = ("id", "name", "source", "path", "files", "bytes", "sha256", "created_at", "pins")
+# pins: {"files": {name: {"size", "mtime_ns"}}} of every file the reader opens, recorded when the
+# checkpoint was validated; workers refuse to run on files that no longer match. NULL in catalogs
+# written before pins existed (column added on open): such checkpoints are not checked.
 # Result tables with one or a few rows per matrix. In the catalog they carry one more column,
 # tensor_key = '<analysis id>/<name>', with an ART index: a one-matrix lookup on that single key
 # is ~1 ms, where filtering analysis_id and name scans every stored update map (~10 ms).
 KEYED = ("tensors", "changed", "histograms", "spectra", "update_maps")
+
+
+def _checkpoint_row(r: dict) -> dict:
+    return {**r, "files": json.loads(r["files"]), "pins": json.loads(r["pins"]) if r.get("pins") else None}
 
 
 def now() -> datetime:
@@ -126,6 +133,7 @@ class Catalog:
         with self.lock:
             self.db.execute(CATALOG_SQL)
             self.db.execute(SCHEMA_SQL)
+            self.db.execute("ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS pins JSON")
             for table in KEYED:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tensor_key VARCHAR")
                 self.db.execute(
@@ -179,22 +187,21 @@ class Catalog:
 
     # --- checkpoints -------------------------------------------------------------------------
     def add_checkpoint(self, **c: Any) -> None:
-        c = {**c, "files": json.dumps(c["files"]), "created_at": now()}
+        pins = c.get("pins")
+        c = {**c, "files": json.dumps(c["files"]), "created_at": now(), "pins": pins and json.dumps(pins)}
         with self.lock:
             self.db.execute(
-                f"INSERT INTO checkpoints VALUES ({', '.join('?' * len(CHECKPOINT_FIELDS))})",
+                f"INSERT INTO checkpoints ({', '.join(CHECKPOINT_FIELDS)}) "
+                f"VALUES ({', '.join('?' * len(CHECKPOINT_FIELDS))})",
                 [c[k] for k in CHECKPOINT_FIELDS],
             )
 
     def checkpoint(self, cid: str) -> dict | None:
         found = self.rows("SELECT * FROM checkpoints WHERE id = ?", [cid])
-        return {**found[0], "files": json.loads(found[0]["files"])} if found else None
+        return _checkpoint_row(found[0]) if found else None
 
     def checkpoints(self) -> list[dict]:
-        return [
-            {**r, "files": json.loads(r["files"])}
-            for r in self.rows("SELECT * FROM checkpoints ORDER BY created_at")
-        ]
+        return [_checkpoint_row(r) for r in self.rows("SELECT * FROM checkpoints ORDER BY created_at")]
 
     # --- jobs --------------------------------------------------------------------------------
     def add_job(

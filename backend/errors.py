@@ -29,11 +29,14 @@ ERRORS: dict[int, dict[str, Any]] = {
         401: "Hosted mode (DELTALENS_TOKEN set): this write needs 'Authorization: Bearer <token>'",
         403: "The path is outside DELTALENS_ALLOWED_ROOTS",
         404: "No such analysis, checkpoint, upload, file or tensor",
+        408: "An upload chunk sent no data for DELTALENS_UPLOAD_READ_TIMEOUT seconds (dropped; resume)",
         409: "Not possible in the resource's current state (not ready, wrong kind, already finished, "
-        "incomplete, offset gap, checkpoint gone)",
-        413: "More bytes than DELTALENS_MAX_UPLOAD_BYTES or than the file's declared size",
+        "incomplete, offset gap, checkpoint gone, another request writing the same upload file)",
+        413: "The request body is larger than this endpoint accepts (DELTALENS_MAX_BODY_BYTES), or an upload "
+        "file larger than DELTALENS_MAX_UPLOAD_BYTES / DELTALENS_MAX_METADATA_BYTES or its declared size",
         415: "A pickled checkpoint (refused) or a file type that is not weights or JSON metadata",
         422: "Invalid parameters, body or checkpoint content",
+        429: "Too many requests from this client (e.g. mask export jobs per minute); retry later",
         507: "The data volume is full (nothing was stored; free space and resume)",
     }.items()
 }
@@ -125,6 +128,7 @@ def document_errors(app: FastAPI) -> None:
                     responses["422"] = response(422)
                 if "requestBody" in operation:
                     responses.setdefault("400", response(400))
+                    responses.setdefault("413", response(413))  # backend/limits.py, before the body is read
                 if (operation.get("parameters") or "requestBody" in operation) and "422" not in responses:
                     responses["422"] = response(422)
         if "HTTPValidationError" not in str(schema.get("paths")):

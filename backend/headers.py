@@ -2,7 +2,8 @@
 
 The dashboard's CSP allows scripts only from this origin (no inline script, no eval); Plotly
 injects <style> elements, so inline *styles* stay allowed. The API docs pages (/docs, /redoc)
-load Swagger UI / ReDoc from their CDN with an inline bootstrap script and get their own policy.
+load Swagger UI / ReDoc from their CDN with an inline bootstrap script and get their own policy —
+chosen by exact path, so no other path (`/docsX`, `/docs/../x`, `/redoc/anything`) gets it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ COMMON = [
     (b"referrer-policy", b"same-origin"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
-DOCS_PATHS = ("/docs", "/redoc")
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})  # FastAPI's docs routes
 
 
 class SecurityHeaders:
@@ -34,7 +35,7 @@ class SecurityHeaders:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        csp = (DOCS_CSP if scope["path"].startswith(DOCS_PATHS) else DASHBOARD_CSP).encode()
+        csp = (DOCS_CSP if scope["path"] in DOCS_PATHS else DASHBOARD_CSP).encode()
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":

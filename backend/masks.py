@@ -1,99 +1,187 @@
-"""Update-mask export: which weights changed, as a safetensors file for sparse fine-tuning.
+"""Update-mask export jobs (API side): create, follow, download — the API never computes a mask.
 
-One mask per stored tensor (names as in the model): `bool` (1 byte per weight, shape kept) or
-`packed` (np.packbits of the flattened mask, little bit order, U8 of ceil(n/8) bytes; the true
-shape is in the header metadata). Streamed tensor by tensor and chunk by chunk: memory stays
-O(chunk), whatever the model size. NumPy only — the API never imports torch.
+A mask is named by (analysis, run, τ, mode, format): the same request gives the same id, so a mask
+is computed once and then served from `masks/<analysis>/<mask>.safetensors` in the data folder. The
+API writes the request (`<mask>.json`, with the Celery task id) and sends `deltalens.export_mask` by
+name; a worker writes the file chunk by chunk and publishes it by rename, or writes
+`<mask>.error.json` with a readable reason (see `deltalens.worker.mask_export`). The status is read
+from those files and, while neither exists, from the result backend. Reading checkpoints (a pickled
+`.bin` needs torch) happens only in the worker.
+
+Creating a job is a write (the token in hosted mode) and is rate-limited per client; a failed mask
+can be created again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import struct
-from collections.abc import Iterator
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
 
-import numpy as np
+from celery import Celery
 
-from deltalens.backend.errors import ApiError
-from deltalens.worker.checkpoint import Checkpoint, open_checkpoint
-from deltalens.worker.fused import widen
+from deltalens.backend.catalog import Catalog
+from deltalens.backend.errors import ApiError, not_found
+from deltalens.backend.models import ErrorOut, MaskIn, MaskOut
+from deltalens.worker.celery_app import MASK_TASK
+from deltalens.worker.mask_export import MaskFiles, write_json
+from deltalens.worker.settings import Settings
 
-CHUNK_ELEMENTS = 1 << 22
-NUMERIC = ("BF16", "F16", "F32", "F64")
-
-
-def _mask_chunks(base: np.ndarray, target: np.ndarray, tau: float, relative: bool) -> Iterator[np.ndarray]:
-    flat_b, flat_t = base.reshape(-1), target.reshape(-1)
-    for start in range(0, flat_b.size, CHUNK_ELEMENTS):
-        b, t = widen(flat_b[start : start + CHUNK_ELEMENTS]), widen(flat_t[start : start + CHUNK_ELEMENTS])
-        delta = np.abs(t - b)
-        yield delta > (tau * np.abs(b) if relative else tau)
+MASK_ID = re.compile(r"^[0-9a-f]{16}$")
+WINDOW_S = 60.0
 
 
-def mask_file(
-    base_path: str, target_path: str, tau: float, relative: bool, packed: bool
-) -> tuple[int, Iterator[bytes]]:
-    """(size in bytes, byte chunks) of the safetensors mask file."""
-    base, target = open_checkpoint(base_path), open_checkpoint(target_path)
-    names = [
-        n
-        for n in base.names()
-        if n in target.files
-        and base.meta(n).shape == target.meta(n).shape
-        and base.meta(n).dtype in NUMERIC
-        and target.meta(n).dtype == base.meta(n).dtype
-    ]
-    if not names:
-        raise ApiError(
-            409, "nothing_to_export", "the checkpoints share no floating-point tensor of the same shape"
+class RateLimit:
+    """At most `per_minute` events per client in any 60 s (sliding window); 0 means no limit."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._lock = threading.Lock()
+        self._events: dict[str, deque[float]] = {}
+
+    def take(self, client: str) -> None:
+        if self.per_minute <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, q in self._events.items() if not q or now - q[-1] >= WINDOW_S]:
+                del self._events[key]  # forget idle clients: memory stays O(active clients)
+            events = self._events.setdefault(client, deque())
+            while events and now - events[0] >= WINDOW_S:
+                events.popleft()
+            if len(events) >= self.per_minute:
+                wait = math.ceil(WINDOW_S - (now - events[0]))
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"at most {self.per_minute} mask exports per minute per client; retry in {wait} s",
+                )
+            events.append(now)
+
+
+_create_lock = threading.Lock()  # one request file per mask, even for simultaneous identical POSTs
+
+
+def mask_id(analysis_id: str, run: int, tau: float, relative: bool, fmt: str) -> str:
+    key = json.dumps([analysis_id, run, repr(float(tau)), bool(relative), fmt])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class Masks:
+    def __init__(self, settings: Settings, catalog: Catalog, celery: Celery, limit: RateLimit):
+        self.settings, self.catalog, self.celery, self.limit = settings, catalog, celery, limit
+
+    def _job(self, aid: str) -> dict:
+        job = self.catalog.job(aid)
+        if job is None:
+            raise not_found("analysis", aid)
+        return job
+
+    def _files(self, aid: str, mid: str) -> MaskFiles:
+        if not MASK_ID.match(mid):
+            raise not_found("mask", mid)
+        return MaskFiles(self.settings.data_dir / "masks" / aid, mid)
+
+    def create(self, aid: str, body: MaskIn, client: str) -> MaskOut:
+        job = self._job(aid)
+        if job["status"] != "done":
+            raise ApiError(
+                409, "not_ready", f"analysis {aid} is {job['status']}; masks are exported from done analyses"
+            )
+        ids = job["checkpoints"]
+        if not -len(ids) < body.run < len(ids) or body.run % len(ids) == 0:
+            raise ApiError(
+                422, "invalid_request", f"run must pick one of the {len(ids) - 1} checkpoints after the base"
+            )
+        run = body.run % len(ids)
+        base, target = self.catalog.checkpoint(ids[0]), self.catalog.checkpoint(ids[run])
+        if base is None or target is None:
+            raise ApiError(409, "checkpoint_gone", "a checkpoint of this analysis is no longer registered")
+        tau = float(job["taus"][0] if body.tau is None else body.tau)
+        relative = bool(job["relative"] if body.relative is None else body.relative)
+        mid = mask_id(aid, run, tau, relative, body.format)
+        files = self._files(aid, mid)
+        with _create_lock:
+            if files.request.exists():
+                current = self.status(aid, mid)
+                if current.status != "failed":
+                    return current  # queued, running or done: the same mask is not computed twice
+            self.limit.take(client)
+            files.folder.mkdir(parents=True, exist_ok=True)
+            files.error.unlink(missing_ok=True)
+            task_id = f"mask-{mid}-{uuid.uuid4().hex[:8]}"
+            write_json(
+                files.request,
+                {
+                    "analysis": aid,
+                    "run": run,
+                    "checkpoint": ids[run],
+                    "tau": tau,
+                    "relative": relative,
+                    "format": body.format,
+                    "task_id": task_id,
+                    "created_at": time.time(),
+                },
+            )
+            self.celery.send_task(
+                MASK_TASK,
+                args=[aid, mid, base["path"], target["path"], tau, relative, body.format == "packed"],
+                kwargs={"pins": [base.get("pins"), target.get("pins")]},  # checked by the worker
+                task_id=task_id,
+                queue=self.settings.queue,
+            )
+        return self.status(aid, mid)
+
+    def status(self, aid: str, mid: str) -> MaskOut:
+        self._job(aid)
+        files = self._files(aid, mid)
+        try:
+            request = json.loads(files.request.read_text())
+        except (OSError, ValueError):
+            raise not_found("mask", mid) from None
+        state, progress, error, size = "queued", 0.0, None, None
+        task_state, info = "PENDING", None
+        if not files.file.exists() and not files.error.exists():
+            # the task's state first, the files after: a task that ended wrote its file or reason before
+            result = self.celery.AsyncResult(request["task_id"])
+            task_state = result.state
+            info = result.info if task_state in ("STARTED", "PROGRESS") else None
+        if files.file.exists():
+            state, progress, size = "done", 1.0, files.file.stat().st_size
+        elif files.error.exists():
+            state, error = "failed", ErrorOut(**json.loads(files.error.read_text()))
+        elif task_state in ("STARTED", "PROGRESS"):
+            state, progress = "running", float(info.get("progress", 0.0)) if isinstance(info, dict) else 0.0
+        elif task_state != "PENDING":  # ended without a file or a reason: a crash, or the file was removed
+            state = "failed"
+            error = ErrorOut(
+                code="worker_error", message="the mask export stopped without a result; create it again"
+            )
+        return MaskOut(
+            id=mid,
+            analysis=aid,
+            status=state,
+            progress=progress,
+            error=error,
+            run=request["run"],
+            checkpoint=request["checkpoint"],
+            tau=request["tau"],
+            relative=request["relative"],
+            format=request["format"],
+            size=size,
+            file=f"/api/analyses/{aid}/masks/{mid}/file" if state == "done" else None,
         )
-    header, offset, shapes = {}, 0, {}
-    for n in names:
-        shape = base.meta(n).shape
-        numel = math.prod(shape)
-        size = (numel + 7) // 8 if packed else numel
-        header[n] = {
-            "dtype": "U8" if packed else "BOOL",
-            "shape": [size] if packed else list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        shapes[n] = list(shape)
-        offset += size
-    header["__metadata__"] = {
-        "format": "deltalens-mask",
-        "tau": repr(tau),
-        "relative": str(relative).lower(),
-        "packing": "packbits-little" if packed else "none",
-        "shapes": json.dumps(shapes),
-    }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the data section
-    prefix = struct.pack("<Q", len(raw)) + raw
-    return len(prefix) + offset, _stream(prefix, base, target, names, tau, relative, packed)
 
-
-def _stream(
-    prefix: bytes,
-    base: Checkpoint,
-    target: Checkpoint,
-    names: list[str],
-    tau: float,
-    relative: bool,
-    packed: bool,
-) -> Iterator[bytes]:
-    yield prefix
-    for n in names:
-        carry = np.zeros(0, dtype=bool)  # packbits works on whole bytes: carry the leftover bits
-        for mask in _mask_chunks(base.array(n), target.array(n), tau, relative):
-            if not packed:
-                yield mask.tobytes()
-                continue
-            bits = np.concatenate([carry, mask])
-            whole = bits.size - bits.size % 8
-            yield np.packbits(bits[:whole], bitorder="little").tobytes()
-            carry = bits[whole:]
-        if packed and carry.size:
-            yield np.packbits(carry, bitorder="little").tobytes()
-        base.release(n)
-        target.release(n)
+    def file(self, aid: str, mid: str) -> tuple[Path, MaskOut]:
+        status = self.status(aid, mid)
+        if status.status == "failed":
+            raise ApiError(409, "mask_failed", f"the mask export failed: {status.error.message}")
+        if status.status != "done":
+            raise ApiError(409, "not_ready", f"mask {mid} is {status.status}; poll it until it is done")
+        return self._files(aid, mid).file, status

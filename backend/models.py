@@ -45,6 +45,10 @@ class Created(BaseModel):
     id: str = Field(description="id of what was created")
 
 
+class Redelivered(BaseModel):
+    ids: list[str] = Field(description="analyses whose task was sent to the workers again")
+
+
 # --- checkpoints and uploads ---------------------------------------------------------------------
 class PathIn(BaseModel):
     path: str = Field(
@@ -111,7 +115,10 @@ class LinkIn(BaseModel):
 class LinkOut(BaseModel):
     code: str
     url: str = Field(description="the view's path and query")
-    short_url: str = Field(description="absolute URL that redirects to the view")
+    short_url: str = Field(
+        description="the link that redirects to the view: DELTALENS_PUBLIC_URL + /s/<code>, or the path "
+        "/s/<code> when no public URL is configured"
+    )
 
 
 # --- analyses ----------------------------------------------------------------------------------
@@ -154,7 +161,9 @@ class SkippedTensor(Open):
 
 Skipped = Annotated[
     dict[str, list[str | SkippedTensor]],
-    Field(description="tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric"),
+    Field(
+        description="tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty"
+    ),
 ]
 
 
@@ -457,3 +466,28 @@ class Comparison(BaseModel):
     tau: float = Field(description="the histogram edge τ snapped to")
     mode: Mode
     analyses: list[ComparedAnalysis]
+
+
+# --- update-mask export jobs ---------------------------------------------------------------------
+class MaskIn(BaseModel):
+    tau: Tau | None = Field(None, description="τ of the mask (default: the analysis' first τ)")
+    relative: bool | None = Field(None, description="|Δ| > τ·|base| (default: the analysis' mode)")
+    format: Literal["bool", "packed"] = Field(
+        "bool", description="bool: one byte per weight, shape kept; packed: packbits, little bit order"
+    )
+    run: int = Field(-1, description="which checkpoint after the base (1 …; negative counts from the last)")
+
+
+class MaskOut(BaseModel):
+    id: str = Field(description="the mask's id: the same (analysis, run, τ, mode, format) gives the same id")
+    analysis: str
+    status: Literal["queued", "running", "done", "failed"]
+    progress: float = Field(description="0 … 1")
+    error: ErrorOut | None = Field(description="why it failed, when it did")
+    run: int = Field(description="index of the target checkpoint in the analysis' checkpoints (base = 0)")
+    checkpoint: str = Field(description="id of the target checkpoint")
+    tau: float
+    relative: bool
+    format: Literal["bool", "packed"]
+    size: int | None = Field(description="bytes of the file, once done")
+    file: str | None = Field(description="where to download the safetensors file, once done")

@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from service import ROOT, Api, Redis, Worker, running, service_env, wait_done
+from service import ROOT, Api, Redis, Worker, running, service_env, wait_done, wait_for
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -102,6 +102,19 @@ def real_data(client: httpx.Client, base: Path, target: Path, series: list[Path]
     for kind, aid in submitted.items():
         assert wait_done(client, aid)["status"] == "done", kind
     tensor = client.get(f"/api/analyses/{submitted['pair']}/tensors").json()[0]["name"]
+    r = client.post(f"/api/analyses/{submitted['pair']}/masks", json={"format": "packed"})
+    assert r.status_code == 202, r.text
+    mask = r.json()["id"]
+    status = wait_for(
+        lambda: (
+            (m := client.get(f"/api/analyses/{submitted['pair']}/masks/{mask}").json())["status"]
+            in ("done", "failed")
+            and m
+        ),
+        60,
+        what="the mask job",
+    )
+    assert status["status"] == "done", status
     weights = next(base.glob("*.safetensors"))
     r = client.post(
         "/api/uploads",
@@ -136,6 +149,7 @@ def real_data(client: httpx.Client, base: Path, target: Path, series: list[Path]
         "checkpoints": pair_ids + series_ids,
         "analyses": submitted,
         "tensor": tensor,
+        "mask": mask,
         "upload": sid,
         "complete_upload": r.json()["id"],
         "file": weights.name,
@@ -152,6 +166,7 @@ def real_path_parameters(operation, real: dict) -> list[dict]:
         "aid": list(real["analyses"].values()),
         "cid": real["checkpoints"][:2],
         "sid": [real["upload"]],
+        "mid": [real["mask"]],
         "name": [real["tensor"]]
         if operation.path.startswith("/api/analyses")
         else [real["file"], "config.json"],
@@ -194,7 +209,9 @@ def explicit(schema, tally: Tally, real: dict) -> None:
         path_parameters={"aid": pair},
         query={"metric": "rank_pct", "tau": 1e-3},
     )
-    send("GET", "/api/analyses/{aid}/mask", 200, path_parameters={"aid": pair}, query={"format": "packed"})
+    send("POST", "/api/analyses/{aid}/masks", 202, path_parameters={"aid": pair}, body={"format": "packed"})
+    for path in ("/api/analyses/{aid}/masks/{mid}", "/api/analyses/{aid}/masks/{mid}/file"):
+        send("GET", path, 200, path_parameters={"aid": pair, "mid": real["mask"]})
     send("GET", "/api/compare", 200, query={"ids": f"{pair},{pair}", "tau": 0})
 
 

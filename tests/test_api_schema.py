@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 from deltalens.backend.app import create_app
 
 ROUTES = Path(__file__).resolve().parents[1] / "backend" / "routes"
-BINARY = {"/api/analyses/{aid}/mask"}  # safetensors bytes, not JSON
+BINARY = {"/api/analyses/{aid}/masks/{mid}/file"}  # safetensors bytes, not JSON
 
 
 @pytest.fixture(scope="module")

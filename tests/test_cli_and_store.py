@@ -132,7 +132,8 @@ def test_a_failed_analysis_leaves_the_results_file_untouched(tmp_path, family_pa
 def test_backend_safe_modules_do_not_import_torch():
     code = (
         "import sys; import deltalens.worker.contract, deltalens.worker.safetensors_header, "
-        "deltalens.worker.analyses, deltalens.worker.cli, deltalens.worker.store; "
+        "deltalens.worker.analyses, deltalens.worker.cli, deltalens.worker.store, "
+        "deltalens.worker.mask_export; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run(

@@ -188,3 +188,50 @@ def test_errors_are_shown_not_thrown(site, browser):
     page.locator(".error").wait_for()
     assert "no analysis" in page.locator(".error").inner_text()
     context.close()
+
+
+HOSTILE = '<a href="https://example.com">x</a><span style="font-size:80px">big</span>'
+
+
+def test_names_are_text_in_charts(site, browser, family_pair):
+    """A checkpoint named with Plotly markup is drawn as literal text in legends and hover labels:
+    no link, no styled span inside the plot (Plotly renders names as pseudo-HTML unless escaped)."""
+    base, target = family_pair("llama")
+    context, page = new_page(browser)
+    page.goto(site + "/new")
+    page.fill("#upload-name", HOSTILE)
+    page.set_input_files(
+        "#file-input", [str(p) for p in sorted(target.iterdir()) if p.suffix in (".safetensors", ".json")]
+    )
+    page.get_by_text(f"Uploaded and validated: {HOSTILE}").wait_for(timeout=30_000)
+    client = httpx.Client(base_url=site, timeout=30)
+    hostile = next(c["id"] for c in client.get("/api/checkpoints").json() if c["name"] == HOSTILE)
+    plain = client.post("/api/checkpoints", json={"path": str(base)}).json()["id"]
+    ids = [
+        client.post("/api/analyses", json={"kind": "pair", "checkpoints": pair}).json()["id"]
+        for pair in ([plain, hostile], [hostile, plain])
+    ]
+    for aid in ids:
+        assert wait_done(client, aid)["status"] == "done"
+    page.goto(f"{site}/compare?ids={ids[0]},{ids[1]}")
+    page.locator(".plot .legend .legendtext").nth(1).wait_for()
+    legend = page.locator(".plot .legend .legendtext").all_text_contents()
+    assert legend == [f"base → {HOSTILE}", f"{HOSTILE} → base"], legend
+    # hover a point: its label names the analysis, as text
+    box = page.locator(".plot .scatterlayer .trace").first.locator(".points path").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.locator(".plot .hoverlayer .hovertext").first.wait_for(timeout=10_000)
+    hover = page.locator(".plot .hoverlayer .hovertext").first.text_content()
+    assert HOSTILE in hover and "sparsity" in hover, hover
+    shot(page, "names-as-text")
+    svg = page.locator(".plot svg")
+    assert svg.locator("a").count() == 0  # Plotly turns <a href> into an SVG link when unescaped
+    assert page.locator(".plot [style*='80px']").count() == 0
+    assert "<a href" in "".join(svg.all_text_contents())
+    # the analysis' own view names it as text too
+    page.goto(f"{site}/analyses/{ids[1]}")
+    page.locator("#heatmap .nsewdrag").wait_for(timeout=60_000)
+    assert page.locator("h1").inner_text() == f"{HOSTILE} → base"
+    assert page.locator(".plot svg a").count() == 0
+    assert not page.errors, page.errors
+    context.close()

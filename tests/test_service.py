@@ -8,7 +8,7 @@ import struct
 
 import httpx
 import pytest
-from service import Api, Redis, Worker, running, service_env, wait_done
+from service import Api, Redis, Worker, running, service_env, wait_done, wait_for
 
 from deltalens.worker.analyses import Options, run_analysis
 from deltalens.worker.contract import BIN_EDGES, changed_from_histogram, nearest_edge_index
@@ -313,8 +313,21 @@ def test_mask_export_matches_numpy(stack, pair, family_pair, fmt):
 
     client, _ = stack
     base, target = family_pair("llama")
-    r = client.get(f"/api/analyses/{pair[0]}/mask", params={"tau": 1e-4, "format": fmt})
-    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
+    created = client.post(f"/api/analyses/{pair[0]}/masks", json={"tau": 1e-4, "format": fmt})
+    assert created.status_code == 202, created.text
+    mid = created.json()["id"]
+    job = wait_for(
+        lambda: (
+            (s := client.get(f"/api/analyses/{pair[0]}/masks/{mid}").json())["status"] in ("done", "failed")
+            and s
+        ),
+        60,
+        0.1,
+        what="the mask job",
+    )
+    assert job["status"] == "done", job
+    r = client.get(job["file"])
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content) == job["size"]
     masks = load_safetensors(r.content)
     b, t = ref.load(base), ref.load(target)
     assert set(masks) == set(b)

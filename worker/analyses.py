@@ -79,7 +79,13 @@ def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str],
     """Names present with the same shape everywhere, and why the others were skipped."""
     base, others = checkpoints[0], checkpoints[1:]
     base_names = set(base.names())
-    skipped: dict[str, list] = {"only_base": [], "only_target": [], "shape_mismatch": [], "not_numeric": []}
+    skipped: dict[str, list] = {
+        "only_base": [],
+        "only_target": [],
+        "shape_mismatch": [],
+        "not_numeric": [],
+        "empty": [],
+    }
     common = []
     for name in base.names():
         missing = [labels[i + 1] for i, c in enumerate(others) if name not in c.files]
@@ -93,6 +99,9 @@ def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str],
         if any(c.meta(name).dtype in ("U16", "U32", "U64") for c in checkpoints):
             skipped["not_numeric"].append(name)
             continue
+        if 0 in shapes[0]:  # zero-size (valid safetensors): no weight to compare
+            skipped["empty"].append(name)
+            continue
         common.append(name)
     for i, c in enumerate(others):
         for name in c.names():
@@ -101,11 +110,12 @@ def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str],
                     name if len(others) == 1 else {"name": name, "only_in": labels[i + 1]}
                 )
     if not common:
+        empty = f" ({len(skipped['empty'])} shared tensors are empty)" if skipped["empty"] else ""
         raise InputError(
             labels[1] if len(labels) == 2 else labels[0],
-            "no tensor in common with the base (same name and shape): nothing to compare",
+            f"no tensor in common with the base (same name and shape){empty}: nothing to compare",
         )
-    return common, {k: v for k, v in skipped.items() if v or k != "not_numeric"}
+    return common, {k: v for k, v in skipped.items() if v or k not in ("not_numeric", "empty")}
 
 
 def as_matrix(x, transpose: bool):
@@ -155,7 +165,7 @@ class _Stream:
         total = sum(c.meta(n).nbytes for c in self.checkpoints for n in self.names)
         done = 0
         if self.progress:
-            self.progress(0, total, self.names[0])
+            self.progress(0, total, self.names[0] if self.names else "")
         stager = CudaStager(self.device) if self.device.startswith("cuda") else None
 
         def load(name: str) -> tuple[bool, list]:  # on the prefetch thread, one tensor ahead

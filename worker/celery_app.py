@@ -10,6 +10,7 @@ from deltalens.worker.settings import Settings, get_settings
 ANALYSIS_TASK = "deltalens.run_analysis"
 PART_TASK = "deltalens.run_part"  # one shard group of a fanned-out pair analysis
 MERGE_TASK = "deltalens.merge_parts"  # the chord's callback: parts -> one published artifact
+MASK_TASK = "deltalens.export_mask"  # one update-mask file of a finished analysis
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -27,7 +28,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         )
     app.conf.update(
         task_default_queue=s.queue,
-        task_routes={name: {"queue": s.queue} for name in (ANALYSIS_TASK, PART_TASK, MERGE_TASK)},
+        task_routes={name: {"queue": s.queue} for name in (ANALYSIS_TASK, PART_TASK, MERGE_TASK, MASK_TASK)},
         task_acks_late=True,  # a task is acknowledged when it ends, not when it starts
         task_reject_on_worker_lost=True,  # ... so a killed worker's task goes back on the queue
         worker_prefetch_multiplier=1,  # one task at a time per worker process

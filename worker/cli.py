@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run one analysis worker (a Celery worker; settings from DELTALENS_*)")
     p.add_argument("--queue", default=None, help="queue to take analyses from (default: DELTALENS_QUEUE)")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--pool-pids", type=Path, metavar="DIR", help="each pool process leaves a pid file here")
     p = sub.add_parser(
         "demo-data", help="train a tiny Llama through pretrain / SFT / RL / DPO into OUT (CPU, minutes)"
     )
@@ -128,7 +129,7 @@ def run(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             from deltalens.worker.settings import get_settings
 
-            return service.run_worker(args.queue or get_settings().queue, args.loglevel)
+            return service.run_worker(args.queue or get_settings().queue, args.loglevel, args.pool_pids)
         return service.up(args.port, args.data_dir, args.host, demo=args.demo)
     if args.command == "demo-data":
         from deltalens.worker.demo import DemoConfig, make_demo_data

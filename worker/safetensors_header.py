@@ -35,6 +35,8 @@ DTYPE_SIZES = {
 DEFAULT_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 MAX_NAME_LENGTH = 1024
 MAX_TENSORS = 100_000  # per file; the largest published checkpoints hold a few thousand per shard
+MAX_DIMS = 64  # NumPy's limit (torch views of more dimensions cannot be made from NumPy ones either)
+MAX_BYTES = (1 << 63) - 1  # a tensor's size in bytes must fit a signed 64-bit integer (NumPy, torch, DuckDB)
 # Tensor names are data, but no real checkpoint needs markup, quotes, control characters or '..'
 # path segments in one: such names are refused (and would be escaped / parameterised anyway).
 UNSAFE_NAME = re.compile(r"[<>\"'`\\\x00-\x1f\x7f-\x9f]|(^|[/.])\.\.($|/)|^/")
@@ -140,6 +142,9 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InputError(path, f"tensor {shown!r}: shape must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise InputError(path, f"tensor {shown!r}: {len(shape)} dimensions exceed the limit of {MAX_DIMS}")
+    _check_shape_size(path, shown, shape, DTYPE_SIZES[dtype])
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -163,6 +168,22 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
             f"span {end - begin}",
         )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_shape_size(path: str, shown: str, shape: list[int], itemsize: int) -> None:
+    """The product of the non-zero dimensions times the element size must fit in 63 bits: what NumPy
+    needs to make the array even when it is empty (the safetensors library itself refuses shapes whose
+    product overflows 64 bits). A zero-size tensor is fine: it is read, and skipped by the analyses."""
+    size = itemsize
+    for d in shape:
+        size *= d or 1
+        if size > MAX_BYTES:
+            text = str(shape) if len(str(shape)) <= 120 else str(shape)[:117] + "..."
+            raise InputError(
+                path,
+                f"tensor {shown!r}: shape {text} is too large: its size overflows 64 bits "
+                f"(the product of its dimensions must stay below 2^63 bytes)",
+            )
 
 
 def _check_layout(path: str, tensors: dict[str, TensorInfo], data_start: int, data_len: int) -> None:

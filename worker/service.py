@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,17 +52,25 @@ def safe_environment(env: dict) -> dict:
     return {**env, "PYTHONSAFEPATH": "1"}
 
 
-def worker_command(queue: str, loglevel: str = "WARNING") -> list[str]:
-    return [*python(), "-m", CLI, "worker", "--queue", queue, "--loglevel", loglevel]
+def worker_command(queue: str, loglevel: str = "WARNING", pool_pids: Path | None = None) -> list[str]:
+    extra = ["--pool-pids", str(pool_pids)] if pool_pids else []
+    return [*python(), "-m", CLI, "worker", "--queue", queue, "--loglevel", loglevel, *extra]
 
 
 def api_command(host: str, port: int, log_level: str = "warning") -> list[str]:
     return [*python(), "-m", CLI, "api", "--host", host, "--port", str(port), "--log-level", log_level]
 
 
-def run_worker(queue: str, loglevel: str = "INFO") -> int:
-    """A Celery worker in this process: one task at a time, no gossip/mingle/heartbeat chatter."""
+def run_worker(queue: str, loglevel: str = "INFO", pool_pids: Path | None = None) -> int:
+    """A Celery worker in this process: one task at a time, no gossip/mingle/heartbeat chatter.
+    With `pool_pids`, each pool process leaves a file named by its pid there (for a supervisor)."""
+    from celery.signals import worker_process_init
+
     from deltalens.worker.tasks import celery_app
+
+    if pool_pids is not None:
+        pool_pids.mkdir(parents=True, exist_ok=True)
+        worker_process_init.connect(lambda **_: (pool_pids / str(os.getpid())).touch(), weak=False)
 
     # containers run as root; the tasks carry JSON only, so Celery's root warning is noise here
     warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
@@ -115,17 +124,108 @@ def queue_demo(url: str, demo: Path) -> list[str]:
     return queued
 
 
+class Child:
+    """One supervised process: started again when it dies (with a growing pause if it keeps dying)."""
+
+    def __init__(self, role: str, command: list[str], env: dict, pool_pids: Path | None = None):
+        self.role, self.command, self.env, self.pool_pids = role, command, env, pool_pids
+        self.proc: subprocess.Popen | None = None
+        self.restarts, self.backoff = 0, 1.0
+
+    def start(self) -> Child:
+        if self.pool_pids is not None:
+            shutil.rmtree(self.pool_pids, ignore_errors=True)
+        self.proc = subprocess.Popen(self.command, env=self.env)
+        return self
+
+    def pool(self) -> dict[int, bool]:
+        """The worker's pool processes (each left a pid file when it started): pid -> alive."""
+        if self.pool_pids is None or not self.pool_pids.is_dir():
+            return {}
+        return {int(f.name): _alive(int(f.name)) for f in self.pool_pids.iterdir() if f.name.isdigit()}
+
+    def failed(self) -> str | None:
+        """Why this child needs a restart: it exited, or one of its pool processes died (Celery's
+        prefork pool wedges for good when an idle pool process is killed while holding the queue lock)."""
+        if self.proc.poll() is not None:
+            return f"exited with {self.proc.returncode}"
+        lost = [pid for pid, alive in self.pool().items() if not alive]
+        return f"lost its pool process {', '.join(map(str, lost))}" if lost else None
+
+    def restart(self, reason: str) -> None:
+        print(f"deltalens: the {self.role} {reason}; starting it again", file=sys.stderr, flush=True)
+        self.stop(grace=5)
+        time.sleep(min(self.backoff, 30))
+        self.backoff = 1.0 if self.restarts == 0 else self.backoff * 2
+        self.restarts += 1
+        self.start()
+
+    def stop(self, grace: float = 20) -> None:
+        """SIGTERM, then SIGKILL for it and its pool processes after `grace` seconds."""
+        if self.proc is None:
+            return
+        pool = set(self.pool())
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in pool:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _redeliver(url: str, env: dict) -> None:
+    """A worker was lost: the filesystem broker forgets a message once a worker has taken it, so the
+    API sends every unfinished analysis again (tasks are idempotent and count their attempts)."""
+    headers = {"Authorization": f"Bearer {env['DELTALENS_TOKEN']}"} if env.get("DELTALENS_TOKEN") else {}
+    request = urllib.request.Request(url + "/api/analyses/redeliver", data=b"{}", headers=headers)
+    request.add_header("Content-Type", "application/json")
+    for _ in range(60):  # the API may itself be starting again
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                sent = json.loads(response.read())["ids"]
+                if sent:
+                    print(f"deltalens: delivered again: {', '.join(sent)}", file=sys.stderr, flush=True)
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop
+
+
 def up(port: int, data_dir: Path, host: str = "127.0.0.1", demo: Path | None = None) -> int:
+    """The API and one worker, supervised: either is started again when it dies (a lost worker's
+    analyses are delivered again); `up` ends on Ctrl-C or SIGTERM, and stops both."""
     env = safe_environment(local_environment(data_dir))
     if demo is not None:
         env["DELTALENS_ALLOWED_ROOTS"] = f"{env['DELTALENS_ALLOWED_ROOTS']}:{demo.resolve()}"
-    procs = [
-        subprocess.Popen(worker_command(env["DELTALENS_QUEUE"]), env=env),
-        subprocess.Popen(api_command(host, port), env=env),
-    ]
+    signal.signal(signal.SIGTERM, _raise_stop)
+    pool_pids = Path(env["DELTALENS_DATA_DIR"]) / "worker-pool"
+    worker = Child("worker", worker_command(env["DELTALENS_QUEUE"], pool_pids=pool_pids), env, pool_pids)
+    api = Child("api", api_command(host, port), env)
     url = f"http://{host}:{port}"
     try:
-        health = _wait_healthy(url, procs)
+        worker.start(), api.start()
+        health = _wait_healthy(url, [api.proc])
         if not health.get("dashboard", True):
             print(
                 "deltalens: the dashboard is not built; the API still works. Build it with: "
@@ -133,23 +233,26 @@ def up(port: int, data_dir: Path, host: str = "127.0.0.1", demo: Path | None = N
                 file=sys.stderr,
                 flush=True,
             )
+        _redeliver(url, env)  # what a previous `up` that was killed may have left taken but unfinished
         if demo is not None:
             queue_demo(url, demo)
         print(
             f"deltalens is up: {url}/   (API docs: /docs; data in {env['DELTALENS_DATA_DIR']}; Ctrl-C stops)",
             flush=True,
         )
-        while all(p.poll() is None for p in procs):
+        while True:
             time.sleep(0.5)
-    except KeyboardInterrupt:
+            if reason := api.failed():
+                api.restart(reason)
+            if reason := worker.failed():
+                worker.restart(reason)
+                _redeliver(url, env)
+    except (KeyboardInterrupt, _Stop):
         pass
+    except RuntimeError as e:  # the API could not start (e.g. the port is taken)
+        print(f"deltalens: {e}; see the messages above", file=sys.stderr, flush=True)
+        return 1
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    return max((p.returncode or 0) for p in procs)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        worker.stop(), api.stop()
+    return 0

@@ -30,15 +30,40 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(64 << 30, description="largest single file an upload may declare")
     max_header_bytes: int = Field(16 << 20, description="largest safetensors header accepted from an upload")
+    max_metadata_bytes: int = Field(
+        8 << 20, description="largest JSON metadata file (config.json, index, adapter config) of an upload"
+    )
+    max_body_bytes: int = Field(
+        1 << 20, description="largest JSON request body (upload chunks: max_upload_bytes; new uploads: 4 MiB)"
+    )
+    max_upload_sessions: int = Field(
+        32, description="unfinished upload sessions one client (IP address) may hold at once; 0: no limit"
+    )
+    upload_session_ttl: int = Field(
+        24 * 3600, description="seconds without a byte received after which an unfinished upload is removed"
+    )
+    upload_read_timeout: float = Field(
+        120.0, description="seconds an upload chunk may go without sending a byte before it is dropped"
+    )
     task_time_limit: int = Field(6 * 3600, description="seconds one analysis may run")
     max_attempts: int = Field(3, description="deliveries of one analysis before it is marked failed")
+    sweep_interval: float = Field(
+        60.0,
+        description="seconds between the API's sweeps of what finished or deleted analyses left behind "
+        "(cancel markers, attempt counters, parts, task states, unpublished artifacts)",
+    )
     fanout: int = Field(
         0,
         description="split a pair analysis of a sharded checkpoint into up to this many tasks "
         "(shard groups) for several workers, merged by a chord; 0 or 1: one task",
     )
     device: str = Field("auto", description="analysis device for workers: auto | cpu | cuda")
-    public_url: str = Field("", description="base URL used in short links (default: the request's)")
+    mask_jobs_per_minute: int = Field(
+        10, description="mask export jobs one client (IP address) may create per minute; 0: no limit"
+    )
+    public_url: str = Field(
+        "", description="base URL of the dashboard for absolute short links (default: relative /s/<code>)"
+    )
 
     @property
     def roots(self) -> list[Path]:

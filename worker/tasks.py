@@ -9,7 +9,9 @@ the return value into the analysis status.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 
-from deltalens.worker.celery_app import ANALYSIS_TASK, MERGE_TASK, PART_TASK, celery_app
+from deltalens.worker.celery_app import ANALYSIS_TASK, MASK_TASK, MERGE_TASK, PART_TASK, celery_app
 from deltalens.worker.errors import InputError
 from deltalens.worker.settings import get_settings
 
@@ -98,7 +100,27 @@ def _attempt(key: str) -> dict | None:
     return None
 
 
-def _run(task, analysis_id: str, kind: str, paths: list[str], opts, publish) -> dict:
+def confinement(paths: list[str], pins: list[dict | None] | None = None):
+    """The context every checkpoint is opened in here: each file the reader opens must resolve inside
+    DELTALENS_ALLOWED_ROOTS or the data folder's checkpoints/ (no symlink out), and each checkpoint
+    with a pin (recorded by the API at registration, sent along with the task, same order as
+    `paths`) must still hold the files, sizes and mtimes it was validated with."""
+    from deltalens.worker.checkpoint import confined
+
+    settings = get_settings()
+    return confined([*settings.roots, settings.path("checkpoints")], dict(zip(paths, pins or [])))
+
+
+def input_failure(e: InputError) -> dict:
+    """A refused checkpoint as a task outcome: its own code (path_not_allowed, checkpoint_changed)
+    or invalid_checkpoint, and the one-line reason naming the file."""
+    return {
+        "status": "failed",
+        "error": {"code": getattr(e, "code", "invalid_checkpoint"), "message": str(e)},
+    }
+
+
+def _run(task, analysis_id: str, kind: str, paths: list[str], opts, publish, pins=None) -> dict:
     """Run the analysis with progress and cancellation; `publish(result)` stores it. Expected
     failures come back as {"status": "failed" | "cancelled", ...}."""
     from deltalens.worker.analyses import run_analysis
@@ -106,9 +128,10 @@ def _run(task, analysis_id: str, kind: str, paths: list[str], opts, publish) -> 
 
     settings = get_settings()
     try:
-        tensors = len(opts.names) if opts.names is not None else len(open_checkpoint(paths[0]).names())
-        opts.progress = _Progress(task, analysis_id, tensors)
-        publish(run_analysis(kind, paths, opts))
+        with confinement(paths, pins):  # pins are checked as each checkpoint is opened, before any tensor
+            tensors = len(opts.names) if opts.names is not None else len(open_checkpoint(paths[0]).names())
+            opts.progress = _Progress(task, analysis_id, tensors)
+            publish(run_analysis(kind, paths, opts))
     except Cancelled:
         return {"status": "cancelled"}
     except SoftTimeLimitExceeded:
@@ -121,8 +144,21 @@ def _run(task, analysis_id: str, kind: str, paths: list[str], opts, publish) -> 
             },
         }
     except InputError as e:
-        return {"status": "failed", "error": {"code": "invalid_checkpoint", "message": str(e)}}
+        return input_failure(e)
+    except Exception as e:  # a bug, the disk, memory: a readable reason here, the traceback in the log
+        logging.getLogger("deltalens.tasks").exception("analysis %s failed", analysis_id)
+        return {"status": "failed", "error": {"code": "worker_error", "message": unexpected(e, "analysis")}}
     return {"status": "done"}
+
+
+def unexpected(e: Exception, what: str) -> str:
+    """A failure nobody planned for, in words: never the exception's own text (it may hold paths,
+    SQL or values from the file); its type name lets the worker's log be searched."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the data volume is full; free space, then run the {what} again"
+    if isinstance(e, MemoryError):
+        return f"the worker ran out of memory during the {what}"
+    return f"the {what} stopped on an unexpected error ({type(e).__name__}); the worker's log has the details"
 
 
 def _options(taus, relative, rank, names=None):
@@ -140,6 +176,7 @@ def run_analysis_task(
     taus: list[float],
     relative: bool = False,
     rank: bool = True,
+    pins: list[dict | None] | None = None,
 ) -> dict:
     from deltalens.worker.store import write_artifact
 
@@ -157,6 +194,7 @@ def run_analysis_task(
         paths,
         _options(taus, relative, rank),
         lambda result: write_artifact(result, artifact, analysis_id),
+        pins,
     )
     return {**outcome, "artifact": str(artifact)} if outcome["status"] == "done" else outcome
 
@@ -179,6 +217,7 @@ def run_part_task(
     taus: list[float],
     relative: bool = False,
     rank: bool = True,
+    pins: list[dict | None] | None = None,
 ) -> dict:
     """One shard group of a pair analysis: its per-matrix details, in results/<id>.parts/<part>.json."""
     out = parts_folder(analysis_id) / f"{part}.json"
@@ -204,7 +243,7 @@ def run_part_task(
         os.replace(tmp, out)  # a part is there whole or not at all
 
     return {
-        **_run(self, analysis_id, "pair", paths, _options(taus, relative, rank, names), publish),
+        **_run(self, analysis_id, "pair", paths, _options(taus, relative, rank, names), publish, pins),
         "part": part,
     }
 
@@ -217,6 +256,7 @@ def merge_parts_task(
     taus: list[float],
     relative: bool = False,
     rank: bool = True,
+    pins: list[dict | None] | None = None,
 ) -> dict:
     """Chord callback: the parts' details in tensor order -> the same artifact one worker would publish."""
     from deltalens.worker.analyses import pair_result
@@ -234,7 +274,12 @@ def merge_parts_task(
         for o in sorted(outcomes, key=lambda o: o["part"])
     ]
     order = {n: i for i, n in enumerate(parts[0]["order"])} if "order" in parts[0] else None
-    order = {name: i for i, name in enumerate(open_checkpoint(paths[0]).names())}  # the one-pass order
+    try:
+        with confinement(paths, pins):
+            base_names = open_checkpoint(paths[0]).names()
+    except InputError as e:
+        return input_failure(e)
+    order = {name: i for i, name in enumerate(base_names)}  # the one-pass order
     details = sorted((d for p in parts for d in p["details"]), key=lambda d: order[d["row"]["source"]])
     result = pair_result(
         paths[0],
@@ -255,3 +300,76 @@ def merge_parts_task(
             for p in parts
         ],
     }
+
+
+# --- update-mask export: one file per (analysis, run, τ, mode, format), computed here, never in the API ---
+@celery_app.task(name=MASK_TASK, bind=True)
+def export_mask_task(
+    self,
+    analysis_id: str,
+    mask_id: str,
+    base_path: str,
+    target_path: str,
+    tau: float,
+    relative: bool = False,
+    packed: bool = False,
+    pins: list[dict | None] | None = None,
+) -> dict:
+    """Write masks/<analysis>/<mask>.safetensors (published by rename), or <mask>.error.json with a
+    readable reason. The checkpoints are opened confined and checked against their pins, as for an
+    analysis. Idempotent: a published file is kept; a withdrawn request (its analysis deleted) is not
+    run."""
+    from deltalens.worker.mask_export import MaskFiles, write_json, write_mask
+
+    settings = get_settings()
+    files = MaskFiles(settings.data_dir / "masks" / analysis_id, mask_id)
+    if files.file.exists():
+        return {"status": "done", "size": files.file.stat().st_size}
+    if not files.request.exists():
+        return {"status": "cancelled"}
+
+    key = self.request.id or f"mask-{mask_id}"  # the task id: a new request counts from 1 again
+    counter = settings.path("attempts") / key
+
+    def fail(error: dict) -> dict:
+        if files.request.exists():  # else the analysis was deleted meanwhile: leave nothing behind
+            write_json(files.error, error)
+        counter.unlink(missing_ok=True)  # a final answer: no redelivery left to count
+        return {"status": "failed", "error": error}
+
+    attempts = _count_attempt(key)
+    if attempts > settings.max_attempts:
+        return fail(
+            {
+                "code": "worker_lost",
+                "message": f"the worker stopped {attempts - 1} times while exporting this mask (killed or "
+                f"out of memory); gave up after {settings.max_attempts} attempts",
+            }
+        )
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.time() - last[0] >= 0.5 or done == total:
+            last[0] = time.time()
+            self.update_state(state="PROGRESS", meta={"progress": done / total, "tensors_done": done})
+
+    try:
+        with confinement([base_path, target_path], pins):
+            size = write_mask(base_path, target_path, tau, relative, packed, files.file, progress)
+        counter.unlink(missing_ok=True)
+    except InputError as e:
+        return fail(input_failure(e)["error"])
+    except SoftTimeLimitExceeded:
+        return fail(
+            {
+                "code": "time_limit",
+                "message": "the mask export ran longer than DELTALENS_TASK_TIME_LIMIT "
+                f"({settings.task_time_limit} s)",
+            }
+        )
+    except Exception as e:  # a bug, the disk, memory: a readable reason here, the traceback in the log
+        if not files.request.exists():
+            return {"status": "cancelled"}
+        logging.getLogger("deltalens.tasks").exception("mask %s of analysis %s failed", mask_id, analysis_id)
+        return fail({"code": "worker_error", "message": unexpected(e, "mask export")})
+    return {"status": "done", "size": size}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+import threading
 
-from fastapi import APIRouter, Query, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
 
 from deltalens.backend import masks, results
 from deltalens.backend.deps import CatalogDep, JobsDep, WriteAccess
-from deltalens.backend.errors import WRITE, ApiError, errors, found, link
+from deltalens.backend.errors import WRITE, errors, found, link
+from deltalens.backend.jobs import Jobs
 from deltalens.backend.models import (
     AnalysisIn,
     AnalysisOut,
@@ -19,7 +20,10 @@ from deltalens.backend.models import (
     ErrorOut,
     Heatmap,
     HeatmapCube,
+    MaskIn,
+    MaskOut,
     OverlapView,
+    Redelivered,
     ResultDocument,
     ResultSummary,
     SeriesView,
@@ -27,7 +31,7 @@ from deltalens.backend.models import (
     TensorDetail,
     TensorRow,
 )
-from deltalens.worker.contract import DEFAULT_TAU, TAU_RULE, Mode, valid_tau
+from deltalens.worker.contract import DEFAULT_TAU, Mode
 
 router = APIRouter(prefix="/api", tags=["analyses"])
 JSON = "application/json"
@@ -73,6 +77,13 @@ def _job(catalog, aid: str) -> dict:
 )
 def create(body: AnalysisIn, jobs: JobsDep) -> Created:
     return Created(id=jobs.submit(body.kind, body.checkpoints, body.taus, body.relative, body.rank))
+
+
+@router.post("/analyses/redeliver", dependencies=WriteAccess, responses=WRITE)
+def redeliver(jobs: JobsDep) -> Redelivered:
+    """Send every unfinished analysis to the workers again — after a worker was lost with a broker
+    that forgets taken messages (`deltalens up` calls this when it restarts its worker)."""
+    return Redelivered(ids=jobs.redeliver())
 
 
 @router.get("/analyses")
@@ -179,39 +190,61 @@ def compare(
     return Comparison(**results.compare(catalog, [i for i in ids.split(",") if i], tau, mode))
 
 
+def _masks(request: Request, jobs: Jobs) -> masks.Masks:
+    state = request.app.state
+    with _limit_lock:
+        if getattr(state, "mask_rate_limit", None) is None:
+            state.mask_rate_limit = masks.RateLimit(jobs.settings.mask_jobs_per_minute)
+    return masks.Masks(jobs.settings, jobs.catalog, jobs.celery, state.mask_rate_limit)
+
+
+_limit_lock = threading.Lock()
+MID = "$response.body#/id"
+AID_IN = "$request.path.aid"
+TO_MASK = {
+    "GetMask": link("/api/analyses/{aid}/masks/{mid}", "get", "poll the mask job", aid=AID_IN, mid=MID),
+    "GetMaskFile": link(
+        "/api/analyses/{aid}/masks/{mid}/file", "get", "the file, once done", aid=AID_IN, mid=MID
+    ),
+}
+
+
+@router.post(
+    "/analyses/{aid}/masks",
+    status_code=202,
+    dependencies=WriteAccess,
+    response_model=MaskOut,
+    responses={**WRITE, **errors(404, 409, 429), 202: {"links": TO_MASK}},
+)
+def create_mask(aid: str, body: MaskIn, request: Request, jobs: JobsDep) -> MaskOut:
+    """Export the update mask (|Δ| > τ per weight) of a done analysis as safetensors, for sparse fine-tuning
+    of the subnetwork. A worker computes it; poll `GET .../masks/{mid}` until `done`, then download
+    `file`. The same (run, τ, mode, format) gives the same mask id and is computed once; a failed mask is
+    tried again. Rate-limited per client (429)."""
+    client = request.client.host if request.client else "unknown"
+    return _masks(request, jobs).create(aid, body, client)
+
+
+@router.get("/analyses/{aid}/masks/{mid}", responses=errors(404))
+def get_mask(aid: str, mid: str, request: Request, jobs: JobsDep) -> MaskOut:
+    """A mask job: queued, running, done (with `file` and `size`) or failed (with a reason)."""
+    return _masks(request, jobs).status(aid, mid)
+
+
 @router.get(
-    "/analyses/{aid}/mask",
-    response_class=StreamingResponse,
+    "/analyses/{aid}/masks/{mid}/file",
+    response_class=FileResponse,
     responses={
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         **errors(404, 409),
     },
 )
-def mask(
-    aid: str,
-    catalog: CatalogDep,
-    tau: float | None = None,
-    relative: bool | None = None,
-    format: Literal["bool", "packed"] = "bool",
-    run: int = Query(-1, description="which target/run/checkpoint (default: the last one)"),
-) -> StreamingResponse:
-    """The update mask (|Δ| > τ per weight) as safetensors, for sparse fine-tuning of the subnetwork."""
-    job = _job(catalog, aid)
-    ids = job["checkpoints"]
-    if not -len(ids) < run < len(ids) or run % len(ids) == 0:
-        raise ApiError(
-            422, "invalid_request", f"run must pick one of the {len(ids) - 1} checkpoints after the base"
-        )
-    base, target = catalog.checkpoint(ids[0]), catalog.checkpoint(ids[run])
-    if base is None or target is None:
-        raise ApiError(409, "checkpoint_gone", "a checkpoint of this analysis is no longer registered")
-    tau = job["taus"][0] if tau is None else tau
-    if not valid_tau(tau):
-        raise ApiError(422, "invalid_request", TAU_RULE)
-    relative = job["relative"] if relative is None else relative
-    size, body = masks.mask_file(base["path"], target["path"], tau, relative, format == "packed")
-    headers = {
-        "Content-Length": str(size),
-        "Content-Disposition": f'attachment; filename="mask-{aid}-{format}.safetensors"',
-    }
-    return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
+def mask_file(aid: str, mid: str, request: Request, jobs: JobsDep) -> FileResponse:
+    """The mask as a safetensors file (`bool`: BOOL tensors of the weights' shapes; `packed`: U8 packbits,
+    little bit order, true shapes in the header metadata). 409 until the job is done."""
+    path, status = _masks(request, jobs).file(aid, mid)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"mask-{aid}-run{status.run}-{status.format}.safetensors",
+    )

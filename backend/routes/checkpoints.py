@@ -45,7 +45,7 @@ RAW_BODY = {
     status_code=201,
     dependencies=WriteAccess,
     response_model=Created,
-    responses={**WRITE, **errors(403, 404), 201: {"links": TO_CHECKPOINT}},
+    responses={**WRITE, **errors(403, 404, 415), 201: {"links": TO_CHECKPOINT}},
 )
 def register(body: PathIn, settings: SettingsDep, catalog: CatalogDep) -> Created:
     try:
@@ -70,13 +70,16 @@ def get_checkpoint(cid: str, catalog: CatalogDep) -> CheckpointOut:
     status_code=201,
     dependencies=WriteAccess,
     response_model=UploadOut,
-    responses={**WRITE, **errors(413, 415, 507), 201: {"links": TO_UPLOAD}},
+    responses={**WRITE, **errors(413, 415, 429, 507), 201: {"links": TO_UPLOAD}},
 )
-def create_upload(body: UploadIn, uploads: UploadsDep) -> UploadOut:
-    return UploadOut(**uploads.create(body.name, [f.model_dump() for f in body.files]))
+def create_upload(body: UploadIn, request: Request, uploads: UploadsDep) -> UploadOut:
+    """Open an upload session (at most DELTALENS_MAX_UPLOAD_SESSIONS unfinished ones per client; one that
+    receives nothing for DELTALENS_UPLOAD_SESSION_TTL seconds is removed)."""
+    client = request.client.host if request.client else "unknown"
+    return UploadOut(**uploads.create(body.name, [f.model_dump() for f in body.files], client))
 
 
-@router.get("/uploads/{sid}", responses=errors(404))
+@router.get("/uploads/{sid}", responses=errors(404, 409))
 def upload_status(sid: str, uploads: UploadsDep) -> UploadOut:
     return UploadOut(**uploads.status(sid))
 
@@ -85,7 +88,7 @@ def upload_status(sid: str, uploads: UploadsDep) -> UploadOut:
     "/uploads/{sid}/files/{name}",
     dependencies=WriteAccess,
     response_model=ChunkOut,
-    responses={**WRITE, **errors(404, 409, 413, 507)},
+    responses={**WRITE, **errors(404, 408, 409, 413, 507)},
     openapi_extra=RAW_BODY,
 )
 async def upload_chunk(
@@ -95,7 +98,8 @@ async def upload_chunk(
     uploads: UploadsDep,
     offset: int = Query(0, ge=0, description="byte offset of this chunk in the file"),
 ) -> ChunkOut:
-    """Send bytes [offset, offset+len) of one file. Resend freely: bytes already received are skipped."""
+    """Send bytes [offset, offset+len) of one file. Resend freely: bytes already received are skipped.
+    One request at a time per file: a second one meanwhile gets 409 upload_busy."""
     return ChunkOut(**await uploads.write(sid, name, offset, request.stream()))
 
 

@@ -22,6 +22,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/analyses/redeliver": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Redeliver
+         * @description Send every unfinished analysis to the workers again — after a worker was lost with a broker
+         *     that forgets taken messages (`deltalens up` calls this when it restarts its worker).
+         */
+        post: operations["redeliver_api_analyses_redeliver_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/analyses/{aid}": {
         parameters: {
             query?: never;
@@ -97,7 +118,30 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/api/analyses/{aid}/mask": {
+    "/api/analyses/{aid}/masks": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Create Mask
+         * @description Export the update mask (|Δ| > τ per weight) of a done analysis as safetensors, for sparse fine-tuning
+         *     of the subnetwork. A worker computes it; poll `GET .../masks/{mid}` until `done`, then download
+         *     `file`. The same (run, τ, mode, format) gives the same mask id and is computed once; a failed mask is
+         *     tried again. Rate-limited per client (429).
+         */
+        post: operations["create_mask_api_analyses__aid__masks_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/analyses/{aid}/masks/{mid}": {
         parameters: {
             query?: never;
             header?: never;
@@ -105,10 +149,31 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * Mask
-         * @description The update mask (|Δ| > τ per weight) as safetensors, for sparse fine-tuning of the subnetwork.
+         * Get Mask
+         * @description A mask job: queued, running, done (with `file` and `size`) or failed (with a reason).
          */
-        get: operations["mask_api_analyses__aid__mask_get"];
+        get: operations["get_mask_api_analyses__aid__masks__mid__get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/analyses/{aid}/masks/{mid}/file": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Mask File
+         * @description The mask as a safetensors file (`bool`: BOOL tensors of the weights' shapes; `packed`: U8 packbits,
+         *     little bit order, true shapes in the header metadata). 409 until the job is done.
+         */
+        get: operations["mask_file_api_analyses__aid__masks__mid__file_get"];
         put?: never;
         post?: never;
         delete?: never;
@@ -356,7 +421,11 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Create Upload */
+        /**
+         * Create Upload
+         * @description Open an upload session (at most DELTALENS_MAX_UPLOAD_SESSIONS unfinished ones per client; one that
+         *     receives nothing for DELTALENS_UPLOAD_SESSION_TTL seconds is removed).
+         */
         post: operations["create_upload_api_uploads_post"];
         delete?: never;
         options?: never;
@@ -412,6 +481,7 @@ export interface paths {
         /**
          * Upload Chunk
          * @description Send bytes [offset, offset+len) of one file. Resend freely: bytes already received are skipped.
+         *     One request at a time per file: a second one meanwhile gets 409 upload_busy.
          */
         put: operations["upload_chunk_api_uploads__sid__files__name__put"];
         post?: never;
@@ -740,7 +810,7 @@ export interface components {
             code: string;
             /**
              * Short Url
-             * @description absolute URL that redirects to the view
+             * @description the link that redirects to the view: DELTALENS_PUBLIC_URL + /s/<code>, or the path /s/<code> when no public URL is configured
              */
             short_url: string;
             /**
@@ -748,6 +818,83 @@ export interface components {
              * @description the view's path and query
              */
             url: string;
+        };
+        /** MaskIn */
+        MaskIn: {
+            /**
+             * Format
+             * @description bool: one byte per weight, shape kept; packed: packbits, little bit order
+             * @default bool
+             * @enum {string}
+             */
+            format?: "bool" | "packed";
+            /**
+             * Relative
+             * @description |Δ| > τ·|base| (default: the analysis' mode)
+             */
+            relative?: boolean | null;
+            /**
+             * Run
+             * @description which checkpoint after the base (1 …; negative counts from the last)
+             * @default -1
+             */
+            run?: number;
+            /**
+             * Tau
+             * @description τ of the mask (default: the analysis' first τ)
+             */
+            tau?: number | null;
+        };
+        /** MaskOut */
+        MaskOut: {
+            /** Analysis */
+            analysis: string;
+            /**
+             * Checkpoint
+             * @description id of the target checkpoint
+             */
+            checkpoint: string;
+            /** @description why it failed, when it did */
+            error: components["schemas"]["ErrorOut"] | null;
+            /**
+             * File
+             * @description where to download the safetensors file, once done
+             */
+            file: string | null;
+            /**
+             * Format
+             * @enum {string}
+             */
+            format: "bool" | "packed";
+            /**
+             * Id
+             * @description the mask's id: the same (analysis, run, τ, mode, format) gives the same id
+             */
+            id: string;
+            /**
+             * Progress
+             * @description 0 … 1
+             */
+            progress: number;
+            /** Relative */
+            relative: boolean;
+            /**
+             * Run
+             * @description index of the target checkpoint in the analysis' checkpoints (base = 0)
+             */
+            run: number;
+            /**
+             * Size
+             * @description bytes of the file, once done
+             */
+            size: number | null;
+            /**
+             * Status
+             * @enum {string}
+             */
+            status: "queued" | "running" | "done" | "failed";
+            /** Tau */
+            tau: number;
         };
         /** ModeCount */
         ModeCount: {
@@ -864,7 +1011,7 @@ export interface components {
             runs: string[];
             /**
              * Skipped
-             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric
+             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty
              */
             skipped: {
                 [key: string]: (string | components["schemas"]["SkippedTensor"])[];
@@ -897,7 +1044,7 @@ export interface components {
             runs: string[];
             /**
              * Skipped
-             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric
+             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty
              */
             skipped: {
                 [key: string]: (string | components["schemas"]["SkippedTensor"])[];
@@ -1009,7 +1156,7 @@ export interface components {
             mode: "absolute" | "relative";
             /**
              * Skipped
-             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric
+             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty
              */
             skipped: {
                 [key: string]: (string | components["schemas"]["SkippedTensor"])[];
@@ -1042,7 +1189,7 @@ export interface components {
             mode: "absolute" | "relative";
             /**
              * Skipped
-             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric
+             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty
              */
             skipped: {
                 [key: string]: (string | components["schemas"]["SkippedTensor"])[];
@@ -1131,6 +1278,14 @@ export interface components {
              */
             path: string;
         };
+        /** Redelivered */
+        Redelivered: {
+            /**
+             * Ids
+             * @description analyses whose task was sent to the workers again
+             */
+            ids: string[];
+        };
         /**
          * ResultDocument
          * @description The object `deltalens pair|series|overlap --json` writes, told apart by `kind`.
@@ -1187,7 +1342,7 @@ export interface components {
             numel: number;
             /**
              * Skipped
-             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric
+             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty
              */
             skipped: {
                 [key: string]: (string | components["schemas"]["SkippedTensor"])[];
@@ -1254,7 +1409,7 @@ export interface components {
             numel: number;
             /**
              * Skipped
-             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric
+             * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty
              */
             skipped: {
                 [key: string]: (string | components["schemas"]["SkippedTensor"])[];
@@ -1641,6 +1796,55 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
+            /** @description The request body is larger than this endpoint accepts (DELTALENS_MAX_BODY_BYTES), or an upload file larger than DELTALENS_MAX_UPLOAD_BYTES / DELTALENS_MAX_METADATA_BYTES or its declared size */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Invalid parameters, body or checkpoint content */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    redeliver_api_analyses_redeliver_post: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Redelivered"];
+                };
+            };
+            /** @description Hosted mode (DELTALENS_TOKEN set): this write needs 'Authorization: Bearer <token>' */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
             /** @description Invalid parameters, body or checkpoint content */
             422: {
                 headers: {
@@ -1781,7 +1985,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1835,7 +2039,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1886,7 +2090,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1906,18 +2110,145 @@ export interface operations {
             };
         };
     };
-    mask_api_analyses__aid__mask_get: {
+    create_mask_api_analyses__aid__masks_post: {
         parameters: {
-            query?: {
-                tau?: number | null;
-                relative?: boolean | null;
-                format?: "bool" | "packed";
-                /** @description which target/run/checkpoint (default: the last one) */
-                run?: number;
+            query?: never;
+            header?: {
+                authorization?: string | null;
             };
+            path: {
+                aid: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["MaskIn"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MaskOut"];
+                };
+            };
+            /** @description The request body could not be parsed */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Hosted mode (DELTALENS_TOKEN set): this write needs 'Authorization: Bearer <token>' */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description No such analysis, checkpoint, upload, file or tensor */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than this endpoint accepts (DELTALENS_MAX_BODY_BYTES), or an upload file larger than DELTALENS_MAX_UPLOAD_BYTES / DELTALENS_MAX_METADATA_BYTES or its declared size */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Invalid parameters, body or checkpoint content */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Too many requests from this client (e.g. mask export jobs per minute); retry later */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    get_mask_api_analyses__aid__masks__mid__get: {
+        parameters: {
+            query?: never;
             header?: never;
             path: {
                 aid: string;
+                mid: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MaskOut"];
+                };
+            };
+            /** @description No such analysis, checkpoint, upload, file or tensor */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Invalid parameters, body or checkpoint content */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    mask_file_api_analyses__aid__masks__mid__file_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                aid: string;
+                mid: string;
             };
             cookie?: never;
         };
@@ -1941,7 +2272,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1990,7 +2321,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2039,7 +2370,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2088,7 +2419,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2139,7 +2470,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2188,7 +2519,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2237,7 +2568,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2287,7 +2618,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2387,6 +2718,24 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
+            /** @description The request body is larger than this endpoint accepts (DELTALENS_MAX_BODY_BYTES), or an upload file larger than DELTALENS_MAX_UPLOAD_BYTES / DELTALENS_MAX_METADATA_BYTES or its declared size */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description A pickled checkpoint (refused) or a file type that is not weights or JSON metadata */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
             /** @description Invalid parameters, body or checkpoint content */
             422: {
                 headers: {
@@ -2470,7 +2819,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2552,6 +2901,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
+            /** @description The request body is larger than this endpoint accepts (DELTALENS_MAX_BODY_BYTES), or an upload file larger than DELTALENS_MAX_UPLOAD_BYTES / DELTALENS_MAX_METADATA_BYTES or its declared size */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
             /** @description Invalid parameters, body or checkpoint content */
             422: {
                 headers: {
@@ -2605,7 +2963,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description More bytes than DELTALENS_MAX_UPLOAD_BYTES or than the file's declared size */
+            /** @description The request body is larger than this endpoint accepts (DELTALENS_MAX_BODY_BYTES), or an upload file larger than DELTALENS_MAX_UPLOAD_BYTES / DELTALENS_MAX_METADATA_BYTES or its declared size */
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -2625,6 +2983,15 @@ export interface operations {
             };
             /** @description Invalid parameters, body or checkpoint content */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Too many requests from this client (e.g. mask export jobs per minute); retry later */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2665,6 +3032,15 @@ export interface operations {
             };
             /** @description No such analysis, checkpoint, upload, file or tensor */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2723,7 +3099,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2810,7 +3186,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone) */
+            /** @description An upload chunk sent no data for DELTALENS_UPLOAD_READ_TIMEOUT seconds (dropped; resume) */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2819,7 +3204,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorOut"];
                 };
             };
-            /** @description More bytes than DELTALENS_MAX_UPLOAD_BYTES or than the file's declared size */
+            /** @description The request body is larger than this endpoint accepts (DELTALENS_MAX_BODY_BYTES), or an upload file larger than DELTALENS_MAX_UPLOAD_BYTES / DELTALENS_MAX_METADATA_BYTES or its declared size */
             413: {
                 headers: {
                     [name: string]: unknown;

@@ -70,6 +70,8 @@ export type Series = Schemas["SeriesView"];
 export type SeriesResult = Schemas["SeriesResult"]; // /result of a series analysis
 export type Overlap = Schemas["OverlapView"];
 export type Comparison = Schemas["Comparison"];
+export type MaskIn = Schemas["MaskIn"];
+export type MaskOut = Schemas["MaskOut"];
 
 // --- hand-written: the schema leaves these open ------------------------------------------------------
 /** AnalysisOut.detail: the worker's latest progress report (an untyped object in the schema). */

@@ -8,6 +8,16 @@ export interface Figure {
   layout: any;
 }
 
+/**
+ * A name (checkpoint, analysis, run, tensor, matrix) as literal text in a Plotly string. Plotly
+ * renders trace names, titles, tick labels, annotations and hover text as pseudo-HTML (<a href>,
+ * <span style>, <b>, <br>, entities), so every piece of data that reaches such a string goes through
+ * this: it escapes &, < and >, which Plotly decodes back to the characters when it draws them. Data is
+ * never interpolated into a hovertemplate (which would also substitute %{…}); pass it as text.
+ */
+export const plotlyText = (s: string): string =>
+  s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+
 const METRIC_LABELS: Record<Metric, string> = {
   sparsity: "sparsity (share unchanged)",
   changed_share: "changed share",
@@ -78,7 +88,7 @@ export function heatmapFigure(opts: {
   const text = values.map((row, i) =>
     row.map((v, j) => {
       const lines = [
-        `${layerLabel(layers[i])} · ${matrices[j]}`,
+        `${plotlyText(layerLabel(layers[i]))} · ${plotlyText(matrices[j])}`,
         `${metricLabel(metric)}: ${formatMetric(metric, v)}`,
       ];
       const c = opts.changed?.[i]?.[j],
@@ -95,8 +105,8 @@ export function heatmapFigure(opts: {
       {
         type: "heatmap",
         z,
-        x: matrices,
-        y: layers.map(layerLabel),
+        x: matrices.map(plotlyText),
+        y: layers.map((l) => plotlyText(layerLabel(l))),
         text,
         hoverinfo: "text",
         hoverongaps: false,
@@ -174,7 +184,7 @@ export function barsFigure(
     data: [
       {
         type: "bar",
-        x: groups.map((g) => g.label),
+        x: groups.map((g) => plotlyText(g.label)),
         y: groups.map((g) => 100 * (1 - g.changed / g.numel)),
         text: groups.map(
           (g) => `${g.changed.toLocaleString("en-US")} of ${g.numel.toLocaleString("en-US")} changed`,
@@ -202,7 +212,7 @@ export function histogramFigure(hist: number[], edges: number[], tau: number, la
         x,
         y,
         width: edges.slice(1).map((e, i) => e - edges[i]),
-        name: label,
+        name: plotlyText(label),
         hovertemplate: "%{x:.2e}: %{y:,} weights<extra></extra>",
       },
     ],
@@ -210,8 +220,11 @@ export function histogramFigure(hist: number[], edges: number[], tau: number, la
       margin: { l: 60, r: 10, t: 30, b: 40 },
       height: 260,
       bargap: 0,
-      title: { text: `${label}: ${hist[0].toLocaleString("en-US")} exactly unchanged`, font: { size: 12 } },
-      xaxis: { type: "log", title: { text: label }, exponentformat: "e" },
+      title: {
+        text: `${plotlyText(label)}: ${hist[0].toLocaleString("en-US")} exactly unchanged`,
+        font: { size: 12 },
+      },
+      xaxis: { type: "log", title: { text: plotlyText(label) }, exponentformat: "e" },
       yaxis: { title: { text: "weights" } },
       shapes:
         tau > 0
@@ -310,6 +323,7 @@ export function updateMapFigure(map: NonNullable<TensorDetail["update_map"]>): F
 }
 
 export function profileFigure(values: number[], label: string): Figure {
+  const name = plotlyText(label);
   return {
     data: [
       {
@@ -317,14 +331,15 @@ export function profileFigure(values: number[], label: string): Figure {
         mode: "lines",
         x: values.map((_, i) => i),
         y: values.map((v) => 100 * v),
-        hovertemplate: `${label} %{x}: %{y:.1f}% changed<extra></extra>`,
+        text: values.map(() => name),
+        hovertemplate: "%{text} %{x}: %{y:.1f}% changed<extra></extra>",
       },
     ],
     layout: {
       margin: { l: 50, r: 10, t: 10, b: 40 },
       height: 200,
       yaxis: { title: { text: "% changed" }, range: [0, 100] },
-      xaxis: { title: { text: label === "head" ? "attention head" : `${label} (binned)` } },
+      xaxis: { title: { text: label === "head" ? "attention head" : `${name} (binned)` } },
     },
   };
 }
@@ -334,7 +349,7 @@ export function seriesFigures(
   numel: number,
 ): Figure[] {
   const x = steps.map((_, i) => i + 1);
-  const names = steps.map((s) => s.checkpoint.split("/").filter(Boolean).pop() ?? s.checkpoint);
+  const names = steps.map((s) => plotlyText(s.checkpoint.split("/").filter(Boolean).pop() ?? s.checkpoint));
   const transient: Figure = {
     data: [
       {
@@ -377,11 +392,11 @@ export function seriesFigures(
       type: "scatter",
       mode: "lines",
       stackgroup: "one",
-      name,
+      name: plotlyText(name),
       x,
       text: names,
       y: counts.map((c) => (100 * c) / numel),
-      hovertemplate: `%{text}: ${name} %{y:.2f}%<extra></extra>`,
+      hovertemplate: `%{text}: ${plotlyText(name)} %{y:.2f}%<extra></extra>`,
     })),
     layout: {
       margin: { l: 60, r: 10, t: 30, b: 40 },
@@ -465,7 +480,7 @@ export function vennFigure(
   const annotations = centers.map(([x, y], i) => ({
     x,
     y: y + radius[i] * 1.08,
-    text: `<b>${labels[i]}</b><br>${changed[i].toLocaleString("en-US")} changed`,
+    text: `<b>${plotlyText(labels[i])}</b><br>${changed[i].toLocaleString("en-US")} changed`,
     showarrow: false,
     font: { size: 12 },
   }));
@@ -508,7 +523,8 @@ export function vennFigure(
   };
 }
 
-export function overlapMatrixFigure(labels: string[], pairs: Omit<OverlapPair, "both">[]): Figure {
+export function overlapMatrixFigure(names: string[], pairs: Omit<OverlapPair, "both">[]): Figure {
+  const labels = names.map(plotlyText);
   const n = labels.length;
   const z: (number | null)[][] = Array.from({ length: n }, (_, i) =>
     Array.from({ length: n }, (_, j) => (i === j ? 100 : null)),
@@ -548,10 +564,11 @@ export function compareFigure(
     data: analyses.map((a) => ({
       type: "scatter",
       mode: "lines+markers",
-      name: a.label,
-      x: a.layers.map((l) => layerLabel(l.layer)),
+      name: plotlyText(a.label),
+      x: a.layers.map((l) => plotlyText(layerLabel(l.layer))),
       y: a.layers.map((l) => 100 * l.sparsity),
-      hovertemplate: `${a.label}<br>%{x}: sparsity %{y:.2f}%<extra></extra>`,
+      text: a.layers.map(() => plotlyText(a.label)),
+      hovertemplate: "%{text}<br>%{x}: sparsity %{y:.2f}%<extra></extra>",
     })),
     layout: {
       margin: { l: 60, r: 10, t: 10, b: 60 },

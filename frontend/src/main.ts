@@ -69,7 +69,8 @@ document.getElementById("copy-link")!.addEventListener("click", async () => {
   let short = "";
   try {
     const link: LinkIn = { url: location.pathname + location.search };
-    short = (await post<LinkOut>("/api/links", link)).short_url;
+    // relative (/s/<code>) unless the server has DELTALENS_PUBLIC_URL: complete it with this origin
+    short = new URL((await post<LinkOut>("/api/links", link)).short_url, location.origin).href;
   } catch {
     /* the full link still works */
   }

@@ -27,7 +27,9 @@ export async function uploadCheckpoint(
         offset = r.received;
         failures = 0;
       } catch (e) {
-        if (e instanceof ApiError && e.status < 500 && e.code !== "offset_gap") throw e;
+        // retried: a gap (resume from the server's count), a chunk still being written, a dropped chunk
+        const retry = ["offset_gap", "upload_busy", "upload_timeout"];
+        if (e instanceof ApiError && e.status < 500 && !retry.includes(e.code)) throw e;
         if (++failures > RETRIES) throw e;
         await new Promise((r) => setTimeout(r, 500 * failures));
         const status = await get<UploadOut>(`/api/uploads/${session.id}`); // resume where the server is

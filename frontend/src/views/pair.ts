@@ -19,12 +19,14 @@ import {
   layerLabel,
   metricLabel,
   nearestEdge,
+  plotlyText,
 } from "../charts";
 import type { Context } from "../context";
 import { card, h, panel } from "../dom";
 import { int, pct, sci } from "../format";
 import { plotInto, replot } from "../plot";
 import { METRICS, withState, type Metric, type Mode, type Scale } from "../state";
+import { maskExport } from "../mask";
 import { finishedAnalysis } from "./analysis";
 
 export async function renderPair(ctx: Context): Promise<void> {
@@ -151,6 +153,11 @@ export async function renderPair(ctx: Context): Promise<void> {
       h("label", {}, "τ ", slider, tauLabel),
       h("label", {}, "mode ", mode),
       h("label", {}, "colour ", scale),
+      maskExport(
+        id,
+        () => tauAt(k),
+        () => state.mode === "rel",
+      ),
     ),
   );
   const heatPanel = panel(root, "Layer × matrix type — click a cell for that matrix");
@@ -159,9 +166,10 @@ export async function renderPair(ctx: Context): Promise<void> {
     heatFigure(),
     "heatmap of the metric by layer and matrix type",
     (point) => {
-      const layer = cube.layers[cube.layers.map(layerLabel).indexOf(point.y)];
-      const matrix = point.x as string;
-      openCell(ctx, id, layer, matrix);
+      // the axes hold the names as Plotly text (escaped): map the clicked cell back to the data
+      const i = cube.layers.findIndex((l) => plotlyText(layerLabel(l)) === point.y);
+      const j = cube.matrices.findIndex((m) => plotlyText(m) === point.x);
+      if (i >= 0 && j >= 0) openCell(ctx, id, cube.layers[i], cube.matrices[j]);
     },
   );
   heatEl.id = "heatmap";
