@@ -31,11 +31,11 @@ from celery.states import READY_STATES
 from deltalens.backend.catalog import Catalog
 from deltalens.backend.errors import ApiError, not_found
 from deltalens.worker.celery_app import ANALYSIS_TASK, MERGE_TASK, PART_TASK
-from deltalens.worker.contract import TAU_RULE, TERMINAL, valid_tau
+from deltalens.worker.contract import MAX_OVERLAP_RUNS, TAU_RULE, TERMINAL, valid_tau
 from deltalens.worker.settings import Settings
 
 log = logging.getLogger("deltalens.jobs")
-MIN_CHECKPOINTS = {"pair": (2, 2), "series": (2, 64), "overlap": (3, 13)}  # base included
+MIN_CHECKPOINTS = {"pair": (2, 2), "series": (2, 64), "overlap": (3, MAX_OVERLAP_RUNS + 1)}  # base included
 JOB_ID = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12], see submit
 TASK_META = "celery-task-meta-"  # the file result backend's file name for a task id
 TASK_FILE = re.compile(TASK_META + r"([0-9a-f]{12})(-p\d+)?")  # an analysis task or one of its parts
@@ -314,7 +314,8 @@ class Jobs:
                 job["id"],
                 status="failed",
                 error_code="worker_error",
-                error_message=f"{type(result.result).__name__}: {result.result}"[:2000],
+                error_message=f"the worker stopped on an unexpected error ({type(result.result).__name__}); "
+                "the worker's log has the details",
             )
             self._clean(job["id"], job, artifact=True)
 

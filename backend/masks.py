@@ -129,14 +129,42 @@ class Masks:
                     "created_at": time.time(),
                 },
             )
-            self.celery.send_task(
-                MASK_TASK,
-                args=[aid, mid, base["path"], target["path"], tau, relative, body.format == "packed"],
-                kwargs={"pins": [base.get("pins"), target.get("pins")]},  # checked by the worker
-                task_id=task_id,
-                queue=self.settings.queue,
-            )
+            self._send(aid, mid, json.loads(files.request.read_text()), base, target)
         return self.status(aid, mid)
+
+    def _send(self, aid: str, mid: str, request: dict, base: dict, target: dict) -> None:
+        self.celery.send_task(
+            MASK_TASK,
+            args=[
+                aid,
+                mid,
+                base["path"],
+                target["path"],
+                request["tau"],
+                request["relative"],
+                request["format"] == "packed",
+            ],
+            kwargs={"pins": [base.get("pins"), target.get("pins")]},  # checked by the worker
+            task_id=request["task_id"],
+            queue=self.settings.queue,
+        )
+
+    def redeliver(self) -> list[str]:
+        """Send every unfinished mask job again (see Jobs.redeliver); the task is idempotent."""
+        sent = []
+        for path in sorted((self.settings.data_dir / "masks").glob("*/*.json")):
+            aid, mid = path.parent.name, path.stem
+            try:
+                if self.status(aid, mid).status not in ("queued", "running"):
+                    continue
+                job, request = self._job(aid), json.loads(path.read_text())
+            except (ApiError, OSError, ValueError):  # deleted meanwhile, or not a mask request
+                continue
+            base, target = (self.catalog.checkpoint(job["checkpoints"][i]) for i in (0, request["run"]))
+            if base is not None and target is not None:
+                self._send(aid, mid, request, base, target)
+                sent.append(mid)
+        return sent
 
     def status(self, aid: str, mid: str) -> MaskOut:
         self._job(aid)

@@ -47,6 +47,7 @@ class Created(BaseModel):
 
 class Redelivered(BaseModel):
     ids: list[str] = Field(description="analyses whose task was sent to the workers again")
+    masks: list[str] = Field(description="mask exports sent again")
 
 
 # --- checkpoints and uploads ---------------------------------------------------------------------
@@ -183,14 +184,9 @@ class TensorRow(Open):
     dtype: str
 
 
-class PairTensor(TensorRow):
-    changed: list[TauCount]
-    sparsity: list[float | None]
-    norm_delta: float | None
-    norm_base: float | None
-    relative_change: float | None = Field(description="‖Δ‖₂ / ‖base‖₂")
-    max_abs_delta: float | None
-    mean_abs_delta: float | None
+class RankFigures(BaseModel):
+    """The singular-spectrum figures of a 2-D Δ (null for other tensors or with --no-rank)."""
+
     rank: int | None
     full_rank: int | None
     rank_pct: float | None
@@ -198,6 +194,16 @@ class PairTensor(TensorRow):
     stable_rank: float | None
     rank90: int | None
     rank99: int | None
+
+
+class PairTensor(TensorRow, RankFigures):
+    changed: list[TauCount]
+    sparsity: list[float | None]
+    norm_delta: float | None
+    norm_base: float | None
+    relative_change: float | None = Field(description="‖Δ‖₂ / ‖base‖₂")
+    max_abs_delta: float | None
+    mean_abs_delta: float | None
 
 
 class Group(Open):
@@ -394,7 +400,7 @@ class ModeCount(BaseModel):
     count: int
 
 
-class TensorDetail(BaseModel):
+class TensorDetail(RankFigures):
     """One matrix in detail: its row of the results, histograms, spectrum and update map."""
 
     run: int = Field(description="target index: 0 for a pair")
@@ -411,13 +417,6 @@ class TensorDetail(BaseModel):
     norm_base: float | None
     max_abs_delta: float | None
     sum_abs_delta: float | None
-    rank: int | None
-    full_rank: int | None
-    rank_pct: float | None
-    effective_rank: float | None
-    stable_rank: float | None
-    rank90: int | None
-    rank99: int | None
     histograms: dict[str, list[int]] = Field(description="per mode (abs, rel), counts over bin_edges")
     bin_edges: list[float]
     spectrum: Spectrum | None

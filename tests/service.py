@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -198,3 +199,40 @@ def running(*services):
     finally:
         for s in reversed(started):
             s.stop()
+
+
+@dataclass
+class Stack:
+    """A hosted deployment on loopback: redis-server, Celery worker(s), the API, and a client."""
+
+    client: httpx.Client
+    api: Api
+    workers: list[Worker]
+    redis: Redis
+    env: dict
+
+
+@contextmanager
+def hosted(
+    root: Path,
+    queue: str,
+    roots: list[Path],
+    token: str | None = None,
+    workers: int = 1,
+    timeout: float = 60,
+    **settings: str,
+):
+    """Start the stack under `root` (DELTALENS_* `settings` as keyword arguments); the client sends the
+    token, if any."""
+    redis = Redis(root / "redis")
+    with running(redis):
+        extra = {"DELTALENS_TOKEN": token} if token else {}
+        env = service_env(
+            root / "data", f"{redis.url}/0", f"{redis.url}/1", queue, roots, **extra, **settings
+        )
+        logs = ["worker.log"] if workers == 1 else [f"worker{i}.log" for i in range(workers)]
+        with running(*(Worker(env, root / log) for log in logs), Api(env, root / "api.log")) as started:
+            *started_workers, api = started
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            with httpx.Client(base_url=api.url, timeout=timeout, headers=headers) as client:
+                yield Stack(client, api, started_workers, redis, env)

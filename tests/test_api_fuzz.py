@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from service import ROOT, Api, Redis, Worker, running, service_env, wait_done, wait_for
+from service import ROOT, hosted, wait_done, wait_for
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -68,20 +68,9 @@ def _settings(examples: int, **extra) -> settings:
 def stack(tmp_path_factory, family_pair, llama_series):
     root = tmp_path_factory.mktemp("fuzz")
     base, target = family_pair("llama")
-    redis = Redis(root / "redis")
-    with running(redis):
-        env = service_env(
-            root / "data",
-            f"{redis.url}/0",
-            f"{redis.url}/1",
-            "fuzz",
-            [base.parent, llama_series[0].parent],
-            DELTALENS_TOKEN=TOKEN,
-            DELTALENS_MAX_UPLOAD_BYTES=str(8 << 20),
-        )
-        with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (_, api):
-            with httpx.Client(base_url=api.url, timeout=60, headers=AUTH) as client:
-                yield api, client, real_data(client, base, target, llama_series)
+    roots = [base.parent, llama_series[0].parent]
+    with hosted(root, "fuzz", roots, token=TOKEN, DELTALENS_MAX_UPLOAD_BYTES=str(8 << 20)) as s:
+        yield s.api, s.client, real_data(s.client, base, target, llama_series)
 
 
 def real_data(client: httpx.Client, base: Path, target: Path, series: list[Path]) -> dict:

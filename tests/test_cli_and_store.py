@@ -162,3 +162,9 @@ def test_cuda_request_without_cuda_is_a_clear_error(family_pair, device):
     base, target = family_pair("llama")
     proc = run_cli("analyze", base, target, "--device", device)
     assert proc.returncode == 2 and "CUDA" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_an_overlap_of_too_many_runs_is_a_one_line_error(family_pair):
+    base, target = family_pair("llama")
+    proc = run_cli("overlap", base, *[target] * 13)
+    assert proc.returncode == 2 and "at most 12 runs" in proc.stderr and proc.stderr.count("\n") == 1

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
-from service import Api, Redis, Worker, running, service_env, wait_done
+from service import Api, Redis, hosted, running, service_env, wait_done
 
 TOKEN = "confine-" + secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -64,14 +64,8 @@ def stack(tmp_path_factory):
     root, outside = tmp / "models", tmp / "outside"
     root.mkdir()
     outside.mkdir()
-    redis = Redis(tmp / "redis")
-    with running(redis):
-        env = service_env(
-            tmp / "data", f"{redis.url}/0", f"{redis.url}/1", "confine", [root], DELTALENS_TOKEN=TOKEN
-        )
-        with running(Worker(env, tmp / "worker.log"), Api(env, tmp / "api.log")) as (_, api):
-            with httpx.Client(base_url=api.url, timeout=60, headers=AUTH) as client:
-                yield client, root, outside
+    with hosted(tmp, "confine", [root], token=TOKEN) as s:
+        yield s.client, root, outside
 
 
 def register(client: httpx.Client, path: Path) -> httpx.Response:

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from hostile import CASES
 from safetensors.numpy import save_file
-from service import Api, Redis, Worker, running, service_env, wait_done
+from service import hosted, wait_done
 
 FIGURES = Path(__file__).resolve().parents[1] / "test-output" / "reliability"
 
@@ -88,19 +88,8 @@ def upload(client: httpx.Client, path: Path) -> httpx.Response:
 def stack(tmp_path_factory, corpus):
     good, paths = corpus
     root = tmp_path_factory.mktemp("hostile-stack")
-    redis = Redis(root / "redis")
-    with running(redis):
-        env = service_env(
-            root / "data",
-            f"{redis.url}/0",
-            f"{redis.url}/1",
-            "hostile",
-            [good.parent],
-            DELTALENS_MAX_UPLOAD_BYTES=str(128 << 20),
-        )
-        with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (worker, api):
-            with httpx.Client(base_url=api.url, timeout=60) as client:
-                yield client, root / "data", worker
+    with hosted(root, "hostile", [good.parent], DELTALENS_MAX_UPLOAD_BYTES=str(128 << 20)) as s:
+        yield s.client, root / "data", s.workers[0]
 
 
 def refused(r: httpx.Response, status: int, problem: str) -> bool:

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from service import Api, Redis, Worker, running, service_env, wait_done
+from service import Api, hosted, running, service_env, wait_done
 
 TOKEN = "limits-" + secrets.token_hex(8)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -37,19 +37,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
     (root / "ckpts").mkdir()
-    redis = Redis(root / "redis")
-    with running(redis):
-        env = service_env(
-            root / "data",
-            f"{redis.url}/0",
-            f"{redis.url}/1",
-            "limits",
-            [root / "ckpts"],
-            DELTALENS_TOKEN=TOKEN,
-        )
-        with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (_, api):
-            with httpx.Client(base_url=api.url, timeout=60, headers=AUTH) as client:
-                yield api, client, root, redis
+    with hosted(root, "limits", [root / "ckpts"], token=TOKEN) as s:
+        yield s.api, s.client, root, s.redis
 
 
 def rss_kib(pid: int) -> int:

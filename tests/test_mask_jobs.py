@@ -19,13 +19,12 @@ import pytest
 import torch
 from safetensors.numpy import load as load_safetensors
 from safetensors.torch import save_file
-from service import Api, Redis, Worker, running, service_env, wait_done, wait_for
+from service import Api, hosted, wait_done, wait_for
 
 from deltalens.worker.errors import InputError
 from deltalens.worker.mask_export import write_mask
 
 TOKEN = "mask-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PER_MINUTE = 12
 
 
@@ -73,28 +72,16 @@ def stack(tmp_path_factory):
     (ckpts / "bin").mkdir()
     torch.save(base, ckpts / "bin" / "base.bin")
     torch.save(target, ckpts / "bin" / "target.bin")
-    redis = Redis(root / "redis")
-    with running(redis):
-        env = service_env(
-            root / "data",
-            f"{redis.url}/0",
-            f"{redis.url}/1",
-            "masks",
-            [ckpts],
-            DELTALENS_TOKEN=TOKEN,
-            DELTALENS_ALLOW_PICKLE="1",
-            DELTALENS_MASK_JOBS_PER_MINUTE=str(PER_MINUTE),
-        )
-        with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (_, api):
-            with httpx.Client(base_url=api.url, timeout=30, headers=AUTH) as client:
-                yield {
-                    "client": client,
-                    "api": api,
-                    "data": root / "data",
-                    "ckpts": ckpts,
-                    "base": base,
-                    "target": target,
-                }
+    limits = {"DELTALENS_ALLOW_PICKLE": "1", "DELTALENS_MASK_JOBS_PER_MINUTE": str(PER_MINUTE)}
+    with hosted(root, "masks", [ckpts], token=TOKEN, timeout=30, **limits) as s:
+        yield {
+            "client": s.client,
+            "api": s.api,
+            "data": root / "data",
+            "ckpts": ckpts,
+            "base": base,
+            "target": target,
+        }
 
 
 def _analyse(client: httpx.Client, base: Path, target: Path) -> str:

@@ -8,33 +8,20 @@ import struct
 
 import httpx
 import pytest
-from service import Api, Redis, Worker, running, service_env, wait_done, wait_for
+from service import hosted, wait_done, wait_for
 
 from deltalens.worker.analyses import Options, run_analysis
 from deltalens.worker.contract import BIN_EDGES, changed_from_histogram, nearest_edge_index
 
 TOKEN = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, family_pair, llama_series):
     root = tmp_path_factory.mktemp("stack")
     roots = [family_pair("llama")[0].parent, llama_series[0].parent]
-    redis = Redis(root / "redis")
-    with running(redis):
-        env = service_env(
-            root / "data",
-            f"{redis.url}/0",
-            f"{redis.url}/1",
-            "test",
-            roots,
-            DELTALENS_TOKEN=TOKEN,
-            DELTALENS_MAX_UPLOAD_BYTES=str(8 << 20),
-        )
-        with running(Worker(env, root / "worker.log"), Api(env, root / "api.log")) as (_, api):
-            with httpx.Client(base_url=api.url, timeout=30, headers=AUTH) as client:
-                yield client, root / "data"
+    with hosted(root, "test", roots, token=TOKEN, timeout=30, DELTALENS_MAX_UPLOAD_BYTES=str(8 << 20)) as s:
+        yield s.client, root / "data"
 
 
 def register(client, path) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deltalens.worker import fused
 from deltalens.worker.checkpoint import Checkpoint, open_checkpoint
-from deltalens.worker.contract import BLOCKS, MATRIX_TYPES
+from deltalens.worker.contract import BLOCKS, MATRIX_TYPES, MAX_OVERLAP_RUNS
 from deltalens.worker.errors import InputError
 from deltalens.worker.families import Layout, Part, detect_family, parts_of
 from deltalens.worker.metrics import MAP_CELLS, bin_bounds
@@ -470,6 +470,8 @@ def _overlap_figures(patterns: list[int], runs: int, numel: int) -> dict:
 def analyze_overlap(base: str, runs: list[str], opts: Options) -> AnalysisResult:
     if len(runs) < 2:
         raise InputError(base, "an overlap needs at least two runs after the base")
+    if len(runs) > MAX_OVERLAP_RUNS:
+        raise InputError(runs[MAX_OVERLAP_RUNS], f"an overlap compares at most {MAX_OVERLAP_RUNS} runs")
     stream, tau, parts = _mask_stream([base, *runs], opts, series=False)
     tensors, details = [], []
     totals = [0] * (1 << len(runs))

@@ -45,7 +45,7 @@ def parts_folder(analysis_id: str) -> Path:
 def _count_attempt(analysis_id: str) -> int:
     marker = get_settings().path("attempts") / analysis_id
     attempts = int(marker.read_text() or 0) + 1 if marker.exists() else 1
-    tmp = marker.with_suffix(".tmp")
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")  # parts of one analysis count side by side
     tmp.write_text(str(attempts))
     os.replace(tmp, marker)
     return attempts

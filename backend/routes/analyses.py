@@ -80,10 +80,10 @@ def create(body: AnalysisIn, jobs: JobsDep) -> Created:
 
 
 @router.post("/analyses/redeliver", dependencies=WriteAccess, responses=WRITE)
-def redeliver(jobs: JobsDep) -> Redelivered:
-    """Send every unfinished analysis to the workers again — after a worker was lost with a broker
-    that forgets taken messages (`deltalens up` calls this when it restarts its worker)."""
-    return Redelivered(ids=jobs.redeliver())
+def redeliver(jobs: JobsDep, request: Request) -> Redelivered:
+    """Send every unfinished analysis and mask export to the workers again — after a worker was lost
+    with a broker that forgets taken messages (`deltalens up` calls this when it restarts its worker)."""
+    return Redelivered(ids=jobs.redeliver(), masks=_masks(request, jobs).redeliver())
 
 
 @router.get("/analyses")

@@ -33,8 +33,8 @@ export interface paths {
         put?: never;
         /**
          * Redeliver
-         * @description Send every unfinished analysis to the workers again — after a worker was lost with a broker
-         *     that forgets taken messages (`deltalens up` calls this when it restarts its worker).
+         * @description Send every unfinished analysis and mask export to the workers again — after a worker was lost
+         *     with a broker that forgets taken messages (`deltalens up` calls this when it restarts its worker).
          */
         post: operations["redeliver_api_analyses_redeliver_post"];
         delete?: never;
@@ -1285,6 +1285,11 @@ export interface components {
              * @description analyses whose task was sent to the workers again
              */
             ids: string[];
+            /**
+             * Masks
+             * @description mask exports sent again
+             */
+            masks: string[];
         };
         /**
          * ResultDocument

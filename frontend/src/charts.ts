@@ -127,6 +127,12 @@ export function heatmapFigure(opts: {
   };
 }
 
+/** A dotted vertical line at τ on a log-x chart (none at τ = 0). */
+function tauLine(tau: number): object[] {
+  const line = { dash: "dot", width: 2, color: "#d62728" };
+  return tau > 0 ? [{ type: "line", x0: tau, x1: tau, yref: "paper", y0: 0, y1: 1, line }] : [];
+}
+
 export function curveFigure(curve: Curve, tau: number, zeroShare?: number | null): Figure {
   return {
     data: [
@@ -144,20 +150,7 @@ export function curveFigure(curve: Curve, tau: number, zeroShare?: number | null
       height: 260,
       xaxis: { type: "log", title: { text: "τ" }, exponentformat: "e" },
       yaxis: { title: { text: "sparsity %" }, range: [0, 100] },
-      shapes:
-        tau > 0
-          ? [
-              {
-                type: "line",
-                x0: tau,
-                x1: tau,
-                yref: "paper",
-                y0: 0,
-                y1: 1,
-                line: { dash: "dot", width: 2, color: "#d62728" },
-              },
-            ]
-          : [],
+      shapes: tauLine(tau),
       annotations:
         zeroShare === undefined || zeroShare === null
           ? []
@@ -226,20 +219,7 @@ export function histogramFigure(hist: number[], edges: number[], tau: number, la
       },
       xaxis: { type: "log", title: { text: plotlyText(label) }, exponentformat: "e" },
       yaxis: { title: { text: "weights" } },
-      shapes:
-        tau > 0
-          ? [
-              {
-                type: "line",
-                x0: tau,
-                x1: tau,
-                yref: "paper",
-                y0: 0,
-                y1: 1,
-                line: { dash: "dot", width: 2, color: "#d62728" },
-              },
-            ]
-          : [],
+      shapes: tauLine(tau),
     },
   };
 }
