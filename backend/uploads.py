@@ -426,12 +426,13 @@ def validate_checkpoint(path: Path, settings: Settings, roots: list[Path]) -> di
         check_pickled,
         checkpoint_files,
         confined,
+        is_pickled,
         open_checkpoint,
         pin_checkpoint,
     )
 
     with confined(roots):
-        pickled = [f for f in checkpoint_files(path) if f.suffix in PICKLE_SUFFIXES]
+        pickled = [f for f in checkpoint_files(path) if is_pickled(f)]  # .bin/.pt/.pth, DCP files
         if pickled and not settings.allow_pickle:
             raise ApiError(
                 415,

@@ -98,5 +98,8 @@ def test_names_alone_identify_the_family(tmp_path):
 
 def test_unknown_names_still_work():
     parts = parts_of("encoder.blocks.7.mixer.conv.weight", (4, 4, 3), "generic", Layout())
-    assert [(p.layer, p.block, p.matrix) for p in parts] == [(7, "other", "other")]
+    # a 3-D tensor is analysed per leading index (issue 12), never flattened into one matrix
+    assert [(p.layer, p.block, p.matrix, p.index) for p in parts] == [
+        (7, "other", "other", i) for i in range(4)
+    ]
     assert parts_of("weird", (3,), "generic", Layout())[0].matrix == "other"

@@ -9,14 +9,16 @@ accumulated counts into an `AnalysisResult`: the `--json` document plus the per-
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deltalens.worker import fused
-from deltalens.worker.checkpoint import Checkpoint, open_checkpoint
+from deltalens.worker import adapters, fused
+from deltalens.worker.checkpoint import Checkpoint, open_checkpoints
 from deltalens.worker.contract import BLOCKS, MATRIX_TYPES, MAX_OVERLAP_RUNS
 from deltalens.worker.errors import InputError
 from deltalens.worker.families import Layout, Part, detect_family, parts_of
@@ -75,24 +77,102 @@ class AnalysisResult:
 # ---------------------------------------------------------------------------------------------
 # Alignment and streaming
 # ---------------------------------------------------------------------------------------------
-def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str], dict[str, list]]:
-    """Names present with the same shape everywhere, and why the others were skipped."""
+_VOCAB = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|embed_out|lm_head|word_embeddings|shared)\.weight$")
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings)\.weight$")
+
+
+class _Aliased:
+    """A checkpoint whose tied output head is read from its input embedding (`lm_head.weight` not
+    stored because `tie_word_embeddings` saved it once)."""
+
+    def __init__(self, inner: Checkpoint, alias: dict[str, str]):
+        self.inner, self.alias = inner, alias
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+    def meta(self, name):
+        return self.inner.meta(self.alias.get(name, name))
+
+    def tensor(self, name):
+        return self.inner.tensor(self.alias.get(name, name))
+
+    def array(self, name):
+        return self.inner.array(self.alias.get(name, name))
+
+    def release(self, name):
+        self.inner.release(self.alias.get(name, name))
+
+    def nonfinite(self, name, *args):
+        return self.inner.nonfinite(self.alias.get(name, name), *args)
+
+
+def _tie(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """Checkpoints that lack an output head another input stores read it from their one embedding
+    of the same shape (tied embeddings saved once)."""
+    heads = {n: c.meta(n).shape for c in checkpoints for n in c.names() if _HEAD.search(n)}
+    out = []
+    for c in checkpoints:
+        names = set(c.names())
+        embeds = [n for n in names if _EMBED.search(n)]
+        alias = {
+            h: embeds[0]
+            for h, shape in heads.items()
+            if h not in names and len(embeds) == 1 and c.meta(embeds[0]).shape[1:] == shape[1:]
+        }
+        out.append(_Aliased(c, alias) if alias else c)
+    return out
+
+
+def _align(
+    checkpoints: list[Checkpoint], labels: list[str]
+) -> tuple[list[str], dict[str, list], dict[str, int]]:
+    """Names present with the same shape everywhere, why the others were skipped, and the rows
+    compared of resized vocabularies (embedding / head whose row counts differ)."""
     base, others = checkpoints[0], checkpoints[1:]
     base_names = set(base.names())
+    present = {id(c): set(c.names()) | set(getattr(c, "alias", {})) for c in checkpoints}
+
+    def _has(c, name: str) -> bool:  # stored, or read from the tied embedding
+        return name in present[id(c)]
+
+    heads_only_elsewhere = [
+        n for c in others for n in c.names() if n not in base_names and _has(base, n) and _HEAD.search(n)
+    ]
     skipped: dict[str, list] = {
         "only_base": [],
         "only_target": [],
         "shape_mismatch": [],
         "not_numeric": [],
         "empty": [],
+        "resized": [],
     }
-    common = []
-    for name in base.names():
-        missing = [labels[i + 1] for i, c in enumerate(others) if name not in c.files]
+    common, shared_rows = [], {}
+    for name in list(base.names()) + list(dict.fromkeys(heads_only_elsewhere)):
+        missing = [labels[i + 1] for i, c in enumerate(others) if not _has(c, name)]
         if missing:
             skipped["only_base"].append(name if len(others) == 1 else {"name": name, "missing_in": missing})
             continue
         shapes = [c.meta(name).shape for c in checkpoints]
+        if (
+            len(set(shapes)) > 1
+            and _VOCAB.search(name)
+            and len({s[1:] for s in shapes}) == 1
+            and len(shapes[0]) == 2
+        ):
+            rows = min(s[0] for s in shapes)
+            skipped["resized"].append(
+                {
+                    "name": name,
+                    "shapes": [list(s) for s in shapes],
+                    "compared_rows": rows,
+                    "extra_rows": [s[0] - rows for s in shapes],
+                    "note": f"rows 0..{rows - 1} compared; the rows past {rows} exist only in some inputs",
+                }
+            )
+            shared_rows[name] = rows
+            shapes = [shapes[0]]
         if len(set(shapes)) > 1:
             skipped["shape_mismatch"].append({"name": name, "shapes": [list(s) for s in shapes]})
             continue
@@ -105,7 +185,7 @@ def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str],
         common.append(name)
     for i, c in enumerate(others):
         for name in c.names():
-            if name not in base_names:
+            if name not in base_names and not _has(base, name):
                 skipped["only_target"].append(
                     name if len(others) == 1 else {"name": name, "only_in": labels[i + 1]}
                 )
@@ -115,7 +195,39 @@ def _align(checkpoints: list[Checkpoint], labels: list[str]) -> tuple[list[str],
             labels[1] if len(labels) == 2 else labels[0],
             f"no tensor in common with the base (same name and shape){empty}: nothing to compare",
         )
-    return common, {k: v for k, v in skipped.items() if v or k not in ("not_numeric", "empty")}
+    kept = {k: v for k, v in skipped.items() if v or k not in ("not_numeric", "empty", "resized")}
+    return common, kept, shared_rows
+
+
+def warnings_of(tensors: list[dict], labels: list[str]) -> list[dict]:
+    """Things that make the counts mean less than they seem, from the per-matrix rows: inputs
+    stored in different dtypes (a cast alone changes most weights) and tied heads read from the
+    embedding. Each is {"code", "message"}."""
+    out, casts, tied = [], {}, {}
+    for t in tensors:
+        if t.get("dtypes"):
+            key = tuple(t["dtypes"])
+            casts.setdefault(key, set()).add(t["source"])
+        if t.get("tied_to"):
+            tied[t["source"]] = t["tied_to"]
+    for dtypes, names in casts.items():
+        pairs = ", ".join(f"{label} {d}" for label, d in zip(labels, dtypes))
+        out.append(
+            {
+                "code": "dtype_change",
+                "message": f"{len(names)} tensors are stored in different dtypes ({pairs}): "
+                f"rounding from the cast alone counts as change",
+            }
+        )
+    for head, embed in tied.items():
+        out.append(
+            {
+                "code": "tied_embedding",
+                "message": f"{head} is not stored in every input (tied embeddings): "
+                f"compared against {embed} where it is missing",
+            }
+        )
+    return out
 
 
 def as_matrix(x, transpose: bool):
@@ -128,6 +240,16 @@ def as_matrix(x, transpose: bool):
     elif x.ndim > 2:
         x = x.reshape(x.shape[0], -1)
     return x.T if transpose else x
+
+
+def part_matrix(x, part: Part):
+    """The 2-D view one part reads: the leading index of a stacked tensor, transposed, strided rows."""
+    if part.index is not None:
+        x = x[part.index]
+    x = as_matrix(x, part.transpose)
+    if part.stride:
+        x = x[part.stride[0] :: part.stride[1]]
+    return x
 
 
 def row_chunks(segments, budget_rows: int, grid_edges: list[int]) -> Iterator[tuple[int, int, int, int]]:
@@ -155,6 +277,8 @@ class _Stream:
     chunk_elements: int | None
     progress: Progress | None
     skipped: dict[str, list]
+    shared_rows: dict[str, int] = field(default_factory=dict)  # resized vocabulary: rows compared
+    notes: list[str] = field(default_factory=list)  # the readers' notes (trainer state left out, ...)
 
     def parts(self, make) -> Iterator[tuple[Part, list[int], str, dict]]:
         """For every matrix: (part, its 2-D shape, stored dtype, accumulated result).
@@ -182,12 +306,12 @@ class _Stream:
             meta = self.checkpoints[0].meta(name)
             if stager:
                 tensors = [stager.ready(t) for t in tensors]
-            for part in parts_of(name, meta.shape, self.family, self.layout):
-                mats = [as_matrix(t, part.transpose) for t in tensors]
+            for part in self.cut(name, meta.shape):
+                mats = [part_matrix(t, part) for t in tensors]
                 full_rows, cols = mats[0].shape
                 segments = part.segments or ((0, full_rows),)
                 rows = sum(e - s for s, e in segments)
-                is_2d = len(meta.shape) == 2
+                is_2d = len(meta.shape) - (part.index is not None) == 2
                 # the torch kernel needs each chunk inside one update-map row; the fused one does not
                 grid_edges = bin_bounds(rows, min(MAP_CELLS, rows)) if is_2d and not numpy else [0, rows]
                 acc = make(part, rows, cols, is_2d, numpy)
@@ -202,7 +326,11 @@ class _Stream:
                     self.refuse_nonfinite(name)
                 yield (
                     part,
-                    [rows, cols] if (part.segments or part.transpose) else list(meta.shape),
+                    [rows]
+                    if part.index is not None and len(meta.shape) == 2  # a stacked vector (expert bias)
+                    else [rows, cols]
+                    if (part.segments or part.transpose or part.stride)
+                    else list(meta.shape[part.index is not None :]),
                     meta.dtype,
                     result,
                 )
@@ -212,6 +340,26 @@ class _Stream:
                 done += c.meta(name).nbytes
             if self.progress:
                 self.progress(done, total, name)
+
+    def provenance(self, name: str) -> dict:
+        """Row fields for inputs that differ in how they store a tensor: `dtypes` (one per input,
+        base first) when they differ, `tied_to` when some input reads it from its embedding."""
+        out = {}
+        dtypes = [c.meta(name).dtype for c in self.checkpoints]
+        if len(set(dtypes)) > 1:
+            out["dtypes"] = dtypes
+        tied = [c.alias[name] for c in self.checkpoints if name in getattr(c, "alias", {})]
+        if tied:
+            out["tied_to"] = tied[0]
+        return out
+
+    def cut(self, name: str, shape: tuple[int, ...]) -> list[Part]:
+        """The parts of one aligned tensor; a resized vocabulary keeps only the rows all inputs share."""
+        parts = parts_of(name, shape, self.family, self.layout)
+        shared = self.shared_rows.get(name)
+        if shared is None:
+            return parts
+        return [dataclasses.replace(p, segments=((0, shared),)) for p in parts]
 
     def refuse_nonfinite(self, name: str) -> None:
         """Σ Δ² or Σ b² came out NaN/Inf: name the checkpoint whose tensor holds NaN or Inf values."""
@@ -235,8 +383,8 @@ def _finite(result: dict) -> bool:
 
 
 def _open_all(paths: list[str], opts: Options, fused_ok: bool = False) -> tuple[list[Checkpoint], _Stream]:
-    checkpoints = [open_checkpoint(p) for p in paths]
-    names, skipped = _align(checkpoints, [str(p) for p in paths])
+    checkpoints = _tie(open_checkpoints(paths))  # a LoRA adapter after the base is merged onto it
+    names, skipped, shared_rows = _align(checkpoints, [str(p) for p in paths])
     if opts.names is not None:
         wanted = set(opts.names)
         names = [n for n in names if n in wanted]
@@ -252,6 +400,8 @@ def _open_all(paths: list[str], opts: Options, fused_ok: bool = False) -> tuple[
         opts.chunk_elements,
         opts.progress,
         skipped,
+        shared_rows,
+        [note for c in checkpoints for note in getattr(c, "notes", [])],
     )
 
 
@@ -312,7 +462,7 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
 
     details = []
     for part, shape, dtype, r in stream.parts(make):
-        row = _part_fields(part, shape, dtype)
+        row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
         row["changed"] = [{"tau": t, "count": c} for t, c in zip(taus, r[mode])]
         row["sparsity"] = [1 - c / row["numel"] if row["numel"] else None for c in r[mode]]
         row.update(
@@ -325,11 +475,22 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
         for k in ("rank", "full_rank", "rank_pct", "effective_rank", "stable_rank", "rank90", "rank99"):
             row[k] = r.get(k)
         details.append({"run": 0, "name": part.name, "row": row, **r})
-    return pair_result(base, target, opts, details, stream.skipped, stream.family, str(stream.device))
+    result = pair_result(
+        base, target, opts, details, stream.skipped, stream.family, str(stream.device), notes=stream.notes
+    )
+    adapters.annotate(result.document, checkpoints, opts.taus, opts.relative)  # exact ΔW of LoRA inputs
+    return result
 
 
 def pair_result(
-    base: str, target: str, opts: Options, details: list[dict], skipped: dict, family: str, device: str
+    base: str,
+    target: str,
+    opts: Options,
+    details: list[dict],
+    skipped: dict,
+    family: str,
+    device: str,
+    notes: list[str] | None = None,
 ) -> AnalysisResult:
     """The pair document from its per-matrix details — of one pass, or of a fanned-out analysis's
     parts concatenated in tensor order (the same sums in the same order: identical numbers)."""
@@ -364,6 +525,8 @@ def pair_result(
         },
         "tensors": tensors,
         "skipped": skipped,
+        "warnings": warnings_of(tensors, ["base", "target"]),
+        "notes": list(notes or []),
     }
     return AnalysisResult("pair", document, details, family, device)
 
@@ -414,7 +577,7 @@ def analyze_series(base: str, checkpoints: list[str], opts: Options) -> Analysis
     steps_total, union_total = [[0, 0] for _ in range(runs)], [0, 0]
     sq_delta_total, sq_base_total = [0.0] * runs, 0.0
     for part, shape, dtype, r in parts:
-        row = _part_fields(part, shape, dtype)
+        row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
         row.update(_series_figures(r["steps"], r["union"], row["numel"], labels, r["sq_delta"], r["sq_base"]))
         tensors.append(row)
         details.append({"run": 0, "name": part.name, "row": row})
@@ -434,6 +597,8 @@ def analyze_series(base: str, checkpoints: list[str], opts: Options) -> Analysis
         **_series_figures(steps_total, union_total, numel, labels, sq_delta_total, sq_base_total),
         "tensors": tensors,
         "skipped": stream.skipped,
+        "warnings": warnings_of(tensors, ["base", *labels]),
+        "notes": stream.notes,
     }
     return AnalysisResult("series", document, details, stream.family, str(stream.device))
 
@@ -476,7 +641,7 @@ def analyze_overlap(base: str, runs: list[str], opts: Options) -> AnalysisResult
     tensors, details = [], []
     totals = [0] * (1 << len(runs))
     for part, shape, dtype, r in parts:
-        row = _part_fields(part, shape, dtype)
+        row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
         row.update(_overlap_figures(r["patterns"], len(runs), row["numel"]))
         tensors.append(row)
         details.append({"run": 0, "name": part.name, "row": row, "patterns": r["patterns"]})
@@ -492,6 +657,8 @@ def analyze_overlap(base: str, runs: list[str], opts: Options) -> AnalysisResult
         "summary": _overlap_figures(totals, len(runs), numel),
         "tensors": tensors,
         "skipped": stream.skipped,
+        "warnings": warnings_of(tensors, ["base", *[str(r) for r in runs]]),
+        "notes": stream.notes,
     }
     return AnalysisResult("overlap", document, details, stream.family, str(stream.device))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import pickle
@@ -33,7 +34,15 @@ from pathlib import Path
 import numpy as np
 
 from deltalens.worker.errors import InputError
-from deltalens.worker.safetensors_header import MAX_NAME_LENGTH, UNSAFE_NAME, TensorInfo, read_header
+from deltalens.worker.safetensors_header import (
+    DTYPE_SIZES,
+    MAX_BYTES,
+    MAX_DIMS,
+    MAX_TENSORS,
+    TensorInfo,
+    check_name,
+    read_header,
+)
 
 # safetensors dtype -> NumPy storage (bfloat16 and float8 kept as raw bits)
 NUMPY_DTYPES = {
@@ -298,6 +307,53 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, start, i.end - start)
 
 
+# trainer checkpoints: the keys a model's state dict is saved under next to optimizer state & co.
+NEST_KEYS = ("model", "module", "state_dict", "model_state_dict")
+
+
+def _listed(keys: Iterable[object], limit: int = 8) -> str:
+    shown = sorted(str(k)[:60] for k in keys)
+    return ", ".join(shown[:limit]) + (f" and {len(shown) - limit} more" if len(shown) > limit else "")
+
+
+def _unwrap_trainer_state(obj: object, path: Path, notes: list[str]) -> dict:
+    """The state dict in a torch.load'ed object: the object itself, or the one entry of a trainer
+    checkpoint (`{"model": sd, "optimizer": ..., "step": ...}`, DeepSpeed's `{"module": sd}`) under
+    one of NEST_KEYS; what else it holds is ignored and named in `notes`. A DDP state dict whose
+    names all start with `module.` loses that prefix (noted too)."""
+    import torch
+
+    def is_state_dict(d: object) -> bool:
+        return isinstance(d, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items()
+        )
+
+    if isinstance(obj, dict) and not is_state_dict(obj):
+        found = [k for k in NEST_KEYS if isinstance(obj.get(k), dict) and obj[k] and is_state_dict(obj[k])]
+        if len(found) > 1:
+            raise InputError(
+                path,
+                f"holds state dicts under both {found[0]!r} and {found[1]!r}: cannot tell which is the model",
+            )
+        if found:
+            others = [k for k in obj if k != found[0]]
+            notes.append(
+                f"{path.name}: weights read from its {found[0]!r} entry"
+                + (f"; ignored: {_listed(others)}" if others else "")
+            )
+            obj = obj[found[0]]
+        elif isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]  # as before: let the check below name what is wrong with it
+    if not is_state_dict(obj):
+        raise InputError(path, "not a state dict (expected a mapping of names to tensors)")
+    if obj and all(k.startswith("module.") and len(k) > 7 for k in obj):
+        stripped = {k[7:]: v for k, v in obj.items()}
+        if len(stripped) == len(obj):
+            notes.append(f"{path.name}: the DDP prefix 'module.' was removed from every tensor name")
+            obj = stripped
+    return obj
+
+
 class PickledStateDict:
     """A torch.save'd state dict, read only through torch.load(weights_only=True)."""
 
@@ -334,21 +390,11 @@ class PickledStateDict:
             raise InputError(path, f"cannot read as a torch state dict: {first}") from None
         finally:
             os.close(fd)
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-        ):
-            raise InputError(path, "not a state dict (expected a mapping of names to tensors)")
+        self.notes: list[str] = []
+        obj = _unwrap_trainer_state(obj, path, self.notes)
         names = {getattr(torch, torch_dtype_name(k)): k for k in NUMPY_DTYPES}
         for name, t in obj.items():  # the rules a safetensors header is held to
-            shown = name if len(name) <= 80 else name[:77] + "..."
-            if len(name) > MAX_NAME_LENGTH:
-                raise InputError(path, f"tensor name longer than {MAX_NAME_LENGTH} characters: {shown!r}")
-            if UNSAFE_NAME.search(name):
-                raise InputError(
-                    path, f"tensor name {shown!r} holds markup, quotes, control characters or a '..' segment"
-                )
+            shown = check_name(path, name)
             if t.layout != torch.strided or t.is_quantized:
                 raise InputError(path, f"tensor {shown!r}: only dense tensors are read ({t.layout})")
             if t.dtype not in names:
@@ -387,6 +433,291 @@ class PickledStateDict:
         pass
 
 
+# --- torch.distributed.checkpoint directories --------------------------------------------------
+DCP_METADATA = ".metadata"
+DCP_SUFFIX = ".distcp"
+# what a DCP .metadata pickle may name: the metadata dataclasses, torch.Size, dtypes and layouts
+_DCP_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "MetadataIndex",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def is_dcp(folder: Path) -> bool:
+    """A torch.distributed.checkpoint directory: a `.metadata` file and `*.distcp` files."""
+    return (folder / DCP_METADATA).is_file() and any(folder.glob("*" + DCP_SUFFIX))
+
+
+def is_pickled(path: Path) -> bool:
+    """Files only torch can read (the API checks them in a child process): .bin/.pt/.pth state dicts
+    and the two kinds of file of a torch.distributed.checkpoint directory."""
+    return path.suffix in PICKLE_SUFFIXES or path.suffix == DCP_SUFFIX or path.name == DCP_METADATA
+
+
+def _load_dcp_metadata(data: bytes, path: Path):
+    """Unpickle a DCP `.metadata` file with an allow-list of globals (the metadata dataclasses,
+    torch.Size, dtypes): nothing else can be named, so no code runs. torch's weights_only unpickler
+    does not take the protocol-4 pickles DCP writes."""
+    import io
+
+    import torch
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
+                return getattr(torch, name)
+            if (module, name) not in _DCP_GLOBALS:
+                raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+
+    try:
+        return Restricted(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it calls {culprit.group(1)}" if culprit else "not a pickle"
+        raise InputError(path, f"refused to unpickle DCP metadata: {what}") from None
+    except Exception as e:  # truncated or foreign bytes
+        raise InputError(path, f"not readable DCP metadata ({type(e).__name__})") from None
+
+
+MAX_DCP_CHUNKS = 4096  # shards of one tensor (one per rank that held a piece of it)
+
+
+def _overlapping(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether two of these (offsets, sizes) boxes share an element (empty boxes share none)."""
+    boxes = [b for b in boxes if all(b[1])]
+    for i, (o1, n1) in enumerate(boxes):
+        for o2, n2 in boxes[i + 1 :]:
+            if all(a < c + m and c < a + n for a, n, c, m in zip(o1, n1, o2, n2)):
+                return True
+    return False
+
+
+class DcpDirectory:
+    """A `torch.distributed.checkpoint` directory (`.metadata` + `__<rank>_<n>.distcp`), read one
+    tensor at a time: `torch.distributed.checkpoint.load` into one preallocated tensor per name, so
+    memory stays O(largest tensor). The metadata is validated first (names, dtypes, shapes, chunk
+    bounds, storage files inside the folder and the byte ranges inside them); every file the loader
+    opens goes through the confinement layer and must be the very file stat'ed when it was opened.
+    Trainer states saved as `{"model": sd, "optimizer": ...}` (flattened by DCP to `model.<name>`)
+    yield the model's tensors under their own names; the rest is named in `notes`."""
+
+    def __init__(self, folder: Path, opened: dict[Path, os.stat_result] | None = None):
+        import torch
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata,
+            Metadata,
+            MetadataIndex,
+            TensorStorageMetadata,
+        )
+
+        self.path = folder
+        meta_path = folder / DCP_METADATA
+        fd = _open_fd(meta_path, opened)
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(fd).st_size
+            if size > MAX_JSON_BYTES:
+                raise InputError(
+                    meta_path, f"{size} bytes of DCP metadata; more than {MAX_JSON_BYTES} are not read"
+                )
+            metadata = _load_dcp_metadata(f.read(MAX_JSON_BYTES + 1), meta_path)
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+            raise InputError(meta_path, "not torch.distributed.checkpoint metadata")
+        self._stats: dict[str, os.stat_result] = {}
+        for shard in sorted(folder.glob("*" + DCP_SUFFIX)):
+            seen: dict[Path, os.stat_result] = {}
+            os.close(_open_fd(shard, seen))
+            self._stats[shard.name] = seen[shard]
+            if opened is not None:
+                opened.update(seen)
+        storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else None
+        if storage is None or len(storage) > 16 * MAX_TENSORS:
+            raise InputError(meta_path, "DCP metadata without a valid storage map")
+        for index, info in storage.items():
+            if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+                raise InputError(meta_path, "DCP storage map holds entries of the wrong type")
+            rel = info.relative_path
+            if not isinstance(rel, str) or rel not in self._stats:
+                raise InputError(
+                    meta_path, f"storage file {str(rel)[:80]!r} is not a .distcp file of this folder"
+                )
+            ok = all(isinstance(v, int) and v >= 0 for v in (info.offset, info.length))
+            if not ok or info.offset + info.length > self._stats[rel].st_size:
+                raise InputError(meta_path, f"a byte range of {rel} lies outside the file")
+        dtypes = {getattr(torch, torch_dtype_name(k)): k for k in NUMPY_DTYPES}
+        planner = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+        paths = {fqn: p for fqn, p in planner.items() if isinstance(p, tuple) and p}
+        nested = {p[0] for p in paths.values() if len(p) > 1 and p[0] in NEST_KEYS}
+        if len(nested) > 1:
+            first, second = sorted(nested)[:2]
+            raise InputError(
+                folder,
+                f"holds state dicts under both {first!r} and {second!r}: cannot tell which is the model",
+            )
+        top = nested.pop() if nested else None
+        self.notes: list[str] = []
+        self.infos: dict[str, tuple[str, Meta]] = {}
+        ignored: set[str] = set()
+        if len(metadata.state_dict_metadata) > MAX_TENSORS:
+            raise InputError(meta_path, f"more than {MAX_TENSORS} entries")
+        for fqn, item in metadata.state_dict_metadata.items():
+            if not isinstance(fqn, str):
+                raise InputError(meta_path, "an entry name is not a string")
+            route = paths.get(fqn, (fqn,))
+            if top is not None and route[0] != top:
+                ignored.add(str(route[0]))
+                continue
+            if isinstance(item, BytesStorageMetadata):
+                ignored.add(fqn)
+                continue
+            name = ".".join(map(str, route[1:])) if top is not None else fqn
+            shown = check_name(meta_path, name)
+            if not isinstance(item, TensorStorageMetadata):
+                raise InputError(meta_path, f"entry {shown!r} is neither a tensor nor bytes")
+            shape = item.size
+            if (
+                not isinstance(shape, tuple)
+                or len(shape) > MAX_DIMS
+                or not all(isinstance(d, int) and d >= 0 for d in shape)
+            ):
+                raise InputError(meta_path, f"tensor {shown!r}: invalid shape")
+            dtype = dtypes.get(getattr(item.properties, "dtype", None))
+            if dtype is None:
+                raise InputError(meta_path, f"tensor {shown!r}: unsupported dtype")
+            numel = math.prod(shape)
+            nbytes = numel * DTYPE_SIZES[dtype]
+            if nbytes > MAX_BYTES:
+                raise InputError(meta_path, f"tensor {shown!r}: larger than 2^63 bytes")
+            covered = 0
+            for chunk in item.chunks:
+                offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+                covered += math.prod(sizes) if all(isinstance(n, int) for n in sizes) else -1
+                if (
+                    len(offsets) != len(shape)
+                    or len(sizes) != len(shape)
+                    or any(
+                        not (isinstance(o, int) and isinstance(n, int) and o >= 0 and n >= 0 and o + n <= d)
+                        for o, n, d in zip(offsets, sizes, shape)
+                    )
+                ):
+                    raise InputError(meta_path, f"tensor {shown!r}: a chunk lies outside its shape")
+            boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in item.chunks]
+            if covered != numel or len(boxes) > MAX_DCP_CHUNKS or _overlapping(boxes):
+                raise InputError(meta_path, f"tensor {shown!r}: its chunks do not cover it exactly once")
+            if name in self.infos:
+                raise InputError(meta_path, f"tensor {shown!r} appears twice")
+            self.infos[name] = (fqn, Meta(tuple(shape), dtype, nbytes))
+        if top is not None:
+            self.notes.append(
+                f"{folder.name}: weights read from its {top!r} entry"
+                + (f"; ignored: {_listed(ignored)}" if ignored else "")
+            )
+        elif ignored:
+            self.notes.append(f"{folder.name}: non-tensor entries ignored: {_listed(ignored)}")
+        self._metadata = metadata
+        self._cached: tuple[str, object] | None = None
+
+    def meta(self, name: str) -> Meta:
+        return self.infos[name][1]
+
+    def tensor(self, name: str):
+        cached = self._cached
+        if cached is not None and cached[0] == name:
+            return cached[1]
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        fqn, meta = self.infos[name]
+        out = torch.empty(meta.shape, dtype=getattr(torch, torch_dtype_name(meta.dtype)))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load({fqn: out}, storage_reader=_dcp_reader(self), no_dist=True)
+        except InputError:
+            raise
+        except Exception as e:  # torch's own errors on damaged shards: one readable line
+            raise InputError(self.path, f"cannot read tensor {name[:80]!r} ({type(e).__name__})") from None
+        self._cached = (name, out)
+        return out
+
+    def array(self, name: str) -> np.ndarray:
+        t, dtype = self.tensor(name), self.meta(name).dtype
+        if dtype in RAW_BITS:
+            import torch
+
+            t = t.view(torch.uint16 if dtype == "BF16" else torch.uint8)
+        return t.numpy()
+
+    def release(self, name: str) -> None:
+        if self._cached is not None and self._cached[0] == name:
+            self._cached = None
+
+    def _stream(self, path: Path):
+        """A confined read of one of this folder's .distcp files, refused when it is not the file
+        stat'ed at open."""
+        fd = _open_fd(path, None)
+        st, was = os.fstat(fd), self._stats.get(path.name)
+        if was is None or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+            was.st_dev,
+            was.st_ino,
+            was.st_size,
+            was.st_mtime_ns,
+        ):
+            os.close(fd)
+            raise CheckpointChanged(
+                path, "changed while being read (replaced or rewritten after it was checked)"
+            )
+        return os.fdopen(fd, "rb")
+
+
+def _dcp_reader(owner: DcpDirectory):
+    """torch's FileSystemReader, with the metadata already validated and every open confined."""
+    from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class ConfinedFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            if mode != "rb":
+                raise InputError(path, "a checkpoint is only read")
+            with owner._stream(Path(path)) as stream:
+                yield stream
+
+    class Reader(FileSystemReader):
+        def __init__(self):
+            super().__init__(owner.path)
+            self.fs = ConfinedFileSystem()
+
+        def read_metadata(self, *args, **kwargs):
+            metadata = owner._metadata
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader()
+
+
 @dataclass
 class Checkpoint:
     """A model checkpoint: tensor names mapped to the file that holds them, plus config.json."""
@@ -394,6 +725,7 @@ class Checkpoint:
     path: Path
     files: dict[str, SafetensorsFile | PickledStateDict] = field(default_factory=dict)  # tensor name -> file
     config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was read how, and what was left out
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -431,6 +763,8 @@ def _open_file(path: Path, opened: dict[Path, os.stat_result] | None = None, max
         return SafetensorsFile(path, opened, max_header)
     if path.suffix in PICKLE_SUFFIXES:
         return PickledStateDict(path, opened)
+    if path.name == DCP_METADATA:
+        return DcpDirectory(path.parent, opened)
     raise InputError(
         path, "unsupported file type (expected .safetensors, .bin, .pt or a checkpoint directory)"
     )
@@ -472,18 +806,68 @@ def _sharded(
 
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+PREFER_CHOICES = ("safetensors", "bin", "dcp")
+_PREFER: ContextVar[str | None] = ContextVar("deltalens_prefer", default=None)
+
+
+@contextlib.contextmanager
+def preferring(kind: str | None) -> Iterator[None]:
+    """Within this block a folder holding several weight sets (model.safetensors, pytorch_model.bin,
+    a DCP checkpoint) is read through the set of this kind (`--prefer`); without it such a folder
+    is refused, naming both."""
+    if kind is not None and kind not in PREFER_CHOICES:
+        raise ValueError(f"prefer one of {PREFER_CHOICES}, not {kind!r}")
+    token = _PREFER.set(kind)
+    try:
+        yield
+    finally:
+        _PREFER.reset(token)
+
+
+def _weight_sets(folder: Path) -> dict[str, Path]:
+    """The complete weight sets a folder holds, by kind: safetensors (index, else model.safetensors),
+    bin (index, else pytorch_model.bin), dcp (.metadata with .distcp files). A trainer's other files
+    (training_args.bin, optimizer.pt, rng_state.pth, ...) are no weight set."""
+    sets: dict[str, Path] = {}
+    for kind, names in (
+        ("safetensors", ("model.safetensors.index.json", "model.safetensors")),
+        ("bin", ("pytorch_model.bin.index.json", "pytorch_model.bin")),
+    ):
+        found = next((folder / n for n in names if (folder / n).is_file()), None)
+        if found is not None:
+            sets[kind] = found
+    if is_dcp(folder):
+        sets["dcp"] = folder / DCP_METADATA
+    return sets
+
+
+def _prefer_notes(folder: Path) -> list[str]:
+    sets, kind = _weight_sets(folder), _PREFER.get()
+    if len(sets) < 2 or kind not in sets:
+        return []
+    left = [p.name for k, p in sets.items() if k != kind]
+    return [f"{folder.name}: {sets[kind].name} read (--prefer {kind}); ignored: {', '.join(left)}"]
 
 
 def _directory_files(
     folder: Path, opened: dict[Path, os.stat_result] | None = None
 ) -> dict[str, Path] | list[Path]:
-    """Either {tensor: shard} from an index, or the list of weight files to read whole."""
-    for index_name in INDEX_NAMES:
-        if (folder / index_name).is_file():
-            return _sharded(folder, folder / index_name, opened)
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return [folder / single]
+    """Either {tensor: shard} from an index, or the list of weight files to read whole (a DCP
+    directory: its `.metadata` first, then its `.distcp` files)."""
+    sets = _weight_sets(folder)
+    if len(sets) > 1 and _PREFER.get() not in sets:
+        raise InputError(
+            folder,
+            f"holds {len(sets)} weight sets ({' and '.join(p.name for p in sets.values())}): cannot tell "
+            f"which is the model; pass --prefer {'|'.join(sets)}",
+        )
+    chosen = sets.get(_PREFER.get()) if len(sets) > 1 else next(iter(sets.values()), None)
+    if chosen is not None:
+        if chosen.name in INDEX_NAMES:
+            return _sharded(folder, chosen, opened)
+        if chosen.name == DCP_METADATA:
+            return [chosen, *sorted(folder.glob("*" + DCP_SUFFIX))]
+        return [chosen]
     candidates = sorted(folder.glob("*.safetensors")) or sorted(
         p for s in PICKLE_SUFFIXES for p in folder.glob("*" + s)
     )
@@ -500,6 +884,10 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or directory")
+    from deltalens.worker import adapters  # a LoRA adapter folder: its own files (the base is pinned apart)
+
+    if adapters.is_adapter(path):
+        return adapters.adapter_files(path)
     folder = path if path.is_dir() else path.parent
     files = [folder / "config.json"] if (folder / "config.json").is_file() else []
     if path.is_dir():
@@ -514,11 +902,26 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def open_checkpoint(path: str | os.PathLike, max_header: int | None = None) -> Checkpoint:
-    """`max_header`: refuse safetensors headers longer than this (default: the safetensors limit)."""
+def open_checkpoints(paths: list, max_header: int | None = None) -> list[Checkpoint]:
+    """Base first, then the others; a LoRA adapter folder after the base is merged onto it (onto the
+    base's own base when the base is an adapter too), see worker/adapters.py."""
+    first = open_checkpoint(paths[0], max_header)
+    base = getattr(first, "adapter", {}).get("base", first)
+    return [first, *(open_checkpoint(p, max_header, base=base) for p in paths[1:])]
+
+
+def open_checkpoint(
+    path: str | os.PathLike, max_header: int | None = None, base: Checkpoint | None = None
+) -> Checkpoint:
+    """`max_header`: refuse safetensors headers longer than this (default: the safetensors limit).
+    `base`: what a LoRA adapter folder is merged onto (None: the local path its config names)."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or directory")
+    from deltalens.worker import adapters
+
+    if adapters.is_adapter(path):
+        return adapters.open_adapter(path, base, max_header)
     opened: dict[Path, os.stat_result] = {}  # every file read, as stat'ed through its own descriptor
     if path.is_dir():
         found = _directory_files(path, opened)
@@ -536,6 +939,7 @@ def open_checkpoint(path: str | os.PathLike, max_header: int | None = None) -> C
         else:
             reader = _open_file(found[0], opened, max_header)
             checkpoint.files = {name: reader for name in reader.infos}
+        checkpoint.notes += _prefer_notes(path)
     else:
         reader = _open_file(path, opened, max_header)
         checkpoint = Checkpoint(
@@ -544,6 +948,8 @@ def open_checkpoint(path: str | os.PathLike, max_header: int | None = None) -> C
     _verify_pin(path, opened)
     if not checkpoint.files:
         raise InputError(path, "checkpoint holds no tensors")
+    for reader in {id(r): r for r in checkpoint.files.values()}.values():
+        checkpoint.notes += getattr(reader, "notes", [])
     return checkpoint
 
 

@@ -42,6 +42,12 @@ def _common(p: argparse.ArgumentParser, many_taus: bool) -> None:
     p.add_argument("--out", metavar="FILE.duckdb", help="add the results to this DuckDB file")
     p.add_argument("--json", metavar="FILE|-", help="write the result object as JSON ('-' = stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--prefer",
+        choices=["safetensors", "bin", "dcp"],
+        help="a folder holding several weight sets (model.safetensors, pytorch_model.bin, a DCP "
+        "checkpoint): read this one (without it such a folder is refused)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +163,10 @@ def run(argv: list[str] | None = None) -> int:
         progress=progress,
     )
     try:
-        result = run_analysis(kind, paths, opts)
+        from deltalens.worker.checkpoint import preferring
+
+        with preferring(args.prefer):
+            result = run_analysis(kind, paths, opts)
         if args.out:
             from deltalens.worker.store import write_artifact
 

@@ -2,7 +2,11 @@
 
 Each family is a list of rules `(regex, block, matrix, split)` tried in order; the first match
 wins, then the shared fallback rules. A `split` names how a fused tensor is cut into parts
-(`SPLITS`), each part a set of row segments of the (optionally transposed) stored matrix.
+(`_split`), each part a set of row segments of the (optionally transposed) stored matrix.
+A split `experts/<inner>` is a fused 3-D expert tensor [E, ...]: one part per leading index
+(`Part.index`, `expert` set), each slice cut by `<inner>` (empty: whole, `conv1d`: stored
+(in, out), `halves`/`t_halves`: gate then up, `interleaved`/`t_interleaved`: gate/up alternating).
+Any other tensor of 3 or more dimensions is analysed per leading index, never flattened whole.
 """
 
 from __future__ import annotations
@@ -14,20 +18,37 @@ from dataclasses import dataclass
 Rule = tuple[str, str, str, "str | None"]
 
 _LLAMA: list[Rule] = [  # also Mistral, Qwen2/3, Gemma, Mixtral, Qwen-MoE
+    # transformers-5 fused experts (Mixtral, Qwen-MoE, OLMoE, DeepSeek in memory): [E, 2I, H], [E, H, I]
+    (r"experts\.gate_up_proj$", "mlp", "gate_up", "experts/halves"),
+    (r"experts\.down_proj$", "mlp", "down", "experts/"),
     (r"embed_tokens\.weight$", "embed", "embed", None),
     (r"lm_head\.weight$", "head", "lm_head", None),
     (r"self_attn\.q_proj\.weight$", "attn", "q", None),
     (r"self_attn\.k_proj\.weight$", "attn", "k", None),
     (r"self_attn\.v_proj\.weight$", "attn", "v", None),
     (r"self_attn\.o_proj\.weight$", "attn", "o", None),
-    (r"(mlp|shared_expert|experts\.\d+)\.gate_proj\.weight$", "mlp", "gate", None),
-    (r"(mlp|shared_expert|experts\.\d+)\.up_proj\.weight$", "mlp", "up", None),
-    (r"(mlp|shared_expert|experts\.\d+)\.down_proj\.weight$", "mlp", "down", None),
+    (r"(mlp|feed_forward|shared_expert|experts\.\d+)\.gate_proj\.weight$", "mlp", "gate", None),
+    (r"(mlp|feed_forward|shared_expert|experts\.\d+)\.up_proj\.weight$", "mlp", "up", None),
+    (r"(mlp|feed_forward|shared_expert|experts\.\d+)\.down_proj\.weight$", "mlp", "down", None),
     (r"experts\.\d+\.w1\.weight$", "mlp", "gate", None),
     (r"experts\.\d+\.w3\.weight$", "mlp", "up", None),
     (r"experts\.\d+\.w2\.weight$", "mlp", "down", None),
     (r"(block_sparse_moe|mlp)\.gate\.weight$", "mlp", "other", None),  # MoE router
     (r"shared_expert_gate\.weight$", "mlp", "other", None),
+]
+_GPT_OSS: list[Rule] = [  # experts stored (in, out): gate_up [E, H, 2I] with gate/up interleaved
+    (r"experts\.gate_up_proj$", "mlp", "gate_up", "experts/t_interleaved"),
+    (r"experts\.gate_up_proj_bias$", "mlp", "bias", "experts/interleaved"),
+    (r"experts\.down_proj$", "mlp", "down", "experts/conv1d"),
+    (r"experts\.down_proj_bias$", "mlp", "bias", "experts/"),
+    (r"mlp\.router\.weight$", "mlp", "other", None),  # MoE router
+    *_LLAMA,
+]
+_LLAMA4: list[Rule] = [  # experts stored (in, out): gate_up [E, H, 2I] as [gate | up]
+    (r"experts\.gate_up_proj$", "mlp", "gate_up", "experts/t_halves"),
+    (r"experts\.down_proj$", "mlp", "down", "experts/conv1d"),
+    (r"feed_forward\.router\.weight$", "mlp", "other", None),  # MoE router
+    *_LLAMA,
 ]
 _GPT2: list[Rule] = [  # Conv1D weights are stored (in, out): transposed to (out, in)
     (r"wte\.weight$", "embed", "embed", None),
@@ -74,6 +95,8 @@ _FALLBACK: list[Rule] = [
 
 FAMILIES: dict[str, list[Rule]] = {
     "llama": _LLAMA,
+    "gpt_oss": _GPT_OSS,
+    "llama4": _LLAMA4,
     "gpt2": _GPT2,
     "gpt_neox": _NEOX,
     "phi3": _PHI3,
@@ -93,6 +116,11 @@ MODEL_TYPES = {
     "mixtral": "llama",
     "qwen2_moe": "llama",
     "qwen3_moe": "llama",
+    "olmoe": "llama",
+    "deepseek_v3": "llama",
+    "gpt_oss": "gpt_oss",
+    "llama4": "llama4",
+    "llama4_text": "llama4",
     "olmo": "llama",
     "olmo2": "llama",
     "smollm3": "llama",
@@ -103,6 +131,8 @@ MODEL_TYPES = {
 }
 # name fragment -> family, used when there is no config.json (first hit wins)
 NAME_HINTS = [
+    ("experts.gate_up_proj_bias", "gpt_oss"),
+    ("feed_forward.experts.gate_up_proj", "llama4"),
     ("gpt_neox.", "gpt_neox"),
     ("query_key_value", "gpt_neox"),
     ("attn.c_attn", "gpt2"),
@@ -134,6 +164,8 @@ class Part:
     transpose: bool  # view the stored 2-D tensor as (out, in)
     segments: tuple[tuple[int, int], ...] | None  # row ranges of the (transposed) matrix; None = all
     heads: int | None  # attention heads along rows (q/k/v) or columns (o)
+    index: int | None = None  # leading index of a stored 3-D+ tensor (an expert): analyse tensor[index]
+    stride: tuple[int, int] | None = None  # (offset, step): rows offset::step of the (transposed) matrix
 
 
 @dataclass(frozen=True)
@@ -168,10 +200,20 @@ def _rows(*segments):
 
 
 def _split(kind: str, shape: tuple[int, ...], layout: Layout):
-    """[(suffix, matrix, transpose, segments, heads)] for a fused tensor; [] if it cannot be split."""
-    rows = shape[1] if kind in ("gpt2_qkv", "conv1d") and len(shape) == 2 else shape[0]
+    """[(suffix, matrix, transpose, segments, heads[, stride])] for a fused tensor; [] if unsplittable."""
+    transposed = kind in ("gpt2_qkv", "conv1d", "t_halves", "t_interleaved")
+    if transposed and len(shape) != 2 or not shape:
+        return []
+    rows = shape[1] if transposed else shape[0]
     if kind == "conv1d":
         return [("", None, True, None, None)]
+    if kind in ("t_halves", "t_interleaved", "interleaved"):  # gate/up as [gate | up] or alternating rows
+        if rows % 2:
+            return []
+        t, n = kind != "interleaved", rows // 2
+        if kind == "t_halves":
+            return [("[gate]", "gate", t, _rows((0, n)), None), ("[up]", "up", t, _rows((n, rows)), None)]
+        return [("[gate]", "gate", t, None, None, (0, 2)), ("[up]", "up", t, None, None, (1, 2))]
     if kind in ("gpt2_qkv", "thirds"):
         if rows % 3:
             return []
@@ -245,6 +287,8 @@ def parts_of(name: str, shape: tuple[int, ...], family: str, layout: Layout) -> 
     else:
         block, matrix, split = "", "other", None
     block = block or _guess_block(name)
+    if split and split.startswith("experts/") or len(shape) >= 3:
+        return _per_index(name, shape, layer, block, matrix, split, layout)
     pieces = _split(split, shape, layout) if split else []
     if not pieces:  # not fused, or a fused tensor we cannot split safely: keep it whole
         whole = (
@@ -267,4 +311,39 @@ def parts_of(name: str, shape: tuple[int, ...], family: str, layout: Layout) -> 
             heads if heads is not None else (_heads_for(sub or matrix, layout) if len(shape) == 2 else None),
         )
         for suffix, sub, transpose, segments, heads in pieces
+    ]
+
+
+_KNOWN = ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "bias")
+
+
+def _per_index(name, shape, layer, block, matrix, split, layout) -> list[Part]:
+    """A stored [E, ...] tensor as one part (or one set of split parts) per leading index: fused
+    experts are cut by their rule's inner split; anything else of 3+ dimensions is kept per index."""
+    experts = bool(split and split.startswith("experts/")) and len(shape) >= 2
+    inner = split.partition("/")[2] if experts else ""
+    if not experts and len(shape) < 3:  # an experts rule on a tensor of the wrong rank: keep it whole
+        return [
+            Part(name, name, layer, block, matrix if matrix in _KNOWN else "other", None, False, None, None)
+        ]
+    pieces = _split(inner, shape[1:], layout) if inner else []
+    if not pieces:
+        pieces = [("", None, False, None, None)]
+    whole = matrix if matrix in _KNOWN else "other"
+    return [
+        Part(
+            f"{name}[{i}]{piece[0]}",
+            name,
+            layer,
+            block,
+            "bias" if matrix == "bias" else (piece[1] or whole),
+            i if experts or "experts" in name else None,
+            piece[2],
+            piece[3],
+            None,
+            i,
+            piece[5] if len(piece) > 5 else None,
+        )
+        for i in range(shape[0])
+        for piece in pieces
     ]

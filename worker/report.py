@@ -31,8 +31,16 @@ def _grouped(title: str, groups: list[dict], key: str) -> str:
 
 
 def _skipped(doc: dict) -> str:
-    parts = [f"{len(v)} {k.replace('_', ' ')}" for k, v in doc.get("skipped", {}).items() if v]
-    return "skipped: " + (", ".join(parts) if parts else "none")
+    skipped = doc.get("skipped", {})
+    parts = [f"{len(v)} {k.replace('_', ' ')}" for k, v in skipped.items() if v and k != "resized"]
+    notes = [f"note: {n}" for n in doc.get("notes", [])]  # e.g. a trainer checkpoint's optimizer left out
+    resized = [  # compared on the rows all inputs share: not skipped
+        f"resized: {r['name']} ({' vs '.join('x'.join(map(str, s)) for s in r['shapes'])}): "
+        f"first {r['compared_rows']:,} rows compared, the extra rows not"
+        for r in skipped.get("resized", [])
+    ]
+    warnings = [f"warning: {w['message']}" for w in doc.get("warnings", [])]
+    return "\n".join(["skipped: " + (", ".join(parts) if parts else "none"), *resized, *notes, *warnings])
 
 
 def pair_summary(doc: dict) -> str:

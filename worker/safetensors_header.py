@@ -125,7 +125,9 @@ def read_header(
     return tensors, metadata
 
 
-def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+def check_name(path, name: str) -> str:
+    """Hold a tensor name (from a header, a pickle or DCP metadata) to the name rules; the name as it
+    may be shown in a message."""
     shown = name if len(name) <= 80 else name[:77] + "..."
     if len(name) > MAX_NAME_LENGTH:
         raise InputError(path, f"tensor name longer than {MAX_NAME_LENGTH} characters: {shown!r}")
@@ -133,6 +135,11 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
         raise InputError(
             path, f"tensor name {shown!r} holds markup, quotes, control characters or a '..' segment"
         )
+    return shown
+
+
+def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+    shown = check_name(path, name)
     if not isinstance(entry, dict):
         raise InputError(path, f"tensor {shown!r}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")

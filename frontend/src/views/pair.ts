@@ -133,6 +133,7 @@ export async function renderPair(ctx: Context): Promise<void> {
       `pair analysis ${id} · ${summary.family} family · ${int(s.numel)} parameters compared · `,
       h("a", { href: `/compare?ids=${id}`, "data-link": true }, "compare with other analyses"),
     ),
+    ...warningNotice(summary),
     h(
       "div",
       { class: "cards" },
@@ -244,4 +245,19 @@ async function openCell(ctx: Context, id: string, layer: number | null, matrix: 
   const tensors = await get<TensorRow[]>(`/api/analyses/${id}/tensors`);
   const hit = tensors.find((t) => t.layer === layer && t.matrix === matrix)?.name;
   if (hit) ctx.navigate(withState(ctx.state, { view: "tensor", tensor: hit }));
+}
+
+// `warnings` ({code, message}: a dtype change between base and target, a tied head read from the
+// embedding) is an extra field of the result document (docs/results.md): shown as a small notice.
+function warningNotice(summary: object): HTMLElement[] {
+  const warnings = (summary as { warnings?: { code: string; message: string }[] }).warnings ?? [];
+  if (!warnings.length) return [];
+  return [
+    h(
+      "div",
+      { class: "panel warning", role: "note", id: "warnings" },
+      h("strong", {}, "Read with care: "),
+      h("ul", {}, ...warnings.map((w) => h("li", { "data-code": w.code }, w.message))),
+    ),
+  ];
 }
