@@ -130,12 +130,12 @@ class Child:
     def __init__(self, role: str, command: list[str], env: dict, pool_pids: Path | None = None):
         self.role, self.command, self.env, self.pool_pids = role, command, env, pool_pids
         self.proc: subprocess.Popen | None = None
-        self.restarts, self.backoff = 0, 1.0
+        self.started, self.backoff = 0.0, 0.0
 
     def start(self) -> Child:
         if self.pool_pids is not None:
             shutil.rmtree(self.pool_pids, ignore_errors=True)
-        self.proc = subprocess.Popen(self.command, env=self.env)
+        self.proc, self.started = subprocess.Popen(self.command, env=self.env), time.monotonic()
         return self
 
     def pool(self) -> dict[int, bool]:
@@ -155,9 +155,9 @@ class Child:
     def restart(self, reason: str) -> None:
         print(f"deltalens: the {self.role} {reason}; starting it again", file=sys.stderr, flush=True)
         self.stop(grace=5)
-        time.sleep(min(self.backoff, 30))
-        self.backoff = 1.0 if self.restarts == 0 else self.backoff * 2
-        self.restarts += 1
+        # one that keeps dying at once starts again after 1, 2, 4 … 30 s; one that ran a minute, at once
+        self.backoff = 0.0 if time.monotonic() - self.started > 60 else min(max(1.0, 2 * self.backoff), 30.0)
+        time.sleep(self.backoff)
         self.start()
 
     def stop(self, grace: float = 20) -> None:
