@@ -50,6 +50,7 @@ CHECKPOINT_FIELDS = ("id", "name", "source", "path", "files", "bytes", "sha256",
 # tensor_key = '<analysis id>/<name>', with an ART index: a one-matrix lookup on that single key
 # is ~1 ms, where filtering analysis_id and name scans every stored update map (~10 ms).
 KEYED = ("tensors", "changed", "histograms", "spectra", "update_maps")
+QUERY_ARTIFACT_TABLES = "SELECT table_name FROM duckdb_tables() WHERE database_name = 'artifact'"
 
 
 def _checkpoint_row(r: dict) -> dict:
@@ -248,8 +249,11 @@ class Catalog:
             self.db.execute(f"ATTACH '{quoted}' AS artifact (READ_ONLY)")
             try:
                 self.db.execute("BEGIN")
+                held = {r[0] for r in self.db.execute(QUERY_ARTIFACT_TABLES).fetchall()}
                 for i, table in enumerate(TABLES):
                     self.db.execute(f"DELETE FROM {table} WHERE analysis_id = ?", [jid])
+                    if table not in held:  # an artifact written before this table existed
+                        continue
                     key = ", analysis_id || '/' || name" if table in KEYED else ""
                     self.db.execute(
                         f"INSERT INTO {table} SELECT *{key} FROM artifact.{table} WHERE analysis_id = ?",

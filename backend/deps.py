@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hmac
+import threading
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
 from deltalens.backend.catalog import Catalog
+from deltalens.backend.downloads import Downloads
 from deltalens.backend.errors import ApiError
 from deltalens.backend.jobs import Jobs
 from deltalens.backend.uploads import Uploads
@@ -30,6 +32,18 @@ def get_uploads(request: Request) -> Uploads:
     return request.app.state.uploads
 
 
+_DOWNLOADS = threading.Lock()
+
+
+def get_downloads(request: Request) -> Downloads:
+    """Hub downloads: made on first use, so that no thread runs until one is asked for."""
+    state = request.app.state
+    with _DOWNLOADS:
+        if getattr(state, "downloads", None) is None:
+            state.downloads = Downloads(state.settings, state.catalog)
+        return state.downloads
+
+
 def require_token(
     settings: Annotated[Settings, Depends(get_settings)],
     authorization: Annotated[str | None, Header()] = None,
@@ -46,4 +60,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
 UploadsDep = Annotated[Uploads, Depends(get_uploads)]
+DownloadsDep = Annotated[Downloads, Depends(get_downloads)]
 WriteAccess = [Depends(require_token)]

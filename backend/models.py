@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, model_validator
 
 from deltalens.worker.contract import DEFAULT_TAU, Kind, Mode, Status, check_tau
 
@@ -52,11 +52,41 @@ class Redelivered(BaseModel):
 
 # --- checkpoints and uploads ---------------------------------------------------------------------
 class PathIn(BaseModel):
-    path: str = Field(
+    """Exactly one of `path` (registered at once: 201) or `hub` (downloaded in the background: 202)."""
+
+    path: str | None = Field(
+        None,
         description="a checkpoint folder or .safetensors file under DELTALENS_ALLOWED_ROOTS",
         max_length=4096,
         pattern=r"^[^\x00]*$",
     )
+    hub: str | None = Field(
+        None,
+        description="a model on the Hugging Face hub: org/name[@revision] (branch, tag or 40-hex commit)",
+        max_length=400,
+        examples=["org/name@main"],
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> PathIn:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of path or hub")
+        return self
+
+
+class DownloadOut(BaseModel):
+    """A hub download (`POST /api/checkpoints {"hub"}`), followed with `GET /api/downloads/{id}`."""
+
+    id: str
+    hub: str = Field(description="org/name")
+    revision: str = Field(description="branch, tag or commit asked for")
+    state: Literal["queued", "downloading", "done", "failed"]
+    done_bytes: int
+    total_bytes: int = Field(description="grows once a sharded checkpoint's index is read")
+    files_done: int
+    files_total: int
+    checkpoint: str | None = Field(description="the registered checkpoint's id, once done")
+    error: ErrorOut | None = Field(description="why it failed")
 
 
 class FileIn(BaseModel):
@@ -98,7 +128,9 @@ class CheckpointFile(BaseModel):
 class CheckpointOut(BaseModel):
     id: str
     name: str
-    source: Literal["upload", "path"] = Field(description="uploaded, or registered from a server path")
+    source: Literal["upload", "path", "hub"] = Field(
+        description="uploaded, registered from a server path, or downloaded from the Hugging Face hub"
+    )
     path: str = Field(description="where the checkpoint lies on the server")
     files: list[CheckpointFile]
     bytes: int = Field(description="total size of its files")
@@ -166,6 +198,36 @@ Skipped = Annotated[
         description="tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty"
     ),
 ]
+
+
+class Notice(BaseModel):
+    code: str = Field(description="dtype_change | tied_embedding | ...")
+    message: str
+
+
+class AdapterModule(BaseModel):
+    """The exact ΔW = scale·B·A of one adapted module (before rounding to the base dtype)."""
+
+    name: str
+    r: int
+    alpha: float
+    scale: float = Field(description="α/r, or α/√r with rsLoRA")
+    numel: int
+    changed: list[TauCount] = Field(description="entries of the exact ΔW above τ")
+    norm_delta: float
+    rank: int | None = None
+    full_rank: int | None = None
+    singular_values: list[float] | None = None
+
+
+class AdapterFigures(BaseModel):
+    input: int = Field(description="which input is the adapter (1 = the target)")
+    adapter: str
+    r: int
+    alpha: float
+    use_rslora: bool
+    replaced: list[str] = Field(description="base tensors the adapter saves whole (modules_to_save)")
+    modules: list[AdapterModule]
 
 
 class TensorRow(Open):
@@ -274,7 +336,16 @@ class OverlapTensor(TensorRow, OverlapFigures):
     pass
 
 
-class PairHead(Open):
+class Reported(Open):
+    """What every document says about how it was read."""
+
+    warnings: list[Notice] = Field(
+        default=[], description="what makes the counts mean less than they seem (dtype changes, ties)"
+    )
+    notes: list[str] = Field(default=[], description="what was read how, and what was left out")
+
+
+class PairHead(Reported):
     kind: Literal["pair"]
     base: str
     target: str
@@ -283,9 +354,12 @@ class PairHead(Open):
     family: str
     summary: PairFigures
     skipped: Skipped
+    adapters: list[AdapterFigures] | None = Field(
+        default=None, description="exact ΔW figures of each LoRA adapter input (absent when none)"
+    )
 
 
-class SeriesHead(Open):
+class SeriesHead(Reported):
     kind: Literal["series"]
     base: str
     checkpoints: list[str] = Field(description="θ1 … θT, the last one final")
@@ -298,7 +372,7 @@ class SeriesHead(Open):
     skipped: Skipped
 
 
-class OverlapHead(Open):
+class OverlapHead(Reported):
     kind: Literal["overlap"]
     base: str
     runs: list[str]

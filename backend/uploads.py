@@ -424,10 +424,10 @@ def validate_checkpoint(path: Path, settings: Settings, roots: list[Path]) -> di
     (the API never imports torch). Raises InputError (Unconfined for a symlink out) or ApiError."""
     from deltalens.worker.checkpoint import (
         check_pickled,
+        check_readable,
         checkpoint_files,
         confined,
         is_pickled,
-        open_checkpoint,
         pin_checkpoint,
     )
 
@@ -444,7 +444,7 @@ def validate_checkpoint(path: Path, settings: Settings, roots: list[Path]) -> di
         if pickled:
             check_pickled(path, roots)
         else:  # headers (the configured limit), index confinement, shards present, index names held
-            open_checkpoint(path, max_header=settings.max_header_bytes)
+            check_readable(path, max_header=settings.max_header_bytes)
     return pins
 
 

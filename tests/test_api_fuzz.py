@@ -110,6 +110,10 @@ def real_data(client: httpx.Client, base: Path, target: Path, series: list[Path]
         what="the mask job",
     )
     assert status["status"] == "done", status
+    # a hub download (offline here: HF_HUB_OFFLINE=1 from conftest, so it fails at once, never the network)
+    r = client.post("/api/checkpoints", json={"hub": "org/name@main"})
+    assert r.status_code == 202, r.text
+    download = r.json()["id"]
     weights = next(base.glob("*.safetensors"))
     r = client.post(
         "/api/uploads",
@@ -145,6 +149,7 @@ def real_data(client: httpx.Client, base: Path, target: Path, series: list[Path]
         "analyses": submitted,
         "tensor": tensor,
         "mask": mask,
+        "download": download,
         "upload": sid,
         "complete_upload": r.json()["id"],
         "file": weights.name,
@@ -162,6 +167,7 @@ def real_path_parameters(operation, real: dict) -> list[dict]:
         "cid": real["checkpoints"][:2],
         "sid": [real["upload"]],
         "mid": [real["mask"]],
+        "did": [real["download"]],
         "name": [real["tensor"]]
         if operation.path.startswith("/api/analyses")
         else [real["file"], "config.json"],

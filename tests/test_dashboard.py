@@ -235,3 +235,43 @@ def test_names_are_text_in_charts(site, browser, family_pair):
     assert page.locator(".plot svg a").count() == 0
     assert not page.errors, page.errors
     context.close()
+
+
+def test_adapter_figures_on_the_pair_page(site, browser, family_pair):
+    """A LoRA adapter registered next to its base (the New page's path field, through the API): the
+    pair page shows one row per adapted module with the exact ΔW counts of the result document."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = family_pair("llama")[0]
+    adapter = base.parent / "adapter"
+    if not adapter.exists():
+        model = peft.get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16),
+            peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8),
+        )
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(adapter)
+    client = httpx.Client(base_url=site, timeout=30)
+    ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in (base, adapter)]
+    aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
+    assert wait_done(client, aid)["status"] == "done"
+    (figures,) = client.get(f"/api/analyses/{aid}/summary").json()["adapters"]
+    context, page = new_page(browser)
+    page.goto(f"{site}/analyses/{aid}")
+    rows = page.locator("#adapter-figures tbody tr")
+    rows.first.wait_for()
+    assert rows.count() == len(figures["modules"]) > 0
+    first = figures["modules"][0]
+    cells = rows.first.locator("td").all_inner_texts()
+    assert cells[0] == first["name"] and cells[1] == str(first["r"]) == "4"
+    assert cells[3] == f"{first['changed'][0]['count']:,}"
+    assert cells[6] == f"{first['rank']} / {first['full_rank']}"
+    shot(page, "pair-adapter")
+    assert not page.errors, page.errors
+    context.close()

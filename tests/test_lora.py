@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 import torch
@@ -129,7 +130,7 @@ def test_bf16_rounding_is_nearest_even():
 def test_adapter_pair_counts_equal_float64_reference(tmp_path, lora, which):
     base, plain, rs = lora
     adapter = plain if which == "plain" else rs
-    doc = _analyze(tmp_path, "analyze", str(base), str(adapter))
+    doc = _analyze(tmp_path, "analyze", str(base), str(adapter), "--out", str(tmp_path / "r.duckdb"))
     ref = _reference(base, adapter)
     b = {k: v.double().numpy() for k, v in _base_tensors(base).items()}
     rows = {t["name"]: t for t in doc["tensors"]}
@@ -167,6 +168,14 @@ def test_adapter_pair_counts_equal_float64_reference(tmp_path, lora, which):
         sigma = np.linalg.svd(delta, compute_uv=False)
         assert m["rank"] == r == a.shape[0]
         np.testing.assert_allclose(m["singular_values"], sigma[:r], rtol=1e-9)
+    with duckdb.connect(str(tmp_path / "r.duckdb"), read_only=True) as con:  # the same figures, as rows
+        stored = con.execute(
+            "SELECT name, run, r, taus, counts, norm_delta, rank FROM adapter_modules ORDER BY name"
+        ).fetchall()
+    assert stored == [
+        (n, 1, m["r"], TAUS, [c["count"] for c in m["changed"]], m["norm_delta"], m["rank"])
+        for n, m in sorted(modules.items())
+    ]
     if which == "rs":
         assert modules["model.layers.0.self_attn.v_proj.weight"]["r"] == 2
         assert modules["model.layers.1.mlp.down_proj.weight"]["scale"] == pytest.approx(3 / 2)

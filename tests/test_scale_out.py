@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import pytest
@@ -56,6 +57,42 @@ def sharded_pair(tmp_path_factory):
     return root / "base", root / "target"
 
 
+@pytest.fixture(scope="module")
+def tied_and_adapter(tmp_path_factory, sharded_pair):
+    """Two inputs a fanned-out part must not lose: a target that stores an output head the sharded
+    base reads from its tied embedding, and a LoRA adapter (q_proj, r = 4) over the sharded base."""
+    base, _ = sharded_pair
+    root = tmp_path_factory.mktemp("tied")
+    g = torch.Generator().manual_seed(5)
+    tied_base = root / "tied-base"
+    shutil.copytree(base, tied_base)
+    embed = torch.randn(96, SIZE, generator=g).bfloat16()
+    save_file({"model.embed_tokens.weight": embed}, tied_base / "model-embed.safetensors")
+    index = json.loads((tied_base / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.embed_tokens.weight"] = "model-embed.safetensors"
+    (tied_base / "model.safetensors.index.json").write_text(json.dumps(index))
+    (root / "untied").mkdir()
+    moved = (embed.float() + 1e-2 * torch.randn(embed.shape, generator=g)).bfloat16()
+    save_file(
+        {"model.embed_tokens.weight": embed, "lm_head.weight": moved}, root / "untied" / "model.safetensors"
+    )
+    adapter = root / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    )
+    prefix = "base_model.model.model.layers"
+    save_file(
+        {
+            f"{prefix}.{i}.self_attn.q_proj.lora_{ab}.weight": 0.05 * torch.randn(shape, generator=g)
+            for i in range(LAYERS)
+            for ab, shape in (("A", (4, SIZE)), ("B", (SIZE, 4)))
+        },
+        adapter / "adapter_model.safetensors",
+    )
+    return (tied_base, root / "untied"), (base, adapter)
+
+
 def test_shard_groups_are_whole_shards_balanced(sharded_pair):
     base, _ = sharded_pair
     groups = shard_groups(base, 2)
@@ -66,9 +103,13 @@ def test_shard_groups_are_whole_shards_balanced(sharded_pair):
     assert len(shard_groups(base, 8)) == SHARDS and shard_groups(base, 1) == []
 
 
-def test_fanned_out_analysis_equals_the_single_worker_run(tmp_path, sharded_pair):
-    base, target = sharded_pair
-    single = run_analysis("pair", [str(base), str(target)], Options(taus=[1e-5, 1e-3], device="cpu")).document
+def test_fanned_out_analysis_equals_the_single_worker_run(tmp_path, sharded_pair, tied_and_adapter):
+    pairs = [sharded_pair, *tied_and_adapter]
+    singles = [
+        run_analysis("pair", [str(b), str(t)], Options(taus=[1e-5, 1e-3], device="cpu")).document
+        for b, t in pairs
+    ]
+    base = sharded_pair[0]
     redis = Redis(tmp_path / "redis")
     with running(redis):
         env = service_env(
@@ -76,7 +117,7 @@ def test_fanned_out_analysis_equals_the_single_worker_run(tmp_path, sharded_pair
             f"{redis.url}/0",
             f"{redis.url}/1",
             "scale",
-            [base.parent],
+            [base.parent, tied_and_adapter[0][0].parent],
             DELTALENS_FANOUT="4",
         )
         workers = [Worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
@@ -84,17 +125,27 @@ def test_fanned_out_analysis_equals_the_single_worker_run(tmp_path, sharded_pair
             running(*workers, Api(env, tmp_path / "api.log")) as (*_, api),
             httpx.Client(base_url=api.url, timeout=30) as client,
         ):
-            ids = [
-                client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in (base, target)
-            ]
-            aid = client.post(
-                "/api/analyses", json={"kind": "pair", "checkpoints": ids, "taus": [1e-5, 1e-3]}
-            ).json()["id"]
-            status = wait_done(client, aid, 300)
-            doc = client.get(f"/api/analyses/{aid}/result").json()
-    assert status["status"] == "done", status
-    assert status["detail"]["parts"] == SHARDS
-    assert len({p["worker"] for p in status["detail"]["workers"]}) == 2  # both worker processes took parts
-    assert sum(p["matrices"] for p in status["detail"]["workers"]) == len(single["tensors"])
-    assert doc["tensors"] == single["tensors"]  # every figure of every matrix, in the same order
-    assert doc["summary"] == single["summary"] and doc["skipped"] == single["skipped"]
+            aids = []
+            for pair in pairs:
+                answers = [client.post("/api/checkpoints", json={"path": str(p)}).json() for p in pair]
+                assert all("id" in a for a in answers), answers
+                ids = [a["id"] for a in answers]
+                aids.append(
+                    client.post(
+                        "/api/analyses", json={"kind": "pair", "checkpoints": ids, "taus": [1e-5, 1e-3]}
+                    ).json()["id"]
+                )
+            statuses = [wait_done(client, aid, 300) for aid in aids]
+            docs = [client.get(f"/api/analyses/{aid}/result").json() for aid in aids]
+    for status, doc, single in zip(statuses, docs, singles):
+        assert status["status"] == "done", status
+        assert status["detail"]["parts"] >= 2
+        assert sum(p["matrices"] for p in status["detail"]["workers"]) == len(single["tensors"])
+        assert doc["tensors"] == single["tensors"]  # every figure of every matrix, in the same order
+        for key in ("summary", "skipped", "warnings", "notes", "adapters"):
+            assert doc.get(key) == single.get(key), key
+    assert statuses[0]["detail"]["parts"] == SHARDS
+    assert len({p["worker"] for p in statuses[0]["detail"]["workers"]}) == 2  # both workers took parts
+    assert docs[1]["tensors"][-1]["tied_to"] == "model.embed_tokens.weight"  # the target-only head
+    assert [w["code"] for w in docs[1]["warnings"]] == ["tied_embedding"]
+    assert len(docs[2]["adapters"][0]["modules"]) == LAYERS  # exact ΔW figures of the adapter

@@ -254,27 +254,29 @@ def _resolve(base_names: set[str], key: str) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def open_adapter(path: Path, base: ck.Checkpoint | None, max_header: int | None = None) -> ck.Checkpoint:
-    """The merged model of the adapter in `path` on `base` (None: its `base_model_name_or_path`, when
-    that is a local checkpoint)."""
+@dataclass
+class Parsed:
+    """An adapter folder read on its own: config, weights file, and its tensors sorted into LoRA
+    factors per module and whole saved tensors (keyed by the base name they replace, unresolved)."""
+
+    config: LoraConfig
+    weights: Path
+    reader: object
+    modules: dict[str, dict]  # module key -> {"A": name, "B": name, "emb": bool, "bias": name}
+    saved: dict[str, str]  # base tensor key -> adapter tensor name
+
+
+def parse(path: Path, max_header: int | None = None) -> Parsed:
+    """Everything about an adapter that can be checked without its base (what registering it in the
+    service validates): config, headers, factor names, factor shapes against r."""
     _refuse_full_weights(path)
     opened: dict = {}
     config = read_config(path, opened)
     weights = _weights_file(path)
-    if base is None:
-        where = config.base_model
-        if not where or not Path(where).exists():
-            shown = f"its base {where!r} is not a local path" if where else "it names no base model"
-            raise InputError(
-                path, f"LoRA adapter: {shown}; name the base checkpoint first (deltalens analyze BASE {path})"
-            )
-        base = ck.open_checkpoint(where, max_header)
     adapter = ck._open_file(weights, opened, max_header)
     ck._verify_pin(path, opened)
-    base_names = set(base.names())
-    files = dict(base.files)
-    modules: dict[str, dict] = {}  # module key -> {"A": name, "B": name, "emb": bool, "bias": name}
-    replaced: dict[str, str] = {}  # base name -> adapter tensor name
+    modules: dict[str, dict] = {}
+    saved: dict[str, str] = {}
     for stored in adapter.infos:
         key = stored[len(PREFIX) :] if stored.startswith(PREFIX) else stored
         if "lora_magnitude_vector" in key:
@@ -290,12 +292,44 @@ def open_adapter(path: Path, base: ck.Checkpoint | None, max_header: int | None 
             raise InputError(weights, f"tensor {stored!r} is not a LoRA factor deltalens knows")
         else:
             hit = _SAVED.match(key)
-            target = f"{hit['mod']}.{hit['leaf']}" if hit else key
-            replaced[_resolve(base_names, target) or target] = stored
+            saved[f"{hit['mod']}.{hit['leaf']}" if hit else key] = stored
+    for mod, entry in modules.items():
+        if ("A" in entry) != ("B" in entry):
+            raise InputError(weights, f"LoRA module {mod!r} lacks its lora_{'B' if 'A' in entry else 'A'}")
+        if "A" in entry:
+            a, b = adapter.meta(entry["A"]).shape, adapter.meta(entry["B"]).shape
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+                raise InputError(weights, f"LoRA module {mod!r}: A {list(a)} and B {list(b)} do not multiply")
+            r = config.scale_for(mod)[0]
+            if a[0] != r:
+                raise InputError(
+                    weights, f"LoRA module {mod!r}: A has {a[0]} rows but r = {r} in {ADAPTER_CONFIG}"
+                )
+    if not modules and not saved:
+        raise InputError(weights, "holds no LoRA factors and no saved modules")
+    return Parsed(config, weights, adapter, modules, saved)
+
+
+def open_adapter(path: Path, base: ck.Checkpoint | None, max_header: int | None = None) -> ck.Checkpoint:
+    """The merged model of the adapter in `path` on `base` (None: its `base_model_name_or_path`, when
+    that is a local checkpoint)."""
+    parsed = parse(path, max_header)
+    config, weights, adapter = parsed.config, parsed.weights, parsed.reader
+    if base is None:
+        where = config.base_model
+        if not where or not Path(where).exists():
+            shown = f"its base {where!r} is not a local path" if where else "it names no base model"
+            raise InputError(
+                path, f"LoRA adapter: {shown}; name the base checkpoint first (deltalens analyze BASE {path})"
+            )
+        base = ck.open_checkpoint(where, max_header)
+    base_names = set(base.names())
+    files = dict(base.files)
+    replaced = {_resolve(base_names, key) or key: stored for key, stored in parsed.saved.items()}
     for name, stored in replaced.items():
         files[name] = _Renamed(adapter, stored)
     merged: list[Module] = []
-    for mod, entry in modules.items():
+    for mod, entry in parsed.modules.items():
         for leaf in ("weight", "bias"):
             if leaf == "bias" and "bias" not in entry:
                 continue
@@ -316,18 +350,8 @@ def open_adapter(path: Path, base: ck.Checkpoint | None, max_header: int | None 
                     )
                 merged.append(Module(name, source, name, "", "", r, alpha, scale, False, entry["bias"]))
                 continue
-            if "A" not in entry or "B" not in entry:
-                raise InputError(
-                    weights, f"LoRA module {mod!r} lacks its lora_{'B' if 'A' in entry else 'A'}"
-                )
             a, b = adapter.meta(entry["A"]).shape, adapter.meta(entry["B"]).shape
             transpose = entry.get("emb", False) or config.fan_in_fan_out
-            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-                raise InputError(weights, f"LoRA module {mod!r}: A {list(a)} and B {list(b)} do not multiply")
-            if a[0] != r:
-                raise InputError(
-                    weights, f"LoRA module {mod!r}: A has {a[0]} rows but r = {r} in {ADAPTER_CONFIG}"
-                )
             product = (a[1], b[0]) if transpose else (b[0], a[1])
             if tuple(meta.shape) != product:
                 raise InputError(
@@ -335,8 +359,6 @@ def open_adapter(path: Path, base: ck.Checkpoint | None, max_header: int | None 
                     f"LoRA module {mod!r}: B·A is {list(product)}, the base {name!r} is {list(meta.shape)}",
                 )
             merged.append(Module(name, source, name, entry["A"], entry["B"], r, alpha, scale, transpose))
-    if not merged and not replaced:
-        raise InputError(weights, "holds no LoRA factors and no saved modules")
     for module in merged:
         files[module.name] = _Merged(module, adapter)
     result = ck.Checkpoint(path, files=files, config=base.config)
@@ -419,6 +441,10 @@ def exact_figures(checkpoint: ck.Checkpoint, taus: list[float], relative: bool) 
 def annotate(document: dict, checkpoints: list, taus: list[float], relative: bool) -> None:
     """Add `adapters` (exact ΔW figures of every LoRA input, each against the plain base) to a
     pair document; nothing when no input is an adapter."""
-    found = [exact_figures(c, taus, relative) for c in checkpoints if getattr(c, "adapter", None)]
+    found = [
+        {"input": i, **exact_figures(c, taus, relative)}
+        for i, c in enumerate(checkpoints)
+        if getattr(c, "adapter", None)
+    ]
     if found:
         document["adapters"] = found

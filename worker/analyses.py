@@ -39,6 +39,7 @@ class Options:
     fused: bool | None = None  # pair on CPU: one-pass C kernel (None: when available)
     progress: Progress | None = None
     names: list[str] | None = None  # only these tensors (one part of a fanned-out analysis)
+    unstored: bool = False  # with `names`: also the aligned tensors the base does not store (tied heads)
 
     def resolved_device(self) -> str:
         if self.device in (None, "auto"):
@@ -331,7 +332,7 @@ class _Stream:
                     else [rows, cols]
                     if (part.segments or part.transpose or part.stride)
                     else list(meta.shape[part.index is not None :]),
-                    meta.dtype,
+                    meta.stored or meta.dtype,
                     result,
                 )
             del tensors
@@ -345,7 +346,7 @@ class _Stream:
         """Row fields for inputs that differ in how they store a tensor: `dtypes` (one per input,
         base first) when they differ, `tied_to` when some input reads it from its embedding."""
         out = {}
-        dtypes = [c.meta(name).dtype for c in self.checkpoints]
+        dtypes = [(m := c.meta(name)).stored or m.dtype for c in self.checkpoints]  # fp8 read as F64: fp8
         if len(set(dtypes)) > 1:
             out["dtypes"] = dtypes
         tied = [c.alias[name] for c in self.checkpoints if name in getattr(c, "alias", {})]
@@ -386,8 +387,8 @@ def _open_all(paths: list[str], opts: Options, fused_ok: bool = False) -> tuple[
     checkpoints = _tie(open_checkpoints(paths))  # a LoRA adapter after the base is merged onto it
     names, skipped, shared_rows = _align(checkpoints, [str(p) for p in paths])
     if opts.names is not None:
-        wanted = set(opts.names)
-        names = [n for n in names if n in wanted]
+        wanted, stored = set(opts.names), set(checkpoints[0].names())
+        names = [n for n in names if n in wanted or (opts.unstored and n not in stored)]
     config = next((c.config for c in checkpoints if c.config), {})
     device = opts.resolved_device()
     return checkpoints, _Stream(

@@ -236,6 +236,7 @@ class Meta:
     shape: tuple[int, ...]
     dtype: str  # safetensors spelling: BF16, F32, ...
     nbytes: int
+    stored: str | None = None  # what the file stores when `dtype` is a view of it (fp8 read as F64)
 
 
 class SafetensorsFile:
@@ -806,7 +807,8 @@ def _sharded(
 
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-PREFER_CHOICES = ("safetensors", "bin", "dcp")
+PREFER_CHOICES = ("safetensors", "bin", "dcp", "module", "fp32")
+PREFER_SETS = {"module": "deepspeed", "fp32": "deepspeed"}  # DeepSpeed: module weights or fp32 masters
 _PREFER: ContextVar[str | None] = ContextVar("deltalens_prefer", default=None)
 
 
@@ -838,15 +840,37 @@ def _weight_sets(folder: Path) -> dict[str, Path]:
             sets[kind] = found
     if is_dcp(folder):
         sets["dcp"] = folder / DCP_METADATA
+    from deltalens.worker import trainer_folders  # DeepSpeed and verl training folders
+
+    sets.update(trainer_folders.weight_sets(folder))
     return sets
 
 
+def _preferred_set() -> str | None:
+    """The kind of weight set `--prefer` asks for (module / fp32: the DeepSpeed set)."""
+    kind = _PREFER.get()
+    return PREFER_SETS.get(kind, kind)
+
+
+def _chosen_set(folder: Path) -> tuple[str, Path] | None:
+    """(kind, anchor) of the weight set a folder is read through; two without `--prefer` are refused."""
+    sets, kind = _weight_sets(folder), _preferred_set()
+    if len(sets) > 1 and kind not in sets:
+        choices = [c for c in PREFER_CHOICES if PREFER_SETS.get(c, c) in sets]
+        raise InputError(
+            folder,
+            f"holds {len(sets)} weight sets ({' and '.join(p.name for p in sets.values())}): cannot tell "
+            f"which is the model; pass --prefer {'|'.join(choices)}",
+        )
+    return (kind, sets[kind]) if len(sets) > 1 else next(iter(sets.items()), None)
+
+
 def _prefer_notes(folder: Path) -> list[str]:
-    sets, kind = _weight_sets(folder), _PREFER.get()
+    sets, kind = _weight_sets(folder), _preferred_set()
     if len(sets) < 2 or kind not in sets:
         return []
     left = [p.name for k, p in sets.items() if k != kind]
-    return [f"{folder.name}: {sets[kind].name} read (--prefer {kind}); ignored: {', '.join(left)}"]
+    return [f"{folder.name}: {sets[kind].name} read (--prefer {_PREFER.get()}); ignored: {', '.join(left)}"]
 
 
 def _directory_files(
@@ -854,15 +878,12 @@ def _directory_files(
 ) -> dict[str, Path] | list[Path]:
     """Either {tensor: shard} from an index, or the list of weight files to read whole (a DCP
     directory: its `.metadata` first, then its `.distcp` files)."""
-    sets = _weight_sets(folder)
-    if len(sets) > 1 and _PREFER.get() not in sets:
-        raise InputError(
-            folder,
-            f"holds {len(sets)} weight sets ({' and '.join(p.name for p in sets.values())}): cannot tell "
-            f"which is the model; pass --prefer {'|'.join(sets)}",
-        )
-    chosen = sets.get(_PREFER.get()) if len(sets) > 1 else next(iter(sets.values()), None)
+    kind, chosen = _chosen_set(folder) or (None, None)
     if chosen is not None:
+        from deltalens.worker import trainer_folders
+
+        if kind in trainer_folders.KINDS:
+            return trainer_folders.folder_files(kind, chosen, opened)
         if chosen.name in INDEX_NAMES:
             return _sharded(folder, chosen, opened)
         if chosen.name == DCP_METADATA:
@@ -902,6 +923,18 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
+def check_readable(path: str | os.PathLike, max_header: int | None = None) -> None:
+    """Open a checkpoint as a worker will, on its own: a LoRA adapter folder is checked without its
+    base (config, headers, factor shapes; the base is registered and checked as a checkpoint of its
+    own), anything else is opened whole (headers, index, shards, pickles)."""
+    from deltalens.worker import adapters
+
+    if adapters.is_adapter(Path(path)):
+        adapters.parse(Path(path), max_header)
+    else:
+        open_checkpoint(path, max_header)
+
+
 def open_checkpoints(paths: list, max_header: int | None = None) -> list[Checkpoint]:
     """Base first, then the others; a LoRA adapter folder after the base is merged onto it (onto the
     base's own base when the base is an adapter too), see worker/adapters.py."""
@@ -922,6 +955,10 @@ def open_checkpoint(
 
     if adapters.is_adapter(path):
         return adapters.open_adapter(path, base, max_header)
+    from deltalens.worker import trainer_folders
+
+    if path.is_dir() and (chosen := _chosen_set(path)) is not None and chosen[0] in trainer_folders.KINDS:
+        return trainer_folders.open_folder(path, *chosen)
     opened: dict[Path, os.stat_result] = {}  # every file read, as stat'ed through its own descriptor
     if path.is_dir():
         found = _directory_files(path, opened)
@@ -950,7 +987,9 @@ def open_checkpoint(
         raise InputError(path, "checkpoint holds no tensors")
     for reader in {id(r): r for r in checkpoint.files.values()}.values():
         checkpoint.notes += getattr(reader, "notes", [])
-    return checkpoint
+    from deltalens.worker import quantized  # fp8 weights: code × scale, scales left out
+
+    return quantized.dequantize(checkpoint)
 
 
 # --- pickled uploads, checked without torch in the caller ------------------------------------------
@@ -996,7 +1035,7 @@ def _check_pickled_main(argv: list[str]) -> int:
     path, roots = argv[0], argv[1:]
     try:
         with confined(roots) if roots else contextlib.nullcontext():
-            open_checkpoint(path)
+            check_readable(path)
     except InputError as e:
         print(
             json.dumps(

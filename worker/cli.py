@@ -44,9 +44,17 @@ def _common(p: argparse.ArgumentParser, many_taus: bool) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--prefer",
-        choices=["safetensors", "bin", "dcp"],
+        choices=["safetensors", "bin", "dcp", "module", "fp32"],
         help="a folder holding several weight sets (model.safetensors, pytorch_model.bin, a DCP "
-        "checkpoint): read this one (without it such a folder is refused)",
+        "checkpoint, a DeepSpeed checkpoint): read this one (without it such a folder is refused); "
+        "DeepSpeed: module = its module weights, fp32 = the fp32 master weights (the default when "
+        "its optimizer partitions are there)",
+    )
+    p.add_argument(
+        "--fp8",
+        choices=["dequantized", "raw"],
+        default="dequantized",
+        help="fp8 weights with scales: compare code × scale (default) or the stored fp8 values alone",
     )
 
 
@@ -94,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 class ProgressBar:
     """A tqdm bar over bytes read, created on first use (after validation), only on a terminal."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, desc: str = "comparing"):
         self.enabled = enabled and sys.stderr.isatty()
-        self.bar = None
+        self.bar, self.desc = None, desc
 
     def __call__(self, done: int, total: int, name: str) -> None:
         if not self.enabled:
@@ -112,11 +120,11 @@ class ProgressBar:
                 unit_divisor=1024,
                 file=sys.stderr,
                 leave=False,
-                desc="comparing",
+                desc=self.desc,
                 mininterval=0.25,
                 ncols=width,
             )
-        self.bar.n = done
+        self.bar.n, self.bar.total = done, total  # a download's total grows once its index is read
         self.bar.set_postfix_str(name[-40:], refresh=False)
         self.bar.refresh()
 
@@ -164,9 +172,12 @@ def run(argv: list[str] | None = None) -> int:
     )
     try:
         from deltalens.worker.checkpoint import preferring
+        from deltalens.worker.quantized import fp8_mode
 
-        with preferring(args.prefer):
-            result = run_analysis(kind, paths, opts)
+        local = [_local(p, args.quiet) for p in paths]  # hf://org/name[@rev] -> its snapshot folder
+        with preferring(args.prefer), fp8_mode(args.fp8):
+            result = run_analysis(kind, local, opts)
+        _label_inputs(result.document, dict(zip(local, paths)))
         if args.out:
             from deltalens.worker.store import write_artifact
 
@@ -188,6 +199,31 @@ def run(argv: list[str] | None = None) -> int:
                 f.write(text + "\n")
         print(SUMMARIES[kind](result.document))
     return 0
+
+
+def _label_inputs(document: dict, named: dict[str, str]) -> None:
+    """Name each downloaded input as the user did (hf://org/name@rev), with a note of its folder."""
+    named = {local: given for local, given in named.items() if local != given}
+    if not named:
+        return
+    for key in ("base", "target"):
+        if key in document:
+            document[key] = named.get(document[key], document[key])
+    for key in ("checkpoints", "runs"):
+        if key in document:
+            document[key] = [named.get(p, p) for p in document[key]]
+    document["notes"] = [f"{given}: read from {local}" for local, given in named.items()] + document["notes"]
+
+
+def _local(path: str, quiet: bool) -> str:
+    """A local path for an input: a hub model (worker/hub.py) is downloaded first, with its own bar."""
+    from deltalens.worker import hub
+
+    bar = ProgressBar(enabled=not quiet, desc="downloading")
+    try:
+        return hub.locate(path, progress=lambda s: bar(s.done_bytes, s.total_bytes, s.file))
+    finally:
+        bar.close()
 
 
 def main() -> None:

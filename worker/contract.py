@@ -166,6 +166,12 @@ CREATE TABLE IF NOT EXISTS skipped (
     analysis_id VARCHAR NOT NULL, name VARCHAR NOT NULL,
     reason VARCHAR NOT NULL                  -- only_base | only_target | shape_mismatch | ...
 );
+CREATE TABLE IF NOT EXISTS adapter_modules ( -- exact ΔW = scale·B·A of a LoRA input, per module
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL, -- the input that is the adapter (1 = target)
+    name VARCHAR NOT NULL, r INTEGER NOT NULL, alpha DOUBLE NOT NULL, scale DOUBLE NOT NULL,
+    numel BIGINT NOT NULL, taus DOUBLE[] NOT NULL, counts BIGINT[] NOT NULL, -- |ΔW| > τ (the mode's)
+    norm_delta DOUBLE NOT NULL, rank INTEGER, full_rank INTEGER, sigma DOUBLE[]
+);
 """
 
 TABLES = (
@@ -180,4 +186,5 @@ TABLES = (
     "series_steps",
     "series_categories",
     "skipped",
+    "adapter_modules",
 )

@@ -41,6 +41,7 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
             "series_steps",
             "series_categories",
             "skipped",
+            "adapter_modules",
         )
     }
     rows["analyses"] = [
@@ -120,6 +121,25 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
         _overlap_rows(rows, aid, "*", doc["summary"], total, len(doc["runs"]), taus[0], mode)
     if result.kind == "series":
         _series_rows(rows, aid, "*", doc)
+    for adapter in doc.get("adapters", []):
+        rows["adapter_modules"] += [
+            (
+                aid,
+                adapter["input"],
+                m["name"],
+                m["r"],
+                m["alpha"],
+                m["scale"],
+                m["numel"],
+                [c["tau"] for c in m["changed"]],
+                [c["count"] for c in m["changed"]],
+                m["norm_delta"],
+                m.get("rank"),
+                m.get("full_rank"),
+                m.get("singular_values"),
+            )
+            for m in adapter["modules"]
+        ]
     for reason, entries in doc["skipped"].items():
         rows["skipped"] += [(aid, e if isinstance(e, str) else e["name"], reason) for e in entries]
     return rows

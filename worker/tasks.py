@@ -161,10 +161,11 @@ def unexpected(e: Exception, what: str) -> str:
     return f"the {what} stopped on an unexpected error ({type(e).__name__}); the worker's log has the details"
 
 
-def _options(taus, relative, rank, names=None):
+def _options(taus, relative, rank, names=None, unstored=False):
     from deltalens.worker.analyses import Options
 
-    return Options(taus=taus, relative=relative, rank=rank, device=get_settings().device, names=names)
+    device = get_settings().device
+    return Options(taus=taus, relative=relative, rank=rank, device=device, names=names, unstored=unstored)
 
 
 @celery_app.task(name=ANALYSIS_TASK, bind=True)
@@ -233,6 +234,7 @@ def run_part_task(
         record = {
             "details": result.details,
             "skipped": result.document["skipped"],
+            "notes": result.document["notes"],
             "family": result.family,
             "device": result.device,
             "worker": f"{socket.gethostname()}:{os.getpid()}",
@@ -243,7 +245,10 @@ def run_part_task(
         os.replace(tmp, out)  # a part is there whole or not at all
 
     return {
-        **_run(self, analysis_id, "pair", paths, _options(taus, relative, rank, names), publish, pins),
+        # part 0 also takes the heads the base does not store (read through its tied embedding)
+        **_run(
+            self, analysis_id, "pair", paths, _options(taus, relative, rank, names, part == 0), publish, pins
+        ),
         "part": part,
     }
 
@@ -259,8 +264,9 @@ def merge_parts_task(
     pins: list[dict | None] | None = None,
 ) -> dict:
     """Chord callback: the parts' details in tensor order -> the same artifact one worker would publish."""
+    from deltalens.worker import adapters
     from deltalens.worker.analyses import pair_result
-    from deltalens.worker.checkpoint import open_checkpoint
+    from deltalens.worker.checkpoint import open_checkpoints
     from deltalens.worker.store import write_artifact
 
     artifact = artifact_path(analysis_id)
@@ -273,23 +279,28 @@ def merge_parts_task(
         json.loads((parts_folder(analysis_id) / f"{o['part']}.json").read_text())
         for o in sorted(outcomes, key=lambda o: o["part"])
     ]
-    order = {n: i for i, n in enumerate(parts[0]["order"])} if "order" in parts[0] else None
+    opts = _options(taus, relative, rank)
     try:
         with confinement(paths, pins):
-            base_names = open_checkpoint(paths[0]).names()
+            checkpoints = open_checkpoints(paths)
+            order = {name: i for i, name in enumerate(checkpoints[0].names())}  # the one-pass order
+            details = sorted(  # the heads only a target stores come last, as in one pass
+                (d for p in parts for d in p["details"]),
+                key=lambda d: order.get(d["row"]["source"], len(order)),
+            )
+            result = pair_result(
+                paths[0],
+                paths[1],
+                opts,
+                details,
+                parts[0]["skipped"],
+                parts[0]["family"],
+                parts[0]["device"],
+                notes=parts[0].get("notes"),
+            )
+            adapters.annotate(result.document, checkpoints, opts.taus, opts.relative)
     except InputError as e:
         return input_failure(e)
-    order = {name: i for i, name in enumerate(base_names)}  # the one-pass order
-    details = sorted((d for p in parts for d in p["details"]), key=lambda d: order[d["row"]["source"]])
-    result = pair_result(
-        paths[0],
-        paths[1],
-        _options(taus, relative, rank),
-        details,
-        parts[0]["skipped"],
-        parts[0]["family"],
-        parts[0]["device"],
-    )
     write_artifact(result, artifact, analysis_id)
     shutil.rmtree(parts_folder(analysis_id), ignore_errors=True)
     return {

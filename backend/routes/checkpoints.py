@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
 
-from deltalens.backend.deps import CatalogDep, SettingsDep, UploadsDep, WriteAccess
+from deltalens.backend.deps import CatalogDep, DownloadsDep, SettingsDep, UploadsDep, WriteAccess
 from deltalens.backend.errors import WRITE, ApiError, errors, found, link
-from deltalens.backend.models import CheckpointOut, ChunkOut, Created, PathIn, UploadIn, UploadOut
+from deltalens.backend.models import (
+    CheckpointOut,
+    ChunkOut,
+    Created,
+    DownloadOut,
+    PathIn,
+    UploadIn,
+    UploadOut,
+)
 from deltalens.backend.uploads import register_path
 
 router = APIRouter(prefix="/api", tags=["checkpoints"])
@@ -16,6 +25,9 @@ TO_CHECKPOINT = {
     "GetCheckpoint": link(
         "/api/checkpoints/{cid}", "get", "the registered checkpoint", cid="$response.body#/id"
     )
+}
+TO_DOWNLOAD = {
+    "GetDownload": link("/api/downloads/{did}", "get", "the download's progress", did="$response.body#/id")
 }
 TO_UPLOAD = {
     "GetUpload": link("/api/uploads/{sid}", "get", "the session's progress", sid="$response.body#/id"),
@@ -45,13 +57,31 @@ RAW_BODY = {
     status_code=201,
     dependencies=WriteAccess,
     response_model=Created,
-    responses={**WRITE, **errors(403, 404, 415), 201: {"links": TO_CHECKPOINT}},
+    responses={
+        **WRITE,
+        **errors(403, 404, 415, 429),
+        201: {"links": TO_CHECKPOINT},
+        202: {"model": DownloadOut, "description": "a hub download, queued", "links": TO_DOWNLOAD},
+    },
 )
-def register(body: PathIn, settings: SettingsDep, catalog: CatalogDep) -> Created:
+def register(
+    body: PathIn, settings: SettingsDep, catalog: CatalogDep, downloads: DownloadsDep
+) -> Created | JSONResponse:
+    """`{"path"}`: register a checkpoint on a server volume (201). `{"hub"}`: download a model from the
+    Hugging Face hub in the background (202); follow it with GET /api/downloads/{id}."""
+    if body.hub is not None:
+        record = DownloadOut(**downloads.start(body.hub))
+        return JSONResponse(record.model_dump(mode="json"), status_code=202)
     try:
         return Created(id=register_path(body.path, settings, catalog))
     except OSError as e:  # a name too long for the file system, a folder it may not read, ...
         raise ApiError(422, "invalid_path", f"{body.path[:200]}: {e.strerror or e}") from None
+
+
+@router.get("/downloads/{did}", responses=errors(404))
+def get_download(did: str, downloads: DownloadsDep) -> DownloadOut:
+    """A hub download's state and progress; `checkpoint` once done, `error` once failed."""
+    return DownloadOut(**downloads.get(did))
 
 
 # exclude_unset: a file's sha256 is there for uploads only

@@ -333,7 +333,11 @@ export interface paths {
         /** List Checkpoints */
         get: operations["list_checkpoints_api_checkpoints_get"];
         put?: never;
-        /** Register */
+        /**
+         * Register
+         * @description `{"path"}`: register a checkpoint on a server volume (201). `{"hub"}`: download a model from the
+         *     Hugging Face hub in the background (202); follow it with GET /api/downloads/{id}.
+         */
         post: operations["register_api_checkpoints_post"];
         delete?: never;
         options?: never;
@@ -370,6 +374,26 @@ export interface paths {
          * @description Per-layer and model sparsity of several pair analyses side by side (e.g. SFT vs RL stage).
          */
         get: operations["compare_api_compare_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/downloads/{did}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Get Download
+         * @description A hub download's state and progress; `checkpoint` once done, `error` once failed.
+         */
+        get: operations["get_download_api_downloads__did__get"];
         put?: never;
         post?: never;
         delete?: never;
@@ -495,6 +519,61 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** AdapterFigures */
+        AdapterFigures: {
+            /** Adapter */
+            adapter: string;
+            /** Alpha */
+            alpha: number;
+            /**
+             * Input
+             * @description which input is the adapter (1 = the target)
+             */
+            input: number;
+            /** Modules */
+            modules: components["schemas"]["AdapterModule"][];
+            /** R */
+            r: number;
+            /**
+             * Replaced
+             * @description base tensors the adapter saves whole (modules_to_save)
+             */
+            replaced: string[];
+            /** Use Rslora */
+            use_rslora: boolean;
+        };
+        /**
+         * AdapterModule
+         * @description The exact ΔW = scale·B·A of one adapted module (before rounding to the base dtype).
+         */
+        AdapterModule: {
+            /** Alpha */
+            alpha: number;
+            /**
+             * Changed
+             * @description entries of the exact ΔW above τ
+             */
+            changed: components["schemas"]["TauCount"][];
+            /** Full Rank */
+            full_rank?: number | null;
+            /** Name */
+            name: string;
+            /** Norm Delta */
+            norm_delta: number;
+            /** Numel */
+            numel: number;
+            /** R */
+            r: number;
+            /** Rank */
+            rank?: number | null;
+            /**
+             * Scale
+             * @description α/r, or α/√r with rsLoRA
+             */
+            scale: number;
+            /** Singular Values */
+            singular_values?: number[] | null;
+        };
         /** AnalysisIn */
         AnalysisIn: {
             /**
@@ -611,10 +690,10 @@ export interface components {
             sha256: string | null;
             /**
              * Source
-             * @description uploaded, or registered from a server path
+             * @description uploaded, registered from a server path, or downloaded from the Hugging Face hub
              * @enum {string}
              */
-            source: "upload" | "path";
+            source: "upload" | "path" | "hub";
         };
         /** ChunkOut */
         ChunkOut: {
@@ -677,6 +756,47 @@ export interface components {
              * @description id of what was created
              */
             id: string;
+        };
+        /**
+         * DownloadOut
+         * @description A hub download (`POST /api/checkpoints {"hub"}`), followed with `GET /api/downloads/{id}`.
+         */
+        DownloadOut: {
+            /**
+             * Checkpoint
+             * @description the registered checkpoint's id, once done
+             */
+            checkpoint: string | null;
+            /** Done Bytes */
+            done_bytes: number;
+            /** @description why it failed */
+            error: components["schemas"]["ErrorOut"] | null;
+            /** Files Done */
+            files_done: number;
+            /** Files Total */
+            files_total: number;
+            /**
+             * Hub
+             * @description org/name
+             */
+            hub: string;
+            /** Id */
+            id: string;
+            /**
+             * Revision
+             * @description branch, tag or commit asked for
+             */
+            revision: string;
+            /**
+             * State
+             * @enum {string}
+             */
+            state: "queued" | "downloading" | "done" | "failed";
+            /**
+             * Total Bytes
+             * @description grows once a sharded checkpoint's index is read
+             */
+            total_bytes: number;
         };
         /**
          * ErrorOut
@@ -908,6 +1028,16 @@ export interface components {
             /** Tau */
             tau: number;
         };
+        /** Notice */
+        Notice: {
+            /**
+             * Code
+             * @description dtype_change | tied_embedding | ...
+             */
+            code: string;
+            /** Message */
+            message: string;
+        };
         /** OverlapFigures */
         OverlapFigures: {
             /**
@@ -1007,6 +1137,12 @@ export interface components {
              * @enum {string}
              */
             mode: "absolute" | "relative";
+            /**
+             * Notes
+             * @description what was read how, and what was left out
+             * @default []
+             */
+            notes?: string[];
             /** Runs */
             runs: string[];
             /**
@@ -1021,6 +1157,12 @@ export interface components {
             tau: number;
             /** Tensors */
             tensors: components["schemas"]["OverlapTensor"][];
+            /**
+             * Warnings
+             * @description what makes the counts mean less than they seem (dtype changes, ties)
+             * @default []
+             */
+            warnings?: components["schemas"]["Notice"][];
         } & {
             [key: string]: unknown;
         };
@@ -1040,6 +1182,12 @@ export interface components {
              * @enum {string}
              */
             mode: "absolute" | "relative";
+            /**
+             * Notes
+             * @description what was read how, and what was left out
+             * @default []
+             */
+            notes?: string[];
             /** Runs */
             runs: string[];
             /**
@@ -1057,6 +1205,12 @@ export interface components {
              * @description rows in the result's `tensors`
              */
             tensor_count: number;
+            /**
+             * Warnings
+             * @description what makes the counts mean less than they seem (dtype changes, ties)
+             * @default []
+             */
+            warnings?: components["schemas"]["Notice"][];
         } & {
             [key: string]: unknown;
         };
@@ -1140,6 +1294,11 @@ export interface components {
         };
         /** PairResult */
         PairResult: {
+            /**
+             * Adapters
+             * @description exact ΔW figures of each LoRA adapter input (absent when none)
+             */
+            adapters?: components["schemas"]["AdapterFigures"][] | null;
             /** Base */
             base: string;
             /** Family */
@@ -1154,6 +1313,12 @@ export interface components {
              * @enum {string}
              */
             mode: "absolute" | "relative";
+            /**
+             * Notes
+             * @description what was read how, and what was left out
+             * @default []
+             */
+            notes?: string[];
             /**
              * Skipped
              * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty
@@ -1168,11 +1333,22 @@ export interface components {
             taus: number[];
             /** Tensors */
             tensors: components["schemas"]["PairTensor"][];
+            /**
+             * Warnings
+             * @description what makes the counts mean less than they seem (dtype changes, ties)
+             * @default []
+             */
+            warnings?: components["schemas"]["Notice"][];
         } & {
             [key: string]: unknown;
         };
         /** PairSummary */
         PairSummary: {
+            /**
+             * Adapters
+             * @description exact ΔW figures of each LoRA adapter input (absent when none)
+             */
+            adapters?: components["schemas"]["AdapterFigures"][] | null;
             /** Base */
             base: string;
             /** Family */
@@ -1187,6 +1363,12 @@ export interface components {
              * @enum {string}
              */
             mode: "absolute" | "relative";
+            /**
+             * Notes
+             * @description what was read how, and what was left out
+             * @default []
+             */
+            notes?: string[];
             /**
              * Skipped
              * @description tensors left out, by reason: only_base, only_target, shape_mismatch, not_numeric, empty
@@ -1204,6 +1386,12 @@ export interface components {
              * @description rows in the result's `tensors`
              */
             tensor_count: number;
+            /**
+             * Warnings
+             * @description what makes the counts mean less than they seem (dtype changes, ties)
+             * @default []
+             */
+            warnings?: components["schemas"]["Notice"][];
         } & {
             [key: string]: unknown;
         };
@@ -1270,13 +1458,22 @@ export interface components {
         } & {
             [key: string]: unknown;
         };
-        /** PathIn */
+        /**
+         * PathIn
+         * @description Exactly one of `path` (registered at once: 201) or `hub` (downloaded in the background: 202).
+         */
         PathIn: {
+            /**
+             * Hub
+             * @description a model on the Hugging Face hub: org/name[@revision] (branch, tag or 40-hex commit)
+             * @example org/name@main
+             */
+            hub?: string | null;
             /**
              * Path
              * @description a checkpoint folder or .safetensors file under DELTALENS_ALLOWED_ROOTS
              */
-            path: string;
+            path?: string | null;
         };
         /** Redelivered */
         Redelivered: {
@@ -1343,6 +1540,12 @@ export interface components {
              * @enum {string}
              */
             mode: "absolute" | "relative";
+            /**
+             * Notes
+             * @description what was read how, and what was left out
+             * @default []
+             */
+            notes?: string[];
             /** Numel */
             numel: number;
             /**
@@ -1358,6 +1561,12 @@ export interface components {
             tau: number;
             /** Tensors */
             tensors: components["schemas"]["SeriesTensor"][];
+            /**
+             * Warnings
+             * @description what makes the counts mean less than they seem (dtype changes, ties)
+             * @default []
+             */
+            warnings?: components["schemas"]["Notice"][];
         } & {
             [key: string]: unknown;
         };
@@ -1410,6 +1619,12 @@ export interface components {
              * @enum {string}
              */
             mode: "absolute" | "relative";
+            /**
+             * Notes
+             * @description what was read how, and what was left out
+             * @default []
+             */
+            notes?: string[];
             /** Numel */
             numel: number;
             /**
@@ -1428,6 +1643,12 @@ export interface components {
              * @description rows in the result's `tensors`
              */
             tensor_count: number;
+            /**
+             * Warnings
+             * @description what makes the counts mean less than they seem (dtype changes, ties)
+             * @default []
+             */
+            warnings?: components["schemas"]["Notice"][];
         } & {
             [key: string]: unknown;
         };
@@ -2687,6 +2908,15 @@ export interface operations {
                     "application/json": components["schemas"]["Created"];
                 };
             };
+            /** @description a hub download, queued */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DownloadOut"];
+                };
+            };
             /** @description The request body could not be parsed */
             400: {
                 headers: {
@@ -2743,6 +2973,15 @@ export interface operations {
             };
             /** @description Invalid parameters, body or checkpoint content */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Too many requests from this client (e.g. mask export jobs per minute); retry later */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2826,6 +3065,46 @@ export interface operations {
             };
             /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Invalid parameters, body or checkpoint content */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    get_download_api_downloads__did__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                did: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DownloadOut"];
+                };
+            };
+            /** @description No such analysis, checkpoint, upload, file or tensor */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

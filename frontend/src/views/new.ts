@@ -1,5 +1,6 @@
-// New analysis: upload checkpoints (files or a whole folder, chunked and resumable) or register a
-// server path, pick kind, checkpoints in order and τ, submit, then follow progress.
+// New analysis: upload checkpoints (files or a whole folder, chunked and resumable), register a
+// server path or download a model from the Hugging Face hub, pick kind, checkpoints in order and τ,
+// submit, then follow progress.
 import {
   get,
   post,
@@ -9,6 +10,7 @@ import {
   type Created,
   type PathIn,
 } from "../api";
+import type { components } from "../api-schema";
 import type { Context } from "../context";
 import { h } from "../dom";
 import { bytes } from "../format";
@@ -17,6 +19,7 @@ import { uploadCheckpoint } from "../upload";
 import { viewOf } from "./analysis";
 
 const WANTED = /(\.safetensors|\.json)$/;
+type DownloadOut = components["schemas"]["DownloadOut"];
 
 export async function renderNew(ctx: Context): Promise<void> {
   const { root, state } = ctx;
@@ -147,6 +150,54 @@ export async function renderNew(ctx: Context): Promise<void> {
     "Register path",
   );
 
+  // a model on the Hugging Face hub: the server downloads it, then it is used like a registered path
+  const hubInput = h("input", {
+    type: "text",
+    placeholder: "org/name@revision",
+    size: 40,
+    "aria-label": "Hugging Face hub model",
+    id: "hub-input",
+  });
+  const hubBar = h("progress", { max: 1, value: 0, "aria-label": "hub download", id: "hub-progress" });
+  hubBar.hidden = true;
+  const fetchHub = h(
+    "button",
+    {
+      type: "button",
+      id: "hub-fetch",
+      onclick: async () => {
+        try {
+          const body: PathIn = { hub: hubInput.value.trim() };
+          let d = await post<DownloadOut>("/api/checkpoints", body);
+          hubBar.hidden = false;
+          while (d.state === "queued" || d.state === "downloading") {
+            hubBar.max = d.total_bytes || 1;
+            hubBar.value = d.done_bytes;
+            message.replaceChildren(
+              `Downloading ${d.hub}@${d.revision}: ${d.files_done}/${d.files_total} files, ` +
+                `${bytes(d.done_bytes)} of ${bytes(d.total_bytes)}…`,
+            );
+            await new Promise((r) => setTimeout(r, 500));
+            if (!ctx.alive()) return;
+            d = await get<DownloadOut>(`/api/downloads/${d.id}`);
+          }
+          hubBar.hidden = true;
+          if (d.state === "failed" || !d.checkpoint) throw new Error(d.error?.message ?? "download failed");
+          checkpoints = await get<Checkpoint[]>("/api/checkpoints");
+          chosen.push(d.checkpoint);
+          drawList();
+          message.replaceChildren(
+            h("span", { class: "status done" }, `Downloaded and registered: ${d.hub}@${d.revision}`),
+          );
+        } catch (e) {
+          hubBar.hidden = true;
+          message.replaceChildren(h("div", { class: "error", role: "alert" }, (e as Error).message));
+        }
+      },
+    },
+    "Download from hub",
+  );
+
   // the analysis
   const kind = h(
     "select",
@@ -226,7 +277,8 @@ export async function renderNew(ctx: Context): Promise<void> {
           h("label", {}, "folder ", folderPicker),
         ),
         files,
-        h("div", { class: "controls" }, pathInput, register),
+        h("div", { class: "controls" }, h("label", {}, "server path ", pathInput), register),
+        h("div", { class: "controls" }, h("label", {}, "Hugging Face hub ", hubInput), fetchHub, hubBar),
         message,
       ),
       h(

@@ -27,6 +27,7 @@ import { int, pct, sci } from "../format";
 import { plotInto, replot } from "../plot";
 import { METRICS, withState, type Metric, type Mode, type Scale } from "../state";
 import { maskExport } from "../mask";
+import { adapterPanels, readNotes } from "./adapters";
 import { finishedAnalysis } from "./analysis";
 
 export async function renderPair(ctx: Context): Promise<void> {
@@ -134,6 +135,7 @@ export async function renderPair(ctx: Context): Promise<void> {
       h("a", { href: `/compare?ids=${id}`, "data-link": true }, "compare with other analyses"),
     ),
     ...warningNotice(summary),
+    ...readNotes(summary),
     h(
       "div",
       { class: "cards" },
@@ -185,6 +187,7 @@ export async function renderPair(ctx: Context): Promise<void> {
   );
   const barsEl = plotInto(barsPanel, bars(), "sparsity by matrix type");
   const skipped = Object.entries(summary.skipped).filter(([, v]) => v.length);
+  root.append(...adapterPanels(summary));
   root.append(
     h(
       "section",
@@ -248,9 +251,9 @@ async function openCell(ctx: Context, id: string, layer: number | null, matrix: 
 }
 
 // `warnings` ({code, message}: a dtype change between base and target, a tied head read from the
-// embedding) is an extra field of the result document (docs/results.md): shown as a small notice.
-function warningNotice(summary: object): HTMLElement[] {
-  const warnings = (summary as { warnings?: { code: string; message: string }[] }).warnings ?? [];
+// embedding; docs/results.md) is shown as a small notice.
+function warningNotice(summary: PairSummary): HTMLElement[] {
+  const warnings = summary.warnings ?? [];
   if (!warnings.length) return [];
   return [
     h(
