@@ -51,7 +51,13 @@ class Jobs:
         self._next_sweep = 0.0
 
     def submit(
-        self, kind: str, checkpoint_ids: list[str], taus: list[float], relative: bool, rank: bool
+        self,
+        kind: str,
+        checkpoint_ids: list[str],
+        taus: list[float],
+        relative: bool,
+        rank: bool,
+        geometry: bool = True,
     ) -> str:
         low, high = MIN_CHECKPOINTS[kind]
         if not low <= len(checkpoint_ids) <= high:
@@ -73,7 +79,7 @@ class Jobs:
         ):  # fan out: one task per shard group, merged by the chord's callback (task id = jid)
             self.catalog.update_job(jid, detail={"parts": len(groups)})
             task = lambda name, args, tid: self.celery.signature(
-                name, args=args, kwargs={"pins": pins}, queue=self.settings.queue
+                name, args=args, kwargs={"pins": pins, "geometry": geometry}, queue=self.settings.queue
             ).set(task_id=tid)  # noqa: E731
             chord(
                 [
@@ -83,7 +89,7 @@ class Jobs:
                 task(MERGE_TASK, [jid, paths, taus, relative, rank], jid),
             ).apply_async()
         else:
-            self._send(jid, kind, paths, pins, taus, relative, rank)
+            self._send(jid, kind, paths, pins, taus, relative, rank, geometry)
         return jid
 
     def _inputs(self, checkpoint_ids: list[str]) -> tuple[list[str], list[dict | None]]:
@@ -97,11 +103,11 @@ class Jobs:
             pins.append(checkpoint.get("pins"))
         return paths, pins
 
-    def _send(self, jid, kind, paths, pins, taus, relative, rank) -> None:
+    def _send(self, jid, kind, paths, pins, taus, relative, rank, geometry=True) -> None:
         self.celery.send_task(
             ANALYSIS_TASK,
             args=[jid, kind, paths, taus, relative, rank],
-            kwargs={"pins": pins},
+            kwargs={"pins": pins, "geometry": geometry},
             task_id=jid,
             queue=self.settings.queue,
         )

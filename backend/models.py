@@ -161,6 +161,9 @@ class AnalysisIn(BaseModel):
     taus: list[Tau] = Field([DEFAULT_TAU], max_length=16)
     relative: bool = Field(False, description="count |Δ| > τ·|base| instead of |Δ| > τ")
     rank: bool = Field(True, description="compute update ranks (SVD) of 2-D tensors")
+    geometry: bool = Field(
+        True, description="pair: principal geometry of ΔW against the base and where the update mask falls"
+    )
 
 
 class AnalysisOut(BaseModel):
@@ -281,6 +284,30 @@ class Similarity(Open):
     relative_l2: float | None = Field(description="‖target − base‖₂ / ‖base‖₂")
 
 
+class UlpCell(BaseModel):
+    layer: Layer
+    matrix: str
+    numel: int = Field(description="weights with a ULP grid (float dtypes, not fp8 dequantized)")
+    one_ulp: int = Field(description="weights moved by more than 0 and at most 1 ULP of the base's dtype")
+    one_ulp_share: float | None = Field(description="one_ulp / numel")
+    one_ulp_of_changed: float | None = Field(description="one_ulp / weights whose stored value changed")
+
+
+class PrecisionFigures(Open):
+    """|Δ| in ULPs of the base's stored dtype, summed over the matrices that have a ULP grid."""
+
+    ulp_edges: list[float] = Field(description="bins: [u = 0], (0, E0], (E0, E1], …, (E_last, +inf)")
+    ulp_hist: list[int]
+    numel: int
+    one_ulp: int
+    one_ulp_share: float | None
+    one_ulp_of_changed: float | None
+    dtypes: list[str] = Field(description="the base's stored dtypes counted")
+    visibility_floor: dict[str, float] = Field(description="per dtype: no stored change is below this · |b|")
+    by_layer_matrix: list[UlpCell]
+    unknowable: str = Field(description="what stored checkpoints cannot show")
+
+
 class PairFigures(Open):
     numel: int
     changed: list[TauCount]
@@ -291,6 +318,7 @@ class PairFigures(Open):
     by_block: list[Group]
     by_matrix: list[Group]
     by_layer: list[Group]
+    precision: PrecisionFigures | None = Field(None, description="ULP histogram and one-ULP share")
 
 
 class SeriesStep(Open):
@@ -299,6 +327,20 @@ class SeriesStep(Open):
     outside_final: int = Field(description="|M_t ∧ ¬M_T|")
     transient_fraction: float | None = Field(description="|M_t ∧ ¬M_T| / |M_t|")
     relative_l2: float | None = Field(description="‖θ_t − θ0‖₂ / ‖θ0‖₂")
+    norm_delta: float | None = Field(None, description="‖θ_t − θ0‖₂ (absolute)")
+    first_changed: int | None = Field(None, description="weights first differing from the base at this step")
+    kept: int | None = Field(None, description="of first_changed: still changed at the final checkpoint")
+    reverted: int | None = Field(None, description="of first_changed: unchanged at the final checkpoint")
+
+
+class TransientHeatmap(BaseModel):
+    """Per layer × matrix type: Σ transient / Σ weights of the cell's tensors."""
+
+    layers: list[Layer]
+    matrices: list[str]
+    transient: list[list[int | None]]
+    numel: list[list[int | None]]
+    share: list[list[float | None]]
 
 
 class SeriesCategories(Open):
@@ -321,6 +363,47 @@ class OverlapPair(Open):
     baseline1: float | None = Field(description="|B| / N: o1 of a random mask of B's size")
     baseline2: float | None = Field(description="|A| / N")
     jaccard: float | None
+    baseline: float | None = Field(
+        None, description="E|A ∧ B| of random masks of the same density: hypergeometric mean, Σ over tensors"
+    )
+    variance: float | None = Field(None, description="hypergeometric variance, Σ over tensors")
+    lift: float | None = Field(None, description="both / baseline")
+    z: float | None = Field(None, description="(both − baseline) / sqrt(variance)")
+    same_sign: int | None = Field(None, description="of both: sign(Δ_A) = sign(Δ_B)")
+    opposite_sign: int | None = Field(None, description="of both: sign(Δ_A) ≠ sign(Δ_B)")
+    sign_agreement: float | None = Field(None, description="same_sign / both")
+    baseline_global: float | None = Field(None, description="|A||B|/N of the totals (model / group level)")
+    lift_global: float | None = Field(None, description="both / baseline_global")
+
+
+class PairStats(Open):
+    """A pair's overlap in a group of tensors, against the summed per-tensor random baselines."""
+
+    a: int
+    b: int
+    both: int
+    baseline: float
+    variance: float
+    lift: float | None
+    z: float | None
+    same_sign: int
+    opposite_sign: int
+    sign_agreement: float | None
+
+
+class OverlapGroup(Open):
+    matrix: str | None = Field(None, description="the group's matrix type (by_matrix)")
+    layer: Layer = None
+    numel: int
+    changed: list[int] = Field(description="per run")
+    pairs: list[PairStats]
+
+
+class UpsetRow(Open):
+    region: str = Field(description="membership bits in run order, e.g. '101'")
+    runs: list[int]
+    exact: int = Field(description="changed in exactly these runs (UpSet distinct mode)")
+    inclusive: int = Field(description="changed in at least these runs")
 
 
 class OverlapFigures(Open):
@@ -330,6 +413,9 @@ class OverlapFigures(Open):
     venn: dict[str, int] | None = Field(
         None, description="for 2–3 runs: count of every Venn region, keyed by membership bits in run order"
     )
+    upset: list[UpsetRow] | None = Field(None, description="every non-empty set of runs (model level)")
+    by_matrix: list[OverlapGroup] | None = None
+    by_layer: list[OverlapGroup] | None = None
 
 
 class OverlapTensor(TensorRow, OverlapFigures):
@@ -369,6 +455,7 @@ class SeriesHead(Reported):
     numel: int
     steps: list[SeriesStep]
     categories: SeriesCategories
+    transient_heatmap: TransientHeatmap | None = None
     skipped: Skipped
 
 
@@ -474,6 +561,102 @@ class ModeCount(BaseModel):
     count: int
 
 
+class EnrichmentCount(BaseModel):
+    percent: int = Field(description="the selection: top `percent` % of the entries")
+    selected: int = Field(
+        description="|P| = ⌈N·percent/100⌉ (ties at the threshold: lowest row-major index first)"
+    )
+    observed: int = Field(description="|M ∧ P|: changed weights inside the selection")
+    expected: float = Field(description="|M|·|P|/N: a random mask of the same size")
+    ratio: float | None = Field(description="observed / expected; null when nothing changed")
+
+
+class Enrichment(BaseModel):
+    tau: float = Field(description="the mask's τ: the analysis's first")
+    mode: str = Field(description="absolute (|Δ| > τ) or relative (|Δ| > τ·|b|)")
+    numel: int
+    changed: int = Field(description="|M|")
+    magnitude: list[EnrichmentCount] = Field(description="selections of the largest |W₀|")
+    principal_k: int = Field(description="rank of W₀'s reconstruction U_k Σ_k V_kᵀ")
+    principal: list[EnrichmentCount] = Field(description="selections of the largest |U_k Σ_k V_kᵀ|")
+
+
+class PrincipalAngles(BaseModel):
+    left_max_deg: list[float] = Field(
+        description="per k: largest angle between W₀'s and W₁'s top-k left subspaces"
+    )
+    left_mean_cos2: list[float] = Field(description="per k: mean cos² of those angles (1 = same subspace)")
+    right_max_deg: list[float]
+    right_mean_cos2: list[float]
+
+
+class Intruders(BaseModel):
+    count: list[int] = Field(
+        description="per k: W₁'s top-k left singular vectors matching none of W₀'s top 2k"
+    )
+    indices: list[list[int]] = Field(description="per k: their 0-based positions in W₁'s spectrum")
+    threshold: float = Field(description="|cosine| a match must exceed")
+
+
+class TensorGeometry(BaseModel):
+    """ΔW = W₁ − W₀ against W₀'s singular subspaces, and where the update mask falls (2-D matrices)."""
+
+    skipped: str | None = Field(None, description="why no figures (too large); the rest is then absent")
+    k: list[int] | None = Field(None, description="1, 8, 32 capped at min(m, n); every list follows it")
+    method: Literal["exact", "randomized"] | None = None
+    energy_in_topk: list[float] | None = Field(None, description="‖U_kᵀ ΔW V_k‖²/‖ΔW‖²; null when ΔW = 0")
+    left_in_topk: list[float] | None = Field(None, description="‖U_kᵀ ΔW‖²/‖ΔW‖²")
+    right_in_topk: list[float] | None = Field(None, description="‖ΔW V_k‖²/‖ΔW‖²")
+    angles: PrincipalAngles | None = None
+    drift: list[float | None] | None = Field(None, description="σᵢ(W₁)/σᵢ(W₀), i < max k")
+    rank1_dominance: float | None = Field(None, description="σ₁(ΔW)²/‖ΔW‖²")
+    intruders: Intruders | None = None
+    enrichment: Enrichment | None = None
+
+
+class EnrichmentGrid(BaseModel):
+    selector: Literal["magnitude", "principal"]
+    percent: int
+    ratio: list[list[float | None]] = Field(description="Σ observed / Σ expected per cell")
+
+
+class PooledEnrichment(BaseModel):
+    percent: int
+    ratio: float | None
+
+
+class PooledGeometry(BaseModel):
+    matrices: int
+    energy_in_top8: float | None = Field(description="‖ΔW‖²-weighted mean share in W₀'s top-8 subspaces")
+    rank1_dominance: float | None = Field(description="‖ΔW‖²-weighted mean of σ₁(ΔW)²/‖ΔW‖²")
+    enrichment: dict[str, list[PooledEnrichment]] = Field(description="per selector: Σ observed / Σ expected")
+
+
+class GeometryView(BaseModel):
+    """A pair's principal geometry per layer × matrix type (each cell pools its matrices)."""
+
+    analysis: str
+    tau: float | None = Field(description="the update mask's τ (the analysis's first)")
+    mode: str | None
+    layers: list[Layer]
+    matrices: list[str]
+    count: list[list[int | None]] = Field(description="matrices with geometry per cell")
+    energy_in_top8: list[list[float | None]]
+    rank1_dominance: list[list[float | None]]
+    enrichment: list[EnrichmentGrid]
+    model: PooledGeometry | None = Field(description="the whole model pooled")
+
+
+class UlpHistogram(BaseModel):
+    """|Δ| in ULPs of the base's stored dtype at the base value (u = |t − b| / ulp(b))."""
+
+    dtype: str = Field(description="the base's stored dtype the ULP is of")
+    counts: list[int] = Field(description="[u = 0], (0, E0], (E0, E1], …, (E_last, +inf): len(edges) + 2")
+    one_ulp: int = Field(description="counts[1]: weights moved by more than 0 and at most 1 ULP")
+    edges: list[float] = Field(description="1, 2, …, 16, then octaves 32 … 2^64")
+    visibility_floor: float = Field(description="no stored change is below this · |b| (2^-(p+1))")
+
+
 class TensorDetail(RankFigures):
     """One matrix in detail: its row of the results, histograms, spectrum and update map."""
 
@@ -496,6 +679,12 @@ class TensorDetail(RankFigures):
     spectrum: Spectrum | None
     update_map: UpdateMap | None
     changed: list[ModeCount]
+    ulp_histogram: UlpHistogram | None = Field(
+        None, description="pair: the ULP histogram (null for dtypes without one: integers, fp8 dequantized)"
+    )
+    geometry: TensorGeometry | None = Field(
+        None, description="null for vectors, --no-geometry, older results"
+    )
 
 
 class SeriesView(BaseModel):
@@ -504,6 +693,7 @@ class SeriesView(BaseModel):
     numel: int
     steps: list[SeriesStep]
     categories: SeriesCategories
+    transient_heatmap: TransientHeatmap
 
 
 class OverlapLayer(BaseModel):

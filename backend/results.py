@@ -12,10 +12,14 @@ import numpy as np
 
 from deltalens.backend.catalog import Catalog
 from deltalens.backend.errors import ApiError, not_found
+from deltalens.worker import geometry as geometry_figures
+from deltalens.worker import mask_stats
 from deltalens.worker.contract import (
     BIN_EDGES,
     MATRIX_TYPES,
     TAU_RULE,
+    ULP_EDGES,
+    VISIBILITY_FLOOR,
     changed_from_histogram,
     nearest_edge_index,
     valid_tau,
@@ -29,6 +33,8 @@ HEATMAP_METRICS = {
     "effective_rank": lambda s: s["effective_rank"] / s["ranked"] if s["ranked"] else None,
     "relative_change": lambda s: math.sqrt(s["sq_delta"]) / math.sqrt(s["sq_base"]) if s["sq_base"] else None,
     "mean_abs_delta": lambda s: s["sum_abs"] / s["numel"],
+    # from the ulp_histograms table (_ulp_cells): weights moved by at most one ULP / weights with a ULP grid
+    "one_ulp_share": lambda s: s["one_ulp"] / s["ulp_numel"] if s.get("ulp_numel") else None,
 }
 
 
@@ -162,7 +168,10 @@ def heatmap(catalog: Catalog, aid: str, metric: str, tau: float, mode: str) -> d
     cells = _cells(catalog, aid, mode)
     changed = cells.changed(edge)
     value = HEATMAP_METRICS[metric]
-    values = [value({**s, "changed": c}) for s, c in zip(cells.sums, changed)]
+    ulp = _ulp_cells(catalog, aid) if metric == "one_ulp_share" else {}
+    values = [
+        value({**s, "changed": c, **ulp.get(k, {})}) for k, s, c in zip(cells.keys, cells.sums, changed)
+    ]
     return {
         "analysis": aid,
         "metric": metric,
@@ -175,6 +184,25 @@ def heatmap(catalog: Catalog, aid: str, metric: str, tau: float, mode: str) -> d
         "changed": cells.grid(changed),
         "numel": cells.grid(cells.numel),
     }
+
+
+def _ulp_cells(catalog: Catalog, aid: str) -> dict:
+    """Per layer × matrix cell: Σ one-ULP counts and Σ weights of the tensors with a ULP histogram."""
+    key = (aid, "ulp_cells")
+    cells = catalog.cache.get(key)
+    if cells is None:
+        version = catalog.cache.version(aid)
+        cells = {
+            (layer, matrix): {"one_ulp": int(one), "ulp_numel": int(numel)}
+            for layer, matrix, one, numel in catalog.read(
+                "SELECT t.layer, t.matrix, sum(u.one_ulp), sum(t.numel) FROM tensors t "
+                "JOIN ulp_histograms u USING (analysis_id, run, name) WHERE t.analysis_id = ? "
+                "GROUP BY ALL",
+                [aid],
+            )
+        }
+        catalog.cache.put(key, cells, 200 * len(cells) + 100, version)
+    return cells
 
 
 def heatmap_cube(catalog: Catalog, aid: str, mode: str) -> dict:
@@ -234,15 +262,70 @@ def tensor_detail(catalog: Catalog, aid: str, name: str) -> str:
         by_key,
     )
     out["update_map"] = maps[0] if maps else None
+    ulp = catalog.read_rows(
+        "SELECT dtype, counts, one_ulp FROM ulp_histograms WHERE analysis_id = ? AND name = ?", [aid, name]
+    )
+    out["ulp_histogram"] = (
+        {**ulp[0], "edges": list(ULP_EDGES), "visibility_floor": VISIBILITY_FLOOR[ulp[0]["dtype"]]}
+        if ulp
+        else None
+    )
     out["changed"] = [
         {"mode": m, "tau": t, "count": c}
         for m, t, c in catalog.read(
             "SELECT mode, tau, count FROM changed WHERE tensor_key = ? ORDER BY mode, tau", by_key
         )
     ]
+    figures = catalog.read("SELECT figures FROM geometry WHERE analysis_id = ? AND name = ?", [aid, name])
+    out["geometry"] = json.loads(figures[0][0]) if figures else None
     encoded = json.dumps(out)
     catalog.cache.put(key, encoded, len(encoded) + 100, version)
     return encoded
+
+
+def geometry(catalog: Catalog, aid: str) -> dict:
+    """Layer × matrix-type grids of a pair's principal geometry, each cell its matrices pooled
+    (worker.geometry.pool): energy of ΔW in W₀'s top-8 subspaces, rank-1 dominance, mask enrichment."""
+    _kind(catalog, aid, "pair", "geometry is computed for")
+
+    def build() -> dict:
+        cells: dict = defaultdict(list)
+        for layer, matrix, sq, figures in catalog.read(
+            "SELECT t.layer, t.matrix, g.sq_delta, g.figures FROM geometry g "
+            "JOIN tensors t ON t.analysis_id = g.analysis_id AND t.name = g.name WHERE g.analysis_id = ?",
+            [aid],
+        ):
+            cells[(layer, matrix)].append((json.loads(figures), sq))
+        layers = sorted({k[0] for k in cells}, key=_layer_order)
+        matrices = [m for m in MATRIX_TYPES if any(k[1] == m for k in cells)]
+        pooled = {k: geometry_figures.pool(v) for k, v in cells.items()}
+
+        def grid(value) -> list[list]:
+            return [[value(pooled[(y, m)]) if (y, m) in pooled else None for m in matrices] for y in layers]
+
+        first = next(iter(cells.values()), [({}, 0)])[0][0].get("enrichment", {})
+        return {
+            "analysis": aid,
+            "tau": first.get("tau"),
+            "mode": first.get("mode"),
+            "layers": layers,
+            "matrices": matrices,
+            "count": grid(lambda p: p["matrices"]),
+            "energy_in_top8": grid(lambda p: p["energy_in_top8"]),
+            "rank1_dominance": grid(lambda p: p["rank1_dominance"]),
+            "enrichment": [
+                {
+                    "selector": s,
+                    "percent": p,
+                    "ratio": grid(lambda c, s=s, i=i: c["enrichment"][s][i]["ratio"]),
+                }
+                for s in ("magnitude", "principal")
+                for i, p in enumerate(geometry_figures.PERCENTS)
+            ],
+            "model": geometry_figures.pool([x for v in cells.values() for x in v]) if cells else None,
+        }
+
+    return _cached(catalog, (aid, "geometry"), build)
 
 
 def compare(catalog: Catalog, ids: list[str], tau: float, mode: str) -> dict:
@@ -302,15 +385,77 @@ def series(catalog: Catalog, aid: str) -> dict:
             "WHERE analysis_id = ? AND name = '*'",
             [aid],
         )
+        first = catalog.read_rows(
+            "SELECT first_changed, kept, reverted, norm_delta FROM series_first_change "
+            "WHERE analysis_id = ? AND name = '*' ORDER BY step",
+            [aid],
+        )
         return {
             "checkpoints": list(meta["targets"]),
             "tau": meta["taus"][0],
             "numel": _numel(catalog, aid),
-            "steps": steps,
+            "steps": [s | f for s, f in zip(steps, first)] if first else steps,  # artifacts before: none
             "categories": categories[0],
+            "transient_heatmap": _transient_heatmap(catalog, aid),
         }
 
     return _cached(catalog, (aid, "series"), build)
+
+
+def _transient_heatmap(catalog: Catalog, aid: str) -> dict:
+    """Layer × matrix-type transient share of a series, from its per-tensor categories."""
+    rows = catalog.read_rows(
+        "SELECT t.layer, t.matrix, t.numel, c.transient FROM series_categories c "
+        "JOIN tensors t ON t.analysis_id = c.analysis_id AND t.name = c.name WHERE c.analysis_id = ?",
+        [aid],
+    )
+    return mask_stats.transient_heatmap([r | {"categories": {"transient": r["transient"]}} for r in rows])
+
+
+def _overlap_stats(catalog: Catalog, aid: str, runs: int) -> dict:
+    """Whole-model pair statistics, UpSet rows, and pair figures per matrix type and per layer."""
+    model = {
+        (r["a"], r["b"]): r
+        for r in catalog.read_rows(
+            "SELECT a, b, baseline, variance, lift, z, same_sign, baseline_global FROM overlap_stats "
+            "WHERE analysis_id = ? AND name = '*'",
+            [aid],
+        )
+    }
+    upset = catalog.read_rows(
+        "SELECT region, exact, inclusive FROM upset WHERE analysis_id = ? ORDER BY region", [aid]
+    )
+    upset = sorted(
+        ({**u, "runs": [k for k, bit in enumerate(u["region"]) if bit == "1"]} for u in upset),
+        key=lambda u: _region_code(u["region"]),
+    )
+    out = {"model": model, "upset": upset}
+    for key in mask_stats.GROUP_KEYS:
+        sizes = catalog.read(
+            f"SELECT t.{key}, c.run, sum(c.count), any_value(n.numel) FROM changed c "
+            "JOIN tensors t USING (tensor_key) "
+            f"JOIN (SELECT {key}, sum(numel) AS numel FROM tensors WHERE analysis_id = ? GROUP BY {key}) n "
+            f"ON n.{key} IS NOT DISTINCT FROM t.{key} WHERE c.analysis_id = ? GROUP BY t.{key}, c.run",
+            [aid, aid],
+        )
+        groups: dict = {}
+        for value, run, count, numel in sizes:
+            g = groups.setdefault(
+                value, {key: value, "numel": int(numel), "changed": [0] * runs, "pairs": []}
+            )
+            g["changed"][run] = int(count)
+        for value, a, b, both, mean, variance, same in catalog.read(
+            f"SELECT t.{key}, s.a, s.b, sum(s.both_count), sum(s.baseline), sum(s.variance), "
+            "sum(s.same_sign) "
+            "FROM overlap_stats s JOIN tensors t ON t.analysis_id = s.analysis_id AND t.name = s.name "
+            f"WHERE s.analysis_id = ? AND s.name <> '*' GROUP BY t.{key}, s.a, s.b ORDER BY s.a, s.b",
+            [aid],
+        ):
+            groups[value]["pairs"].append(
+                mask_stats.judged({"a": a, "b": b, "both": int(both)}, mean, variance, int(same))
+            )
+        out[f"by_{key}"] = [groups[v] for v in sorted(groups, key=mask_stats.order(key))]
+    return out
 
 
 def _region_code(region: str) -> int:
@@ -335,10 +480,22 @@ def overlap(catalog: Catalog, aid: str) -> dict:
             "WHERE analysis_id = ? AND name = '*' ORDER BY a, b",
             [aid],
         )
+        stats = _overlap_stats(catalog, aid, runs)
+        for p in pairs:  # artifacts written before overlap_stats existed have none
+            s = stats["model"].get((p["a"], p["b"]))
+            if s:
+                p.update(
+                    mask_stats.judged(p, s["baseline"], s["variance"], s["same_sign"])
+                    | {"baseline_global": s["baseline_global"]}
+                )
+                p["lift_global"] = p["both"] / s["baseline_global"] if s["baseline_global"] else None
         summary = {
             "numel": _numel(catalog, aid),
             "changed": [sum(n for region, n in regions if region[k] == "1") for k in range(runs)],
             "pairs": pairs,
+            "upset": stats["upset"],
+            "by_matrix": stats["by_matrix"],
+            "by_layer": stats["by_layer"],
         }
         if runs <= 3:
             summary["venn"] = {region: n for region, n in regions if "1" in region}

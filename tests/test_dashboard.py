@@ -275,3 +275,38 @@ def test_adapter_figures_on_the_pair_page(site, browser, family_pair):
     shot(page, "pair-adapter")
     assert not page.errors, page.errors
     context.close()
+
+
+def test_geometry_and_precision_panels(site, browser, family_pair):
+    """The pair page's Geometry panel draws one heatmap per figure the API has, and the matrix view
+    shows that matrix's geometry: energy vs k and the enrichment table with the document's counts."""
+    base, target = family_pair("llama")
+    client = httpx.Client(base_url=site, timeout=30)
+    ids = [client.post("/api/checkpoints", json={"path": str(p)}).json()["id"] for p in (base, target)]
+    aid = client.post("/api/analyses", json={"kind": "pair", "checkpoints": ids}).json()["id"]
+    assert wait_done(client, aid)["status"] == "done"
+    view = client.get(f"/api/analyses/{aid}/geometry").json()
+    context, page = new_page(browser)
+    page.goto(f"{site}/analyses/{aid}")
+    panel = page.locator("#geometry-panel")
+    panel.locator(".plot .main-svg").first.wait_for()
+    assert panel.locator("h3").count() == 2 + sum(
+        e["percent"] == 1 for e in view["enrichment"] if e["selector"] in ("magnitude", "principal")
+    )
+    # the panel sits before "Skipped tensors", wherever its figures arrive
+    titles = page.locator("section.panel > h2").all_inner_texts()
+    assert titles.index("Skipped tensors") > next(i for i, t in enumerate(titles) if t.startswith("Geometry"))
+    shot(page, "pair-geometry")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    detail = client.get(f"/api/analyses/{aid}/tensors/{name}").json()
+    page.goto(f"{site}/analyses/{aid}/tensor?name={name}")
+    table = page.locator("#enrichment-table")
+    table.wait_for()
+    enrichment = detail["geometry"]["enrichment"]
+    rows = enrichment["magnitude"] + enrichment["principal"]
+    assert table.locator("tbody tr").count() == len(rows) > 0
+    cells = table.locator("tbody tr").first.locator("td").all_inner_texts()
+    assert cells[3] == f"{rows[0]['observed']:,}"  # exact count of changed weights in the selection
+    shot(page, "tensor-geometry")
+    assert not page.errors, page.errors
+    context.close()

@@ -11,6 +11,8 @@
  *   changed             [2][n_taus]: |Δ| > τ, |Δ| > τ·|b|
  *   moments             ΣΔ², Σb², Σ|Δ|;  max_abs: max |Δ|
  *   row_counts[rows], col_counts[cols], grid[grid_rows][grid_cols]: update map at taus[0]
+ *   ulp_hist            |Δ| in ULPs of the base's stored dtype (ulp_p mantissa bits, ulp_emin its
+ *                       smallest normal exponent; ulp_p < 0: not counted), bins of contract.ULP_EDGES
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,6 +33,35 @@ static inline int64_t slot(double x, int64_t offset, int64_t top) {
     memcpy(&bits, &x, sizeof bits);
     int64_t c = ((bits - 1) >> 45) - offset;
     return c < 1 ? 1 : (c > top ? top : c);
+}
+
+/* 2^n for -1022 <= n <= 1023, from its bits */
+static inline double pow2(int64_t n) {
+    uint64_t bits = (uint64_t)(n + 1023) << 52;
+    double x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* ULP bin of a change a > 0 at base value `base` (contract.ULP_EDGES): u = a / ulp(base) with
+ * ulp(base) = 2^(max(e, emin) - p), e the exponent of |base| (its float64 exponent field, so zero and
+ * subnormals clamp to emin). u = a * 2^k is exact: two power-of-two factors, each in range, no
+ * division. Bins 1..16: u in (k-1, k]; then octaves (2^j, 2^(j+1)] for j = 4..63; then above 2^64. */
+#define ULP_EXACT 16
+#define ULP_TOP_OCTAVE 64
+static inline int64_t ulp_slot(double a, double base, int64_t p, int64_t emin) {
+    uint64_t bits;
+    memcpy(&bits, &base, sizeof bits);
+    int64_t e = (int64_t)((bits >> 52) & 0x7FF) - 1023;
+    int64_t k = p - (e > emin ? e : emin), h = k / 2;
+    double u = a * pow2(h) * pow2(k - h);
+    if (u <= ULP_EXACT) {
+        int64_t c = (int64_t)u;
+        return c + ((double)c < u);
+    }
+    memcpy(&bits, &u, sizeof bits);
+    int64_t j = (int64_t)((bits - 1) >> 52) - 1023; /* u in (2^j, 2^(j+1)] */
+    return j >= ULP_TOP_OCTAVE ? ULP_EXACT + ULP_TOP_OCTAVE - 3 : j + ULP_EXACT - 3;
 }
 
 /* Elements are visited in blocks of 16: one vectorised bit comparison finds the stored values
@@ -67,7 +98,8 @@ DIFFERING(differing_u64, uint64_t)
                      const int64_t *row_bin, const int64_t *col_bin, int64_t slot_offset,              \
                      int64_t top_slot, int64_t *restrict hist_abs, int64_t *restrict hist_rel,         \
                      int64_t *changed, double *moments, double *max_abs, int64_t *row_counts,          \
-                     int64_t *restrict col_counts, int64_t *restrict grid, int64_t grid_cols) {        \
+                     int64_t *restrict col_counts, int64_t *restrict grid, int64_t grid_cols,          \
+                     int64_t ulp_p, int64_t ulp_emin, int64_t *restrict ulp_hist) {                    \
         double sq_d = 0, sq_b = 0, sum_a = 0, top = *max_abs, tau0 = taus[0];                          \
         double tau[MAX_TAUS];                                                                          \
         int64_t ch_abs[MAX_TAUS] = {0}, ch_rel[MAX_TAUS] = {0}, moved = 0;                             \
@@ -114,6 +146,7 @@ DIFFERING(differing_u64, uint64_t)
                     }                                                                                  \
                     hist_abs[slot(a, slot_offset, top_slot)]++;                                        \
                     hist_rel[slot(a / ab, slot_offset, top_slot)]++;                                   \
+                    if (ulp_p >= 0) ulp_hist[ulp_slot(a, base, ulp_p, ulp_emin)]++;                    \
                 }                                                                                      \
             }                                                                                          \
             for (int w = BLOCK / 2; w > 0; w /= 2)                                                     \
@@ -123,6 +156,7 @@ DIFFERING(differing_u64, uint64_t)
         }                                                                                              \
         hist_abs[0] += rows * cols - moved;                                                            \
         hist_rel[0] += rows * cols - moved;                                                            \
+        if (ulp_p >= 0) ulp_hist[0] += rows * cols - moved;                                            \
         for (int64_t k = 0; k < n_taus; k++) { changed[k] += ch_abs[k]; changed[n_taus + k] += ch_rel[k]; } \
         moments[0] += sq_d; moments[1] += sq_b; moments[2] += sum_a;                                   \
         *max_abs = top;                                                                                \
@@ -138,16 +172,19 @@ void pair_rows(int kind, const void *b, const void *t, int64_t rows, int64_t col
                int64_t n_taus, int relative, int want_map, const int64_t *row_bin, const int64_t *col_bin,
                int64_t slot_offset, int64_t top_slot, int64_t *hist_abs, int64_t *hist_rel, int64_t *changed,
                double *moments, double *max_abs, int64_t *row_counts, int64_t *col_counts, int64_t *grid,
-               int64_t grid_cols) {
+               int64_t grid_cols, int64_t ulp_p, int64_t ulp_emin, int64_t *ulp_hist) {
     if (kind == 0)
         pair_rows_bf16(b, t, rows, cols, taus, n_taus, relative, want_map, row_bin, col_bin, slot_offset, top_slot,
-                       hist_abs, hist_rel, changed, moments, max_abs, row_counts, col_counts, grid, grid_cols);
+                       hist_abs, hist_rel, changed, moments, max_abs, row_counts, col_counts, grid, grid_cols,
+                      ulp_p, ulp_emin, ulp_hist);
     else if (kind == 1)
         pair_rows_f32(b, t, rows, cols, taus, n_taus, relative, want_map, row_bin, col_bin, slot_offset, top_slot,
-                      hist_abs, hist_rel, changed, moments, max_abs, row_counts, col_counts, grid, grid_cols);
+                      hist_abs, hist_rel, changed, moments, max_abs, row_counts, col_counts, grid, grid_cols,
+                      ulp_p, ulp_emin, ulp_hist);
     else
         pair_rows_f64(b, t, rows, cols, taus, n_taus, relative, want_map, row_bin, col_bin, slot_offset, top_slot,
-                      hist_abs, hist_rel, changed, moments, max_abs, row_counts, col_counts, grid, grid_cols);
+                      hist_abs, hist_rel, changed, moments, max_abs, row_counts, col_counts, grid, grid_cols,
+                      ulp_p, ulp_emin, ulp_hist);
 }
 
 /* Built as an extension module only so that `pip install` compiles it; Python never calls into

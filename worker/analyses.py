@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deltalens.worker import adapters, fused
+from deltalens.worker import adapters, fused, geometry, mask_stats, precision
 from deltalens.worker.checkpoint import Checkpoint, open_checkpoints
 from deltalens.worker.contract import BLOCKS, MATRIX_TYPES, MAX_OVERLAP_RUNS
 from deltalens.worker.errors import InputError
@@ -34,6 +34,7 @@ class Options:
     taus: list[float] = field(default_factory=lambda: [DEFAULT_TAU])
     relative: bool = False
     rank: bool = True
+    geometry: bool = True  # pair: ΔW against W₀'s singular subspaces, mask enrichment (worker.geometry)
     device: str | None = None  # None: CUDA when available, else CPU
     chunk_elements: int | None = None  # None: per-device default
     fused: bool | None = None  # pair on CPU: one-pass C kernel (None: when available)
@@ -281,11 +282,13 @@ class _Stream:
     shared_rows: dict[str, int] = field(default_factory=dict)  # resized vocabulary: rows compared
     notes: list[str] = field(default_factory=list)  # the readers' notes (trainer state left out, ...)
 
-    def parts(self, make) -> Iterator[tuple[Part, list[int], str, dict]]:
+    def parts(self, make, inspect=None) -> Iterator[tuple[Part, list[int], str, dict]]:
         """For every matrix: (part, its 2-D shape, stored dtype, accumulated result).
 
         make(part, rows, cols, is_2d, numpy) builds the accumulator; numpy says whether chunks
-        come as NumPy arrays (fused kernel) or torch tensors.
+        come as NumPy arrays (fused kernel) or torch tensors. inspect(mats, segments, result), when
+        given, sees every 2-D part's whole matrices (base first) while they are in memory; what it
+        returns is the result's "geometry".
         """
         total = sum(c.meta(n).nbytes for c in self.checkpoints for n in self.names)
         done = 0
@@ -325,6 +328,8 @@ class _Stream:
                 result = acc.result()
                 if not _finite(result):
                     self.refuse_nonfinite(name)
+                if inspect is not None and is_2d:
+                    result["geometry"] = inspect(mats, segments, result)
                 yield (
                     part,
                     [rows]
@@ -453,16 +458,23 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
 
     def make(part, rows, cols, is_2d, numpy):
         args = (rows, cols, taus, opts.relative, is_2d, opts.rank, part.heads, part.matrix in ("q", "k", "v"))
+        meta = checkpoints[0].meta(part.source)
+        ulp = precision.ulp_format(meta.stored or meta.dtype)  # the base's stored grid
         if numpy:
-            return fused.FusedPairAccumulator(*args)
+            return fused.FusedPairAccumulator(*args, ulp=ulp)
         import torch
 
         from deltalens.worker.kernels import PairAccumulator
 
-        return PairAccumulator(*args, torch.device(stream.device))
+        return PairAccumulator(*args, torch.device(stream.device), ulp=ulp)
 
     details = []
-    for part, shape, dtype, r in stream.parts(make):
+    inspect = (
+        (lambda mats, seg, r: geometry.of_part(mats, seg, taus[0], opts.relative, r))
+        if opts.geometry
+        else None
+    )
+    for part, shape, dtype, r in stream.parts(make, inspect):
         row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
         row["changed"] = [{"tau": t, "count": c} for t, c in zip(taus, r[mode])]
         row["sparsity"] = [1 - c / row["numel"] if row["numel"] else None for c in r[mode]]
@@ -475,6 +487,8 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
         )
         for k in ("rank", "full_rank", "rank_pct", "effective_rank", "stable_rank", "rank90", "rank99"):
             row[k] = r.get(k)
+        row.update(precision.row_fields(r, dtype))
+        row["geometry"] = r.pop("geometry", None)
         details.append({"run": 0, "name": part.name, "row": row, **r})
     result = pair_result(
         base, target, opts, details, stream.skipped, stream.family, str(stream.device), notes=stream.notes
@@ -523,6 +537,8 @@ def pair_result(
             "by_block": _group(tensors, "block", taus),
             "by_matrix": _group(tensors, "matrix", taus),
             "by_layer": _group(tensors, "layer", taus),
+            "precision": precision.summary(tensors),
+            "geometry": geometry.summary(tensors),
         },
         "tensors": tensors,
         "skipped": skipped,
@@ -551,7 +567,7 @@ def _mask_stream(paths: list[str], opts: Options, series: bool):
 
 
 def _series_figures(
-    steps: list[list[int]], union: list[int], numel: int, labels: list[str], sq_delta, sq_base
+    steps: list[list[int]], union: list[int], numel: int, labels: list[str], sq_delta, sq_base, first
 ) -> dict:
     return {
         "steps": [
@@ -561,8 +577,11 @@ def _series_figures(
                 "outside_final": o,
                 "transient_fraction": _ratio(o, c),
                 "relative_l2": _ratio(math.sqrt(d), math.sqrt(sq_base)),
+                **extra,
             }
-            for label, (c, o), d in zip(labels, steps, sq_delta)
+            for label, (c, o), d, extra in zip(
+                labels, steps, sq_delta, mask_stats.step_figures(first, sq_delta)
+            )
         ],
         "categories": {"consistent": steps[-1][0], "transient": union[1], "untouched": numel - union[0]},
     }
@@ -577,15 +596,21 @@ def analyze_series(base: str, checkpoints: list[str], opts: Options) -> Analysis
     tensors, details = [], []
     steps_total, union_total = [[0, 0] for _ in range(runs)], [0, 0]
     sq_delta_total, sq_base_total = [0.0] * runs, 0.0
+    first_total = [[0] * (runs + 1) for _ in range(2)]
     for part, shape, dtype, r in parts:
         row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
-        row.update(_series_figures(r["steps"], r["union"], row["numel"], labels, r["sq_delta"], r["sq_base"]))
+        row.update(
+            _series_figures(
+                r["steps"], r["union"], row["numel"], labels, r["sq_delta"], r["sq_base"], r["first"]
+            )
+        )
         tensors.append(row)
         details.append({"run": 0, "name": part.name, "row": row})
         steps_total = [[a + x, b + y] for (a, b), (x, y) in zip(steps_total, r["steps"])]
         union_total = [a + x for a, x in zip(union_total, r["union"])]
         sq_delta_total = [a + x for a, x in zip(sq_delta_total, r["sq_delta"])]
         sq_base_total += r["sq_base"]
+        first_total = [[a + x for a, x in zip(t, f)] for t, f in zip(first_total, r["first"])]
     numel = sum(t["numel"] for t in tensors)
     document = {
         "kind": "series",
@@ -595,7 +620,10 @@ def analyze_series(base: str, checkpoints: list[str], opts: Options) -> Analysis
         "mode": "relative" if opts.relative else "absolute",
         "family": stream.family,
         "numel": numel,
-        **_series_figures(steps_total, union_total, numel, labels, sq_delta_total, sq_base_total),
+        **_series_figures(
+            steps_total, union_total, numel, labels, sq_delta_total, sq_base_total, first_total
+        ),
+        "transient_heatmap": mask_stats.transient_heatmap(tensors),
         "tensors": tensors,
         "skipped": stream.skipped,
         "warnings": warnings_of(tensors, ["base", *labels]),
@@ -644,10 +672,18 @@ def analyze_overlap(base: str, runs: list[str], opts: Options) -> AnalysisResult
     for part, shape, dtype, r in parts:
         row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
         row.update(_overlap_figures(r["patterns"], len(runs), row["numel"]))
+        row["pairs"] = mask_stats.tensor_pairs(row["pairs"], row["changed"], row["numel"], r["same_sign"])
         tensors.append(row)
         details.append({"run": 0, "name": part.name, "row": row, "patterns": r["patterns"]})
         totals = [a + b for a, b in zip(totals, r["patterns"])]
     numel = sum(t["numel"] for t in tensors)
+    summary = _overlap_figures(totals, len(runs), numel)
+    stats = mask_stats.summed_pairs(tensors, summary["changed"], numel)
+    summary["pairs"] = [p | s for p, s in zip(summary["pairs"], stats)]
+    summary["upset"] = mask_stats.upset(totals, len(runs))
+    summary.update(
+        {f"by_{key}": mask_stats.grouped(tensors, key, len(runs)) for key in mask_stats.GROUP_KEYS}
+    )
     document = {
         "kind": "overlap",
         "base": str(base),
@@ -655,7 +691,7 @@ def analyze_overlap(base: str, runs: list[str], opts: Options) -> AnalysisResult
         "tau": tau,
         "mode": "relative" if opts.relative else "absolute",
         "family": stream.family,
-        "summary": _overlap_figures(totals, len(runs), numel),
+        "summary": summary,
         "tensors": tensors,
         "skipped": stream.skipped,
         "warnings": warnings_of(tensors, ["base", *[str(r) for r in runs]]),

@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     _common(p, many_taus=True)
     p.add_argument("--no-rank", action="store_true", help="skip singular spectra (faster)")
+    p.add_argument(
+        "--masters",
+        metavar="DIR",
+        help="the fp32 master weights of the TARGET (any checkpoint deltalens reads): report the true "
+        "change (masters vs base) against the visible one (stored target vs base) at each τ",
+    )
+    p.add_argument(
+        "--no-geometry",
+        action="store_true",
+        help="skip the principal geometry of ΔW and the mask enrichment (faster)",
+    )
     p = sub.add_parser("series", help="base, checkpoints..., final: transient updates over training")
     p.add_argument("base")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
@@ -167,6 +178,7 @@ def run(argv: list[str] | None = None) -> int:
         taus=args.tau or [1e-5],
         relative=args.relative,
         rank=not getattr(args, "no_rank", False),
+        geometry=not getattr(args, "no_geometry", False),
         device=args.device,
         progress=progress,
     )
@@ -177,6 +189,10 @@ def run(argv: list[str] | None = None) -> int:
         local = [_local(p, args.quiet) for p in paths]  # hf://org/name[@rev] -> its snapshot folder
         with preferring(args.prefer), fp8_mode(args.fp8):
             result = run_analysis(kind, local, opts)
+            if getattr(args, "masters", None):
+                from deltalens.worker.precision import masters_figures
+
+                result.document["masters"] = masters_figures(*local, args.masters, opts.taus, opts.relative)
         _label_inputs(result.document, dict(zip(local, paths)))
         if args.out:
             from deltalens.worker.store import write_artifact

@@ -94,6 +94,34 @@ def nearest_edge_index(tau: float) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Precision-aware change: |Δ| in units of the base's stored-dtype spacing (ULP) at the base value,
+# u = |t − b| / ulp(b). ulp(b) = 2^(max(e, emin) − p) for |b| in [2^e, 2^(e+1)): a power of two, so
+# u is exact in float64 (the kernels scale |Δ| by 2^k, no division). ulp(0) and subnormal ulp are the
+# smallest subnormal spacing 2^(emin − p). fp8 tensors read dequantized (code × scale, Meta.stored)
+# get no ULP histogram: the stored grid there is the scale's, not the dtype's.
+# Bins: [u = 0], then (E_{i−1}, E_i] over ULP_EDGES, then (E_last, +inf): with E = 1, 2, …, 16 the
+# first 16 bins hold u = 1, 2, …, 16 exactly for a same-dtype pair, except a move toward zero across
+# a power of two (u = k − ½), which lands in bin k; above 16, octaves (16, 32], …, (2^63, 2^64].
+# ---------------------------------------------------------------------------------------------
+ULP_FORMATS: dict[str, tuple[int, int]] = {  # stored dtype -> (mantissa bits p, min normal exponent)
+    "BF16": (7, -126),
+    "F16": (10, -14),
+    "F32": (23, -126),
+    "F64": (52, -1022),
+}
+ULP_EXACT = 16  # bins 1..16: one per integer ULP count
+ULP_TOP_OCTAVE = 64  # last octave edge 2^64
+ULP_EDGES: tuple[float, ...] = tuple(float(k) for k in range(1, ULP_EXACT + 1)) + tuple(
+    2.0**j for j in range(ULP_EXACT.bit_length(), ULP_TOP_OCTAVE + 1)
+)
+ULP_BINS = len(ULP_EDGES) + 2
+# Visibility floor: no stored change is smaller than 2^−(p+1)·|b| (one step down from a power of
+# two), so a relative histogram |Δ|/|b| shows nothing below it; sub-ULP updates of fp32 master
+# weights never reach the stored checkpoint.
+VISIBILITY_FLOOR: dict[str, float] = {d: 2.0 ** -(p + 1) for d, (p, _) in ULP_FORMATS.items()}
+
+
+# ---------------------------------------------------------------------------------------------
 # DuckDB schema of one results artifact. Every table carries analysis_id, so artifacts can be
 # ingested into one catalog side by side. `run` is the target index: 0 for a pair, the
 # checkpoint index (0-based) for a series, the run index for an overlap.
@@ -172,6 +200,50 @@ CREATE TABLE IF NOT EXISTS adapter_modules ( -- exact ΔW = scale·B·A of a LoR
     numel BIGINT NOT NULL, taus DOUBLE[] NOT NULL, counts BIGINT[] NOT NULL, -- |ΔW| > τ (the mode's)
     norm_delta DOUBLE NOT NULL, rank INTEGER, full_rank INTEGER, sigma DOUBLE[]
 );
+CREATE TABLE IF NOT EXISTS overlap_stats (  -- per pair vs a random mask of the same density; name '*' = model
+    analysis_id VARCHAR NOT NULL, name VARCHAR NOT NULL, a INTEGER NOT NULL, b INTEGER NOT NULL,
+    both_count BIGINT NOT NULL,
+    baseline DOUBLE NOT NULL,                -- hypergeometric mean |A||B|/N ('*': summed over tensors)
+    variance DOUBLE NOT NULL,                -- |A||B|(N-|A|)(N-|B|)/(N²(N-1)) ('*': summed)
+    lift DOUBLE, z DOUBLE,                   -- both / baseline, (both - baseline) / sqrt(variance)
+    same_sign BIGINT NOT NULL,               -- of both: sign(Δ_A) = sign(Δ_B)
+    baseline_global DOUBLE                   -- '*' only: |A||B|/N of the model's totals
+);
+CREATE TABLE IF NOT EXISTS upset (          -- every non-empty set of runs, whole model
+    analysis_id VARCHAR NOT NULL,
+    region VARCHAR NOT NULL,                 -- membership bits in run order, e.g. '101'
+    degree INTEGER NOT NULL,                 -- runs in the set
+    exact BIGINT NOT NULL,                   -- changed in exactly these runs (UpSet distinct mode)
+    inclusive BIGINT NOT NULL                -- changed in at least these runs
+);
+CREATE TABLE IF NOT EXISTS series_first_change ( -- per checkpoint; name '*' = whole model
+    analysis_id VARCHAR NOT NULL, name VARCHAR NOT NULL, step INTEGER NOT NULL,
+    first_changed BIGINT NOT NULL,           -- weights first differing from the base (at τ) here
+    kept BIGINT NOT NULL, reverted BIGINT NOT NULL, -- of those: changed / unchanged at the final step
+    norm_delta DOUBLE NOT NULL               -- ‖θ_t − θ₀‖₂ (absolute)
+);
+CREATE TABLE IF NOT EXISTS ulp_histograms ( -- pair: |Δ| in ULPs of the base's stored dtype
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL, name VARCHAR NOT NULL,
+    dtype VARCHAR NOT NULL,                  -- the base's stored dtype the ULP is of
+    counts BIGINT[] NOT NULL,                -- over contract.ULP_EDGES: [u=0], (0,1], (1,2], ...
+    one_ulp BIGINT NOT NULL                  -- counts[1]: 0 < u <= 1
+);
+CREATE TABLE IF NOT EXISTS geometry (       -- pair: ΔW against W₀'s top-k singular subspaces
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL, name VARCHAR NOT NULL,
+    k INTEGER[] NOT NULL,                    -- 1, 8, 32 capped at min(m, n); the lists below follow it
+    energy_in_topk DOUBLE[], left_in_topk DOUBLE[], right_in_topk DOUBLE[], -- null when ΔW = 0
+    angle_left_max_deg DOUBLE[] NOT NULL, angle_right_max_deg DOUBLE[] NOT NULL,
+    drift DOUBLE[] NOT NULL,                 -- σᵢ(W₁)/σᵢ(W₀), i < max k
+    rank1_dominance DOUBLE, intruders INTEGER[] NOT NULL, sq_delta DOUBLE NOT NULL,
+    method VARCHAR NOT NULL,                 -- exact | randomized (top singular triplets)
+    figures JSON NOT NULL                    -- the tensor's whole `geometry` object of the result
+);
+CREATE TABLE IF NOT EXISTS enrichment (     -- pair: the update mask at the first τ in top-p % selections
+    analysis_id VARCHAR NOT NULL, run INTEGER NOT NULL, name VARCHAR NOT NULL,
+    selector VARCHAR NOT NULL,               -- magnitude (|W₀|) | principal (|rank-8 reconstruction of W₀|)
+    percent INTEGER NOT NULL, tau DOUBLE NOT NULL, numel BIGINT NOT NULL, changed BIGINT NOT NULL,
+    selected BIGINT NOT NULL, observed BIGINT NOT NULL, expected DOUBLE NOT NULL, ratio DOUBLE
+);
 """
 
 TABLES = (
@@ -187,4 +259,10 @@ TABLES = (
     "series_categories",
     "skipped",
     "adapter_modules",
+    "overlap_stats",
+    "upset",
+    "series_first_change",
+    "ulp_histograms",
+    "geometry",
+    "enrichment",
 )

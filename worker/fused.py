@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from deltalens.worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO
+from deltalens.worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO, ULP_BINS
 from deltalens.worker.metrics import Spectrum, UpdateMap, pair_result
 
 # dtypes (safetensors spelling) the kernel reads, as NumPy holds them (float16 is widened first)
@@ -58,6 +58,9 @@ def _load_kernel():
         ptr,
         ptr,
         i64,
+        i64,  # ulp_p (< 0: no ULP histogram)
+        i64,  # ulp_emin
+        ptr,  # ulp_hist
     ]
     fn.restype = None
     return fn
@@ -97,8 +100,13 @@ class FusedPairAccumulator:
         want_rank: bool,
         heads: int | None,
         heads_on_rows: bool,
+        ulp: tuple[int, int] | None = None,
     ):
+        """ulp: (mantissa bits, min exponent) of the base's stored dtype (contract.ULP_FORMATS), or
+        None for no ULP histogram."""
         parts = THREADS
+        self.ulp = ulp
+        self.ulp_hist = np.zeros((parts, ULP_BINS), dtype=np.int64)
         self.rows, self.cols, self.relative = rows, cols, relative
         self.taus = np.asarray(taus, dtype=np.float64)
         self.hist = np.zeros((2, parts, FINE_CELLS), dtype=np.int64)
@@ -147,6 +155,9 @@ class FusedPairAccumulator:
                 _ptr(col_counts),
                 _ptr(m.grid[p]) if m else _ptr(col_counts),
                 m.grid_cols if m else 0,
+                self.ulp[0] if self.ulp else -1,
+                self.ulp[1] if self.ulp else 0,
+                _ptr(self.ulp_hist[p]),
             )
 
         _run_parallel([call(p) for p in range(parts) if bounds[p + 1] > bounds[p]])
@@ -166,6 +177,7 @@ class FusedPairAccumulator:
             self.spectrum,
             self.rows,
             self.cols,
+            self.ulp_hist.sum(0) if self.ulp else None,
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from deltalens.worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO
+from deltalens.worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO, ULP_BINS, ULP_EXACT
 from deltalens.worker.metrics import Spectrum, UpdateMap, pair_result
 
 
@@ -31,6 +31,25 @@ def fine_histogram(x: torch.Tensor) -> torch.Tensor:
     return torch.bincount(fine_cells(x).flatten(), minlength=FINE_CELLS)[:FINE_CELLS]
 
 
+def _pow2(n: torch.Tensor) -> torch.Tensor:
+    """2^n for int64 -1022 <= n <= 1023, from its float64 bits."""
+    return ((n + 1023) << 52).view(torch.float64)
+
+
+def ulp_histogram(a: torch.Tensor, b: torch.Tensor, ulp: tuple[int, int]) -> torch.Tensor:
+    """Counts over contract.ULP_EDGES of u = |Δ| / ulp(b), as _fastpair.c's ulp_slot: a = |Δ| and b
+    (float64, sign ignored) the base; ulp = (mantissa bits, min exponent) of the base's dtype.
+    u = a·2^h·2^(k−h) with ulp(b) = 2^−k: exact, two in-range power-of-two factors."""
+    p, emin = ulp
+    e = ((b.view(torch.int64) >> 52) & 0x7FF) - 1023
+    k = p - e.clamp_min(emin)
+    h = torch.div(k, 2, rounding_mode="trunc")
+    u = a * _pow2(h) * _pow2(k - h)
+    octave = ((u.view(torch.int64) - 1) >> 52) - 1023 + ULP_EXACT - 3  # u in (2^j, 2^(j+1)]
+    cells = torch.where(u <= ULP_EXACT, u.ceil().to(torch.int64), octave.clamp_(max=ULP_BINS - 1))
+    return torch.bincount(cells.masked_fill_(a == 0, 0).flatten(), minlength=ULP_BINS)
+
+
 class PairAccumulator:
     """`pair` figures for one matrix from torch row chunks (any device); the per-element work is
     ~15 torch ops. On CPU the one-pass kernel in worker.fused does the same in one sweep."""
@@ -46,25 +65,31 @@ class PairAccumulator:
         heads: int | None,
         heads_on_rows: bool,
         device: torch.device,
+        ulp: tuple[int, int] | None = None,
     ):
-        self.device, self.taus, self.relative = device, taus, relative
+        """ulp: (mantissa bits, min exponent) of the base's stored dtype (contract.ULP_FORMATS), or
+        None for no ULP histogram."""
+        self.device, self.taus, self.relative, self.ulp = device, taus, relative, ulp
         self.rows, self.cols = rows, cols
         zeros = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
         self.fine = zeros(2, FINE_CELLS)  # [abs, rel] x cell
         self.changed = zeros(2, len(taus))  # [abs, rel] x τ
         self.moments = zeros(3, dt=torch.float64)  # Σ Δ², Σ b², Σ |Δ|
         self.max_abs = zeros(1, dt=torch.float64)
+        self.ulp_hist = zeros(ULP_BINS)
         self.map = UpdateMap(rows, cols, heads, heads_on_rows) if matrix_2d else None
         self.spectrum = Spectrum(rows, cols, torch) if matrix_2d and want_rank else None
 
     def add(self, base: torch.Tensor, runs: list[torch.Tensor], row0: int, grid_row: int) -> None:
         """One row chunk of the base and of the target (runs[0]); rows row0.. lie in map row grid_row."""
-        b = base.to(self.device, torch.float64)
+        b = base.to(self.device, torch.float64, copy=True)  # own copy: abs_ below must not touch the caller's
         d = runs[0].to(self.device, torch.float64) - b
         a, b = d.abs(), b.abs_()
         ratio = torch.where(a == 0, 0.0, a / b)  # unchanged stays in the zero bin, even where b = 0
         self.fine[0] += fine_histogram(a)
         self.fine[1] += fine_histogram(ratio)
+        if self.ulp:
+            self.ulp_hist += ulp_histogram(a, b, self.ulp)
         self.changed += torch.stack([torch.stack([(a > t).sum(), (a > t * b).sum()]) for t in self.taus], 1)
         self.moments += torch.stack([d.square().sum(), b.square().sum(), a.sum()])
         if a.numel():
@@ -88,14 +113,17 @@ class PairAccumulator:
             self.spectrum,
             self.rows,
             self.cols,
+            self.ulp_hist.cpu().numpy() if self.ulp else None,
         )
 
 
 class MaskAccumulator:
     """Masks M_k = changed(run_k vs base) at one τ for several runs of one matrix.
 
-    overlap: counts every membership pattern (Venn regions; all pairwise figures follow).
-    series:  per step |M_k| and |M_k ∧ ¬M_final|, plus |∪M| and |∪M ∧ ¬M_final| — O(T), any T.
+    overlap: counts every membership pattern (Venn regions; all pairwise figures follow), and per
+             pair the weights changed in both with the same sign of Δ.
+    series:  per step |M_k| and |M_k ∧ ¬M_final|, plus |∪M| and |∪M ∧ ¬M_final| — O(T), any T; per
+             weight the first step it changed at, counted per step and split kept / reverted.
     """
 
     MAX_OVERLAP_RUNS = 12
@@ -110,30 +138,50 @@ class MaskAccumulator:
         self.union = torch.zeros(2, dtype=torch.int64, device=device)  # |∪M|, |∪M ∧ ¬M_final|
         self.sq_delta = torch.zeros(runs, dtype=torch.float64, device=device)
         self.sq_base = torch.zeros(1, dtype=torch.float64, device=device)
+        self.same_sign = torch.zeros(runs, runs, dtype=torch.int64, device=device)  # on A ∧ B, per pair
+        self.first = torch.zeros(2, runs + 1, dtype=torch.int64, device=device)  # [reverted, kept] x step
 
-    def _mask(self, b: torch.Tensor, run: torch.Tensor, k: int) -> torch.Tensor:
+    def _mask(self, b: torch.Tensor, run: torch.Tensor, k: int, up: list | None = None) -> torch.Tensor:
         d = run.to(self.device, torch.float64) - b
         self.sq_delta[k] += d.square().sum()
+        if up is not None:
+            up.append(d > 0)
         a = d.abs_()
         return (a > self.tau * b.abs()) if self.relative else (a > self.tau)
+
+    def _signs(self, masks: list[torch.Tensor], up: list[torch.Tensor]) -> None:
+        """Per pair (A, B), weights changed in both whose Δ has the same sign: P·Pᵀ + N·Nᵀ over the
+        chunk, P / N the changed-up / changed-down indicators (float64 sums of 0/1: exact below 2^53)."""
+        m = torch.stack([x.flatten() for x in masks])
+        u = torch.stack([x.flatten() for x in up])
+        pos, neg = (m & u).to(torch.float64), (m & ~u).to(torch.float64)
+        self.same_sign += (pos @ pos.T + neg @ neg.T).round_().to(torch.int64)
 
     def add(self, base: torch.Tensor, runs: list[torch.Tensor], row0: int = 0, grid_row: int = 0) -> None:
         b = base.to(self.device, torch.float64)
         self.sq_base += b.square().sum()
         if not self.series:
             code = torch.zeros(b.shape, dtype=torch.int32, device=self.device)
+            masks, up = [], []
             for k, run in enumerate(runs):
-                code += self._mask(b, run, k).to(torch.int32) << k
+                masks.append(self._mask(b, run, k, up))
+                code += masks[-1].to(torch.int32) << k
             self.patterns += torch.bincount(code.flatten(), minlength=1 << self.runs)
+            self._signs(masks, up)
             return
         final = self._mask(b, runs[-1], len(runs) - 1)
         not_final = ~final
         union = final.clone()
+        first = torch.full(b.shape, len(runs), dtype=torch.int64, device=self.device)  # T: never changed
         for k, run in enumerate(runs):
             mask = final if k == len(runs) - 1 else self._mask(b, run, k)
+            first.masked_fill_(mask & (first == len(runs)), k)
             union |= mask
             self.steps[k] += torch.stack([mask.sum(), (mask & not_final).sum()])
         self.union += torch.stack([union.sum(), (union & not_final).sum()])
+        # first step each weight changed at, split by whether it is in the final mask
+        slots = (first + final * (len(runs) + 1)).flatten()
+        self.first += torch.bincount(slots, minlength=2 * (len(runs) + 1)).view(2, -1)
 
     def result(self) -> dict:
         return dict(
@@ -142,4 +190,6 @@ class MaskAccumulator:
             union=self.union.tolist(),
             sq_delta=self.sq_delta.tolist(),
             sq_base=float(self.sq_base.item()),
+            same_sign=self.same_sign.tolist(),
+            first=self.first.tolist(),  # [not in final mask, in it] x first step changed (T: never)
         )

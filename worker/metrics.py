@@ -164,9 +164,20 @@ def _downsample(sigma: np.ndarray) -> tuple[list[int], list[float]]:
 
 
 def pair_result(
-    fine_abs, fine_rel, changed_abs, changed_rel, moments, max_abs, update_map, spectrum, rows, cols
+    fine_abs,
+    fine_rel,
+    changed_abs,
+    changed_rel,
+    moments,
+    max_abs,
+    update_map,
+    spectrum,
+    rows,
+    cols,
+    ulp_hist=None,
 ) -> dict:
-    """The per-matrix record both pair kernels return."""
+    """The per-matrix record both pair kernels return (ulp_hist: counts over contract.ULP_EDGES, or
+    None where the base's dtype has no ULP histogram)."""
     sq_delta, sq_base, abs_sum = (float(x) for x in moments)
     out = dict(
         changed_abs=[int(c) for c in changed_abs],
@@ -180,6 +191,8 @@ def pair_result(
         sq_delta=sq_delta,
         sq_base=sq_base,
     )
+    if ulp_hist is not None:
+        out["ulp_hist"] = [int(c) for c in ulp_hist]
     if update_map is not None:
         out["update_map"] = update_map.result()
     if spectrum is not None and np.isfinite(sq_delta):  # non-finite Δ: refused by the caller, no spectrum

@@ -68,6 +68,7 @@ def pair_summary(doc: dict) -> str:
     )
     if s["mean_rank_pct"] is not None:
         lines.append(f"update rank: mean {s['mean_rank_pct']:.1f}% of full, min {s['min_rank_pct']:.1f}%")
+    lines += _precision(s.get("precision"), doc.get("masters"))
     lines += [
         "",
         _grouped("by matrix type", s["by_matrix"], "matrix"),
@@ -77,6 +78,26 @@ def pair_summary(doc: dict) -> str:
         _skipped(doc),
     ]
     return "\n".join(lines)
+
+
+def _precision(p: dict | None, masters: dict | None) -> list[str]:
+    """One line on ULP steps (worker/precision.py), and the masters' true vs visible change."""
+    out = []
+    if p and p["numel"]:
+        out.append(
+            f"precision: {p['one_ulp']:,} weights moved by at most one ULP of the base's dtype "
+            f"({_pct(p['one_ulp_share'])} of weights, {_pct(p['one_ulp_of_changed'])} of changed ones)"
+        )
+    if masters:
+        rows = [
+            [f"{t['tau']:g}", f"{t['count']:,}", f"{v['count']:,}", f"{h['count']:,}"]
+            for t, v, h in zip(masters["true"], masters["visible"], masters["hidden"])
+        ]
+        a = masters["any"]
+        rows.insert(0, ["0 (any)", f"{a['true']:,}", f"{a['visible']:,}", f"{a['hidden']:,}"])
+        out += ["", f"fp32 masters {masters['path']}: true vs visible change"]
+        out.append(_table(["τ", "true (masters)", "visible (stored)", "hidden"], rows))
+    return out
 
 
 def series_summary(doc: dict) -> str:

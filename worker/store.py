@@ -16,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 
+from deltalens.worker import geometry, precision
 from deltalens.worker.analyses import AnalysisResult
 from deltalens.worker.contract import BIN_EDGES, SCHEMA_SQL, SCHEMA_VERSION
 
@@ -42,6 +43,9 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
             "series_categories",
             "skipped",
             "adapter_modules",
+            "overlap_stats",
+            "upset",
+            "series_first_change",
         )
     }
     rows["analyses"] = [
@@ -119,8 +123,13 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
     if result.kind == "overlap":
         total = [sum(col) for col in zip(*(d["patterns"] for d in result.details))]
         _overlap_rows(rows, aid, "*", doc["summary"], total, len(doc["runs"]), taus[0], mode)
+        rows["upset"] += [
+            (aid, u["region"], len(u["runs"]), u["exact"], u["inclusive"]) for u in doc["summary"]["upset"]
+        ]
     if result.kind == "series":
         _series_rows(rows, aid, "*", doc)
+    if result.kind == "pair":
+        rows["ulp_histograms"] = precision.store_rows(result.details, aid)
     for adapter in doc.get("adapters", []):
         rows["adapter_modules"] += [
             (
@@ -140,6 +149,8 @@ def _rows(result: AnalysisResult, aid: str) -> dict[str, list[tuple]]:
             )
             for m in adapter["modules"]
         ]
+    if result.kind == "pair":
+        rows.update(geometry.rows(aid, result.details))
     for reason, entries in doc["skipped"].items():
         rows["skipped"] += [(aid, e if isinstance(e, str) else e["name"], reason) for e in entries]
     return rows
@@ -152,6 +163,22 @@ def _overlap_rows(rows, aid, name, fig, patterns, runs, tau, mode):
     ]
     rows["overlap_pairs"] += [
         (aid, name, p["a"], p["b"], p["both"], p["o1"], p["o2"], p["baseline1"], p["baseline2"], p["jaccard"])
+        for p in fig["pairs"]
+    ]
+    rows["overlap_stats"] += [
+        (
+            aid,
+            name,
+            p["a"],
+            p["b"],
+            p["both"],
+            p["baseline"],
+            p["variance"],
+            p["lift"],
+            p["z"],
+            p["same_sign"],
+            p.get("baseline_global"),
+        )
         for p in fig["pairs"]
     ]
     if name != "*":
@@ -170,6 +197,10 @@ def _series_rows(rows, aid, name, fig):
             s["transient_fraction"],
             s["relative_l2"],
         )
+        for i, s in enumerate(fig["steps"])
+    ]
+    rows["series_first_change"] += [
+        (aid, name, i, s["first_changed"], s["kept"], s["reverted"], s["norm_delta"])
         for i, s in enumerate(fig["steps"])
     ]
     c = fig["categories"]

@@ -161,11 +161,19 @@ def unexpected(e: Exception, what: str) -> str:
     return f"the {what} stopped on an unexpected error ({type(e).__name__}); the worker's log has the details"
 
 
-def _options(taus, relative, rank, names=None, unstored=False):
+def _options(taus, relative, rank, names=None, unstored=False, geometry=True):
     from deltalens.worker.analyses import Options
 
     device = get_settings().device
-    return Options(taus=taus, relative=relative, rank=rank, device=device, names=names, unstored=unstored)
+    return Options(
+        taus=taus,
+        relative=relative,
+        rank=rank,
+        device=device,
+        names=names,
+        unstored=unstored,
+        geometry=geometry,
+    )
 
 
 @celery_app.task(name=ANALYSIS_TASK, bind=True)
@@ -178,6 +186,7 @@ def run_analysis_task(
     relative: bool = False,
     rank: bool = True,
     pins: list[dict | None] | None = None,
+    geometry: bool = True,
 ) -> dict:
     from deltalens.worker.store import write_artifact
 
@@ -193,7 +202,7 @@ def run_analysis_task(
         analysis_id,
         kind,
         paths,
-        _options(taus, relative, rank),
+        _options(taus, relative, rank, geometry=geometry),
         lambda result: write_artifact(result, artifact, analysis_id),
         pins,
     )
@@ -219,6 +228,7 @@ def run_part_task(
     relative: bool = False,
     rank: bool = True,
     pins: list[dict | None] | None = None,
+    geometry: bool = True,
 ) -> dict:
     """One shard group of a pair analysis: its per-matrix details, in results/<id>.parts/<part>.json."""
     out = parts_folder(analysis_id) / f"{part}.json"
@@ -247,7 +257,13 @@ def run_part_task(
     return {
         # part 0 also takes the heads the base does not store (read through its tied embedding)
         **_run(
-            self, analysis_id, "pair", paths, _options(taus, relative, rank, names, part == 0), publish, pins
+            self,
+            analysis_id,
+            "pair",
+            paths,
+            _options(taus, relative, rank, names, part == 0, geometry),
+            publish,
+            pins,
         ),
         "part": part,
     }
@@ -262,6 +278,7 @@ def merge_parts_task(
     relative: bool = False,
     rank: bool = True,
     pins: list[dict | None] | None = None,
+    geometry: bool = True,
 ) -> dict:
     """Chord callback: the parts' details in tensor order -> the same artifact one worker would publish."""
     from deltalens.worker import adapters

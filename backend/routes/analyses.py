@@ -18,6 +18,7 @@ from deltalens.backend.models import (
     Comparison,
     Created,
     ErrorOut,
+    GeometryView,
     Heatmap,
     HeatmapCube,
     MaskIn,
@@ -76,7 +77,9 @@ def _job(catalog, aid: str) -> dict:
     responses={**WRITE, **errors(404), 202: {"links": TO_ANALYSIS}},
 )
 def create(body: AnalysisIn, jobs: JobsDep) -> Created:
-    return Created(id=jobs.submit(body.kind, body.checkpoints, body.taus, body.relative, body.rank))
+    return Created(
+        id=jobs.submit(body.kind, body.checkpoints, body.taus, body.relative, body.rank, body.geometry)
+    )
 
 
 @router.post("/analyses/redeliver", dependencies=WriteAccess, responses=WRITE)
@@ -164,6 +167,13 @@ def tensors(aid: str, catalog: CatalogDep) -> list[TensorRow]:
 def tensor(aid: str, name: str, catalog: CatalogDep) -> Response:
     """Histograms, singular spectrum, update map and counts of one matrix (cached JSON, served as is)."""
     return Response(results.tensor_detail(catalog, aid, name), media_type=JSON)
+
+
+@router.get("/analyses/{aid}/geometry", responses=NOT_READY)
+def geometry(aid: str, catalog: CatalogDep) -> GeometryView:
+    """Layer × matrix-type grids of a pair's principal geometry: energy of ΔW in the base's top-8
+    singular subspaces, rank-1 dominance, and enrichment of the update mask in the largest weights."""
+    return GeometryView(**results.geometry(catalog, aid))
 
 
 @router.get("/analyses/{aid}/series", responses=NOT_READY)

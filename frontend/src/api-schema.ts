@@ -78,6 +78,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/analyses/{aid}/geometry": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Geometry
+         * @description Layer × matrix-type grids of a pair's principal geometry: energy of ΔW in the base's top-8
+         *     singular subspaces, rank-1 dominance, and enrichment of the update mask in the largest weights.
+         */
+        get: operations["geometry_api_analyses__aid__geometry_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/analyses/{aid}/heatmap": {
         parameters: {
             query?: never;
@@ -582,6 +603,12 @@ export interface components {
              */
             checkpoints: string[];
             /**
+             * Geometry
+             * @description pair: principal geometry of ΔW against the base and where the update mask falls
+             * @default true
+             */
+            geometry?: boolean;
+            /**
              * Kind
              * @enum {string}
              */
@@ -798,6 +825,84 @@ export interface components {
              */
             total_bytes: number;
         };
+        /** Enrichment */
+        Enrichment: {
+            /**
+             * Changed
+             * @description |M|
+             */
+            changed: number;
+            /**
+             * Magnitude
+             * @description selections of the largest |W₀|
+             */
+            magnitude: components["schemas"]["EnrichmentCount"][];
+            /**
+             * Mode
+             * @description absolute (|Δ| > τ) or relative (|Δ| > τ·|b|)
+             */
+            mode: string;
+            /** Numel */
+            numel: number;
+            /**
+             * Principal
+             * @description selections of the largest |U_k Σ_k V_kᵀ|
+             */
+            principal: components["schemas"]["EnrichmentCount"][];
+            /**
+             * Principal K
+             * @description rank of W₀'s reconstruction U_k Σ_k V_kᵀ
+             */
+            principal_k: number;
+            /**
+             * Tau
+             * @description the mask's τ: the analysis's first
+             */
+            tau: number;
+        };
+        /** EnrichmentCount */
+        EnrichmentCount: {
+            /**
+             * Expected
+             * @description |M|·|P|/N: a random mask of the same size
+             */
+            expected: number;
+            /**
+             * Observed
+             * @description |M ∧ P|: changed weights inside the selection
+             */
+            observed: number;
+            /**
+             * Percent
+             * @description the selection: top `percent` % of the entries
+             */
+            percent: number;
+            /**
+             * Ratio
+             * @description observed / expected; null when nothing changed
+             */
+            ratio: number | null;
+            /**
+             * Selected
+             * @description |P| = ⌈N·percent/100⌉ (ties at the threshold: lowest row-major index first)
+             */
+            selected: number;
+        };
+        /** EnrichmentGrid */
+        EnrichmentGrid: {
+            /** Percent */
+            percent: number;
+            /**
+             * Ratio
+             * @description Σ observed / Σ expected per cell
+             */
+            ratio: (number | null)[][];
+            /**
+             * Selector
+             * @enum {string}
+             */
+            selector: "magnitude" | "principal";
+        };
         /**
          * ErrorOut
          * @description The body of every error response.
@@ -826,6 +931,38 @@ export interface components {
              * @description bytes
              */
             size: number;
+        };
+        /**
+         * GeometryView
+         * @description A pair's principal geometry per layer × matrix type (each cell pools its matrices).
+         */
+        GeometryView: {
+            /** Analysis */
+            analysis: string;
+            /**
+             * Count
+             * @description matrices with geometry per cell
+             */
+            count: (number | null)[][];
+            /** Energy In Top8 */
+            energy_in_top8: (number | null)[][];
+            /** Enrichment */
+            enrichment: components["schemas"]["EnrichmentGrid"][];
+            /** Layers */
+            layers: (number | null)[];
+            /** Matrices */
+            matrices: string[];
+            /** Mode */
+            mode: string | null;
+            /** @description the whole model pooled */
+            model: components["schemas"]["PooledGeometry"] | null;
+            /** Rank1 Dominance */
+            rank1_dominance: (number | null)[][];
+            /**
+             * Tau
+             * @description the update mask's τ (the analysis's first)
+             */
+            tau: number | null;
         };
         /**
          * Group
@@ -915,6 +1052,24 @@ export interface components {
             mode: "abs" | "rel";
             /** Numel */
             numel: (number | null)[][];
+        };
+        /** Intruders */
+        Intruders: {
+            /**
+             * Count
+             * @description per k: W₁'s top-k left singular vectors matching none of W₀'s top 2k
+             */
+            count: number[];
+            /**
+             * Indices
+             * @description per k: their 0-based positions in W₁'s spectrum
+             */
+            indices: number[][];
+            /**
+             * Threshold
+             * @description |cosine| a match must exceed
+             */
+            threshold: number;
         };
         /** LinkIn */
         LinkIn: {
@@ -1040,6 +1195,10 @@ export interface components {
         };
         /** OverlapFigures */
         OverlapFigures: {
+            /** By Layer */
+            by_layer?: components["schemas"]["OverlapGroup"][] | null;
+            /** By Matrix */
+            by_matrix?: components["schemas"]["OverlapGroup"][] | null;
             /**
              * Changed
              * @description per run, weights changed
@@ -1050,12 +1209,41 @@ export interface components {
             /** Pairs */
             pairs: components["schemas"]["OverlapPair"][];
             /**
+             * Upset
+             * @description every non-empty set of runs (model level)
+             */
+            upset?: components["schemas"]["UpsetRow"][] | null;
+            /**
              * Venn
              * @description for 2–3 runs: count of every Venn region, keyed by membership bits in run order
              */
             venn?: {
                 [key: string]: number;
             } | null;
+        } & {
+            [key: string]: unknown;
+        };
+        /** OverlapGroup */
+        OverlapGroup: {
+            /**
+             * Changed
+             * @description per run
+             */
+            changed: number[];
+            /**
+             * Layer
+             * @description layer index; null for tensors outside the layers
+             */
+            layer?: number | null;
+            /**
+             * Matrix
+             * @description the group's matrix type (by_matrix)
+             */
+            matrix?: string | null;
+            /** Numel */
+            numel: number;
+            /** Pairs */
+            pairs: components["schemas"]["PairStats"][];
         } & {
             [key: string]: unknown;
         };
@@ -1092,6 +1280,11 @@ export interface components {
              */
             b: number;
             /**
+             * Baseline
+             * @description E|A ∧ B| of random masks of the same density: hypergeometric mean, Σ over tensors
+             */
+            baseline?: number | null;
+            /**
              * Baseline1
              * @description |B| / N: o1 of a random mask of B's size
              */
@@ -1102,12 +1295,27 @@ export interface components {
              */
             baseline2: number | null;
             /**
+             * Baseline Global
+             * @description |A||B|/N of the totals (model / group level)
+             */
+            baseline_global?: number | null;
+            /**
              * Both
              * @description |A ∧ B|
              */
             both: number;
             /** Jaccard */
             jaccard: number | null;
+            /**
+             * Lift
+             * @description both / baseline
+             */
+            lift?: number | null;
+            /**
+             * Lift Global
+             * @description both / baseline_global
+             */
+            lift_global?: number | null;
             /**
              * O1
              * @description |A ∧ B| / |A|
@@ -1118,6 +1326,31 @@ export interface components {
              * @description |A ∧ B| / |B|
              */
             o2: number | null;
+            /**
+             * Opposite Sign
+             * @description of both: sign(Δ_A) ≠ sign(Δ_B)
+             */
+            opposite_sign?: number | null;
+            /**
+             * Same Sign
+             * @description of both: sign(Δ_A) = sign(Δ_B)
+             */
+            same_sign?: number | null;
+            /**
+             * Sign Agreement
+             * @description same_sign / both
+             */
+            sign_agreement?: number | null;
+            /**
+             * Variance
+             * @description hypergeometric variance, Σ over tensors
+             */
+            variance?: number | null;
+            /**
+             * Z
+             * @description (both − baseline) / sqrt(variance)
+             */
+            z?: number | null;
         } & {
             [key: string]: unknown;
         };
@@ -1218,6 +1451,10 @@ export interface components {
         OverlapTensor: {
             /** Block */
             block: string;
+            /** By Layer */
+            by_layer?: components["schemas"]["OverlapGroup"][] | null;
+            /** By Matrix */
+            by_matrix?: components["schemas"]["OverlapGroup"][] | null;
             /**
              * Changed
              * @description per run, weights changed
@@ -1250,6 +1487,11 @@ export interface components {
              * @description the stored tensor it is (a part of)
              */
             source: string;
+            /**
+             * Upset
+             * @description every non-empty set of runs (model level)
+             */
+            upset?: components["schemas"]["UpsetRow"][] | null;
             /**
              * Venn
              * @description for 2–3 runs: count of every Venn region, keyed by membership bits in run order
@@ -1286,6 +1528,8 @@ export interface components {
             min_rank_pct: number | null;
             /** Numel */
             numel: number;
+            /** @description ULP histogram and one-ULP share */
+            precision?: components["schemas"]["PrecisionFigures"] | null;
             similarity: components["schemas"]["Similarity"];
             /** Sparsity */
             sparsity: components["schemas"]["TauValue"][];
@@ -1339,6 +1583,34 @@ export interface components {
              * @default []
              */
             warnings?: components["schemas"]["Notice"][];
+        } & {
+            [key: string]: unknown;
+        };
+        /**
+         * PairStats
+         * @description A pair's overlap in a group of tensors, against the summed per-tensor random baselines.
+         */
+        PairStats: {
+            /** A */
+            a: number;
+            /** B */
+            b: number;
+            /** Baseline */
+            baseline: number;
+            /** Both */
+            both: number;
+            /** Lift */
+            lift: number | null;
+            /** Opposite Sign */
+            opposite_sign: number;
+            /** Same Sign */
+            same_sign: number;
+            /** Sign Agreement */
+            sign_agreement: number | null;
+            /** Variance */
+            variance: number;
+            /** Z */
+            z: number | null;
         } & {
             [key: string]: unknown;
         };
@@ -1475,6 +1747,94 @@ export interface components {
              */
             path?: string | null;
         };
+        /** PooledEnrichment */
+        PooledEnrichment: {
+            /** Percent */
+            percent: number;
+            /** Ratio */
+            ratio: number | null;
+        };
+        /** PooledGeometry */
+        PooledGeometry: {
+            /**
+             * Energy In Top8
+             * @description ‖ΔW‖²-weighted mean share in W₀'s top-8 subspaces
+             */
+            energy_in_top8: number | null;
+            /**
+             * Enrichment
+             * @description per selector: Σ observed / Σ expected
+             */
+            enrichment: {
+                [key: string]: components["schemas"]["PooledEnrichment"][];
+            };
+            /** Matrices */
+            matrices: number;
+            /**
+             * Rank1 Dominance
+             * @description ‖ΔW‖²-weighted mean of σ₁(ΔW)²/‖ΔW‖²
+             */
+            rank1_dominance: number | null;
+        };
+        /**
+         * PrecisionFigures
+         * @description |Δ| in ULPs of the base's stored dtype, summed over the matrices that have a ULP grid.
+         */
+        PrecisionFigures: {
+            /** By Layer Matrix */
+            by_layer_matrix: components["schemas"]["UlpCell"][];
+            /**
+             * Dtypes
+             * @description the base's stored dtypes counted
+             */
+            dtypes: string[];
+            /** Numel */
+            numel: number;
+            /** One Ulp */
+            one_ulp: number;
+            /** One Ulp Of Changed */
+            one_ulp_of_changed: number | null;
+            /** One Ulp Share */
+            one_ulp_share: number | null;
+            /**
+             * Ulp Edges
+             * @description bins: [u = 0], (0, E0], (E0, E1], …, (E_last, +inf)
+             */
+            ulp_edges: number[];
+            /** Ulp Hist */
+            ulp_hist: number[];
+            /**
+             * Unknowable
+             * @description what stored checkpoints cannot show
+             */
+            unknowable: string;
+            /**
+             * Visibility Floor
+             * @description per dtype: no stored change is below this · |b|
+             */
+            visibility_floor: {
+                [key: string]: number;
+            };
+        } & {
+            [key: string]: unknown;
+        };
+        /** PrincipalAngles */
+        PrincipalAngles: {
+            /**
+             * Left Max Deg
+             * @description per k: largest angle between W₀'s and W₁'s top-k left subspaces
+             */
+            left_max_deg: number[];
+            /**
+             * Left Mean Cos2
+             * @description per k: mean cos² of those angles (1 = same subspace)
+             */
+            left_mean_cos2: number[];
+            /** Right Max Deg */
+            right_max_deg: number[];
+            /** Right Mean Cos2 */
+            right_mean_cos2: number[];
+        };
         /** Redelivered */
         Redelivered: {
             /**
@@ -1561,6 +1921,7 @@ export interface components {
             tau: number;
             /** Tensors */
             tensors: components["schemas"]["SeriesTensor"][];
+            transient_heatmap?: components["schemas"]["TransientHeatmap"] | null;
             /**
              * Warnings
              * @description what makes the counts mean less than they seem (dtype changes, ties)
@@ -1580,6 +1941,21 @@ export interface components {
             /** Checkpoint */
             checkpoint: string;
             /**
+             * First Changed
+             * @description weights first differing from the base at this step
+             */
+            first_changed?: number | null;
+            /**
+             * Kept
+             * @description of first_changed: still changed at the final checkpoint
+             */
+            kept?: number | null;
+            /**
+             * Norm Delta
+             * @description ‖θ_t − θ0‖₂ (absolute)
+             */
+            norm_delta?: number | null;
+            /**
              * Outside Final
              * @description |M_t ∧ ¬M_T|
              */
@@ -1589,6 +1965,11 @@ export interface components {
              * @description ‖θ_t − θ0‖₂ / ‖θ0‖₂
              */
             relative_l2: number | null;
+            /**
+             * Reverted
+             * @description of first_changed: unchanged at the final checkpoint
+             */
+            reverted?: number | null;
             /**
              * Transient Fraction
              * @description |M_t ∧ ¬M_T| / |M_t|
@@ -1643,6 +2024,7 @@ export interface components {
              * @description rows in the result's `tensors`
              */
             tensor_count: number;
+            transient_heatmap?: components["schemas"]["TransientHeatmap"] | null;
             /**
              * Warnings
              * @description what makes the counts mean less than they seem (dtype changes, ties)
@@ -1698,6 +2080,7 @@ export interface components {
             steps: components["schemas"]["SeriesStep"][];
             /** Tau */
             tau: number;
+            transient_heatmap: components["schemas"]["TransientHeatmap"];
         };
         /** Similarity */
         Similarity: {
@@ -1794,6 +2177,8 @@ export interface components {
             expert: number | null;
             /** Full Rank */
             full_rank: number | null;
+            /** @description null for vectors, --no-geometry, older results */
+            geometry?: components["schemas"]["TensorGeometry"] | null;
             /**
              * Histograms
              * @description per mode (abs, rel), counts over bin_edges
@@ -1840,7 +2225,55 @@ export interface components {
             stable_rank: number | null;
             /** Sum Abs Delta */
             sum_abs_delta: number | null;
+            /** @description pair: the ULP histogram (null for dtypes without one: integers, fp8 dequantized) */
+            ulp_histogram?: components["schemas"]["UlpHistogram"] | null;
             update_map: components["schemas"]["UpdateMap"] | null;
+        };
+        /**
+         * TensorGeometry
+         * @description ΔW = W₁ − W₀ against W₀'s singular subspaces, and where the update mask falls (2-D matrices).
+         */
+        TensorGeometry: {
+            angles?: components["schemas"]["PrincipalAngles"] | null;
+            /**
+             * Drift
+             * @description σᵢ(W₁)/σᵢ(W₀), i < max k
+             */
+            drift?: (number | null)[] | null;
+            /**
+             * Energy In Topk
+             * @description ‖U_kᵀ ΔW V_k‖²/‖ΔW‖²; null when ΔW = 0
+             */
+            energy_in_topk?: number[] | null;
+            enrichment?: components["schemas"]["Enrichment"] | null;
+            intruders?: components["schemas"]["Intruders"] | null;
+            /**
+             * K
+             * @description 1, 8, 32 capped at min(m, n); every list follows it
+             */
+            k?: number[] | null;
+            /**
+             * Left In Topk
+             * @description ‖U_kᵀ ΔW‖²/‖ΔW‖²
+             */
+            left_in_topk?: number[] | null;
+            /** Method */
+            method?: ("exact" | "randomized") | null;
+            /**
+             * Rank1 Dominance
+             * @description σ₁(ΔW)²/‖ΔW‖²
+             */
+            rank1_dominance?: number | null;
+            /**
+             * Right In Topk
+             * @description ‖ΔW V_k‖²/‖ΔW‖²
+             */
+            right_in_topk?: number[] | null;
+            /**
+             * Skipped
+             * @description why no figures (too large); the rest is then absent
+             */
+            skipped?: string | null;
         };
         /**
          * TensorRow
@@ -1876,6 +2309,83 @@ export interface components {
             source: string;
         } & {
             [key: string]: unknown;
+        };
+        /**
+         * TransientHeatmap
+         * @description Per layer × matrix type: Σ transient / Σ weights of the cell's tensors.
+         */
+        TransientHeatmap: {
+            /** Layers */
+            layers: (number | null)[];
+            /** Matrices */
+            matrices: string[];
+            /** Numel */
+            numel: (number | null)[][];
+            /** Share */
+            share: (number | null)[][];
+            /** Transient */
+            transient: (number | null)[][];
+        };
+        /** UlpCell */
+        UlpCell: {
+            /**
+             * Layer
+             * @description layer index; null for tensors outside the layers
+             */
+            layer: number | null;
+            /** Matrix */
+            matrix: string;
+            /**
+             * Numel
+             * @description weights with a ULP grid (float dtypes, not fp8 dequantized)
+             */
+            numel: number;
+            /**
+             * One Ulp
+             * @description weights moved by more than 0 and at most 1 ULP of the base's dtype
+             */
+            one_ulp: number;
+            /**
+             * One Ulp Of Changed
+             * @description one_ulp / weights whose stored value changed
+             */
+            one_ulp_of_changed: number | null;
+            /**
+             * One Ulp Share
+             * @description one_ulp / numel
+             */
+            one_ulp_share: number | null;
+        };
+        /**
+         * UlpHistogram
+         * @description |Δ| in ULPs of the base's stored dtype at the base value (u = |t − b| / ulp(b)).
+         */
+        UlpHistogram: {
+            /**
+             * Counts
+             * @description [u = 0], (0, E0], (E0, E1], …, (E_last, +inf): len(edges) + 2
+             */
+            counts: number[];
+            /**
+             * Dtype
+             * @description the base's stored dtype the ULP is of
+             */
+            dtype: string;
+            /**
+             * Edges
+             * @description 1, 2, …, 16, then octaves 32 … 2^64
+             */
+            edges: number[];
+            /**
+             * One Ulp
+             * @description counts[1]: weights moved by more than 0 and at most 1 ULP
+             */
+            one_ulp: number;
+            /**
+             * Visibility Floor
+             * @description no stored change is below this · |b| (2^-(p+1))
+             */
+            visibility_floor: number;
         };
         /** UpdateMap */
         UpdateMap: {
@@ -1941,6 +2451,28 @@ export interface components {
             id: string;
             /** Name */
             name: string;
+        };
+        /** UpsetRow */
+        UpsetRow: {
+            /**
+             * Exact
+             * @description changed in exactly these runs (UpSet distinct mode)
+             */
+            exact: number;
+            /**
+             * Inclusive
+             * @description changed in at least these runs
+             */
+            inclusive: number;
+            /**
+             * Region
+             * @description membership bits in run order, e.g. '101'
+             */
+            region: string;
+            /** Runs */
+            runs: number[];
+        } & {
+            [key: string]: unknown;
         };
     };
     responses: never;
@@ -2231,10 +2763,59 @@ export interface operations {
             };
         };
     };
+    geometry_api_analyses__aid__geometry_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                aid: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GeometryView"];
+                };
+            };
+            /** @description No such analysis, checkpoint, upload, file or tensor */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Invalid parameters, body or checkpoint content */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
     heatmap_api_analyses__aid__heatmap_get: {
         parameters: {
             query?: {
-                /** @description one of sparsity, changed_share, rank_pct, effective_rank, relative_change, mean_abs_delta */
+                /** @description one of sparsity, changed_share, rank_pct, effective_rank, relative_change, mean_abs_delta, one_ulp_share */
                 metric?: string;
                 tau?: number;
                 mode?: "abs" | "rel";

@@ -66,6 +66,7 @@ export type Curve = Pick<SparsityCurve, "tau" | "sparsity">;
 export type PairSummary = Schemas["PairSummary"]; // /summary of a pair analysis
 export type TensorRow = Schemas["TensorRow"];
 export type TensorDetail = Schemas["TensorDetail"];
+export type GeometryView = Schemas["GeometryView"];
 export type Series = Schemas["SeriesView"];
 export type SeriesResult = Schemas["SeriesResult"]; // /result of a series analysis
 export type Overlap = Schemas["OverlapView"];

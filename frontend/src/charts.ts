@@ -25,12 +25,14 @@ const METRIC_LABELS: Record<Metric, string> = {
   effective_rank: "effective rank",
   relative_change: "relative change ‖Δ‖/‖W‖",
   mean_abs_delta: "mean |Δ|",
+  one_ulp_share: "one-ULP share (moved ≤ 1 ULP)",
 };
 export const metricLabel = (m: Metric) => METRIC_LABELS[m];
 
 export function formatMetric(metric: Metric, v: number | null): string {
   if (v === null || v === undefined || Number.isNaN(v)) return "–";
-  if (metric === "sparsity" || metric === "changed_share") return `${(100 * v).toFixed(2)}%`;
+  if (metric === "sparsity" || metric === "changed_share" || metric === "one_ulp_share")
+    return `${(100 * v).toFixed(2)}%`;
   if (metric === "rank_pct") return `${v.toFixed(1)}%`;
   if (metric === "effective_rank") return v.toFixed(1);
   return v.toExponential(2);
@@ -187,9 +189,10 @@ export function barsFigure(
       },
     ],
     layout: {
-      margin: { l: 50, r: 10, t: 10, b: 40 },
+      margin: { l: 50, r: 10, t: 30, b: 40 },
       height: 260,
-      yaxis: { title: { text: `sparsity % at τ=${tauLabel}` }, range: [0, 100] },
+      title: { text: `τ = ${tauLabel}`, font: { size: 12 } },
+      yaxis: { title: { text: "sparsity %" }, range: [0, 100] },
     },
   };
 }

@@ -5,6 +5,9 @@ export const pct = (x: number | null | undefined, digits = 2) =>
 export const int = (x: number | null | undefined) =>
   x === null || x === undefined ? "–" : Math.round(x).toLocaleString("en-US");
 export const sci = (x: number) => (x === 0 ? "0" : x.toExponential(2));
+/** A τ as the number it is: the shortest text that reads back as the same double (1e-5,
+ * 1.0013580322265625e-5), never a rounding that names a different threshold. */
+export const tauText = (x: number) => (x === 0 ? "0" : x.toExponential());
 export const bytes = (n: number) => {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let i = 0;

@@ -8,6 +8,7 @@ export const METRICS = [
   "effective_rank",
   "relative_change",
   "mean_abs_delta",
+  "one_ulp_share",
 ] as const;
 export type Metric = (typeof METRICS)[number];
 export type View = "browse" | "new" | "overview" | "tensor" | "series" | "overlap" | "compare";

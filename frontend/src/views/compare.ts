@@ -3,7 +3,7 @@ import { get, type AnalysisOut, type Checkpoint, type Comparison } from "../api"
 import { compareFigure } from "../charts";
 import type { Context } from "../context";
 import { h, panel } from "../dom";
-import { pct } from "../format";
+import { pct, tauText } from "../format";
 import { plotInto } from "../plot";
 import { withState } from "../state";
 
@@ -55,12 +55,7 @@ export async function renderCompare(ctx: Context): Promise<void> {
       h(
         "thead",
         {},
-        h(
-          "tr",
-          {},
-          h("th", {}, "analysis"),
-          h("th", { class: "num" }, `sparsity at τ=${cmp.tau.toExponential(2)}`),
-        ),
+        h("tr", {}, h("th", {}, "analysis"), h("th", { class: "num" }, `sparsity at τ=${tauText(cmp.tau)}`)),
       ),
       h(
         "tbody",

@@ -23,12 +23,14 @@ import {
 } from "../charts";
 import type { Context } from "../context";
 import { card, h, panel } from "../dom";
-import { int, pct, sci } from "../format";
+import { int, pct, sci, tauText } from "../format";
 import { plotInto, replot } from "../plot";
 import { METRICS, withState, type Metric, type Mode, type Scale } from "../state";
 import { maskExport } from "../mask";
 import { adapterPanels, readNotes } from "./adapters";
 import { finishedAnalysis } from "./analysis";
+import { precisionPanel } from "./precision";
+import { geometryPanel } from "./geometry";
 
 export async function renderPair(ctx: Context): Promise<void> {
   const job = await finishedAnalysis(ctx);
@@ -46,6 +48,25 @@ export async function renderPair(ctx: Context): Promise<void> {
   const edges = cube.bin_edges;
   let k = nearestEdge(edges, state.tau);
   const s = summary.summary;
+  // While τ is one the analysis was asked for (in its mode), every figure is that τ's exact stored
+  // count, labelled with τ as given; once the slider moves, the histogram edge's true value.
+  let exact =
+    state.mode === (summary.mode === "relative" ? "rel" : "abs") ? summary.taus.indexOf(state.tau) : -1;
+  const rows = exact >= 0 ? await get<ExactRow[]>(`/api/analyses/${id}/tensors`) : [];
+  if (!ctx.alive()) return;
+  const tauNow = () => (exact >= 0 ? summary.taus[exact] : tauAt(k));
+  const exactGrid = () => {
+    const changed = cube.layers.map(() => cube.matrices.map((): number | null => null));
+    for (const r of rows) {
+      const i = cube.layers.indexOf(r.layer ?? null),
+        j = cube.matrices.indexOf(r.matrix);
+      if (i >= 0 && j >= 0) changed[i][j] = (changed[i][j] ?? 0) + (r.changed?.[exact]?.count ?? 0);
+    }
+    const sparsity = changed.map((row, i) =>
+      row.map((c, j) => (c === null ? null : 1 - c / (cube.numel[i][j] as number))),
+    );
+    return { changed, sparsity };
+  };
 
   const tauLabel = h("output", { id: "tau-value" });
   const slider = h("input", {
@@ -80,7 +101,7 @@ export async function renderPair(ctx: Context): Promise<void> {
   const tauAt = (index: number) => (index < 0 ? 0 : edges[index]);
   const heatFigure = () => {
     const usesTau = state.metric === "sparsity" || state.metric === "changed_share";
-    const grid = gridAt(cube, k);
+    const grid = exact >= 0 ? exactGrid() : gridAt(cube, k);
     const values = usesTau
       ? grid.sparsity.map((row) =>
           row.map((v) => (v === null ? null : state.metric === "sparsity" ? v : 1 - v)),
@@ -94,10 +115,11 @@ export async function renderPair(ctx: Context): Promise<void> {
       numel: cube.numel,
       metric: state.metric,
       scale: state.scale,
-      tauLabel: sci(tauAt(k)),
+      tauLabel: tauText(tauNow()),
     });
   };
   const totals = () => {
+    if (exact >= 0) return { changed: s.changed[exact].count, numel: s.numel };
     let changed = 0,
       numel = 0;
     cube.hist.forEach((row, i) =>
@@ -113,6 +135,8 @@ export async function renderPair(ctx: Context): Promise<void> {
   const bars = () =>
     barsFigure(
       cube.matrices.map((m, j) => {
+        const group = s.by_matrix.find((g) => (g as { matrix?: string }).matrix === m);
+        if (exact >= 0 && group) return { label: m, changed: group.changed[exact].count, numel: group.numel };
         let changed = 0,
           numel = 0;
         cube.hist.forEach((row, i) => {
@@ -123,7 +147,7 @@ export async function renderPair(ctx: Context): Promise<void> {
         });
         return { label: m, changed, numel };
       }),
-      sci(tauAt(k)),
+      tauText(tauNow()),
     );
 
   root.replaceChildren(
@@ -158,7 +182,7 @@ export async function renderPair(ctx: Context): Promise<void> {
       h("label", {}, "colour ", scale),
       maskExport(
         id,
-        () => tauAt(k),
+        () => tauNow(),
         () => state.mode === "rel",
       ),
     ),
@@ -182,12 +206,16 @@ export async function renderPair(ctx: Context): Promise<void> {
   const barsPanel = panel(row, "By matrix type");
   const curveEl = plotInto(
     curvePanel,
-    curveFigure(curve, tauAt(k), curve.zero_share),
+    curveFigure(curve, tauNow(), curve.zero_share),
     "sparsity as a function of tau",
   );
   const barsEl = plotInto(barsPanel, bars(), "sparsity by matrix type");
   const skipped = Object.entries(summary.skipped).filter(([, v]) => v.length);
   root.append(...adapterPanels(summary));
+  precisionPanel(root, summary);
+  const geometrySlot = h("div", {}); // filled when the geometry figures arrive, in this place
+  root.append(geometrySlot);
+  void geometryPanel(ctx, geometrySlot);
   root.append(
     h(
       "section",
@@ -216,32 +244,41 @@ export async function renderPair(ctx: Context): Promise<void> {
 
   const update = () => {
     const { changed, numel } = totals();
-    tauLabel.textContent = k < 0 ? "0 (any change)" : sci(edges[k]);
+    tauLabel.textContent =
+      exact >= 0
+        ? `${tauText(summary.taus[exact])} (requested: exact count)`
+        : k < 0
+          ? "0 (any change)"
+          : tauText(edges[k]);
     sparsityCard.textContent = pct(1 - changed / numel);
     changedCard.textContent = int(changed);
   };
   update();
   slider.addEventListener("input", () => {
     k = Number(slider.value);
+    exact = -1;
     update();
     replot(heatEl, heatFigure());
     replot(barsEl, bars());
     replot(curveEl, curveFigure(curve, tauAt(k), curve.zero_share));
   });
   slider.addEventListener("change", () => {
-    state.tau = tauAt(k);
+    state.tau = tauNow();
     ctx.remember(state);
   });
   metric.addEventListener("change", () =>
-    ctx.navigate(withState(state, { metric: metric.value as Metric, tau: tauAt(k) })),
+    ctx.navigate(withState(state, { metric: metric.value as Metric, tau: tauNow() })),
   );
   mode.addEventListener("change", () =>
-    ctx.navigate(withState(state, { mode: mode.value as Mode, tau: tauAt(k) })),
+    ctx.navigate(withState(state, { mode: mode.value as Mode, tau: tauNow() })),
   );
   scale.addEventListener("change", () =>
-    ctx.navigate(withState(state, { scale: scale.value as Scale, tau: tauAt(k) })),
+    ctx.navigate(withState(state, { scale: scale.value as Scale, tau: tauNow() })),
   );
 }
+
+/** A result row with its exact counts at the requested τ values (the analysis's mode). */
+type ExactRow = TensorRow & { changed?: { tau: number; count: number }[] };
 
 /** Open the matrix behind a heatmap cell. */
 async function openCell(ctx: Context, id: string, layer: number | null, matrix: string): Promise<void> {

@@ -5,6 +5,7 @@ import { layerLabel, seriesFigures } from "../charts";
 import type { Context } from "../context";
 import { card, h, panel } from "../dom";
 import { pct, sci } from "../format";
+import { caption, firstChangeFigure, normFigure, transientHeatmapFigure } from "../maskcharts";
 import { plotInto } from "../plot";
 import { finishedAnalysis } from "./analysis";
 
@@ -36,6 +37,44 @@ export async function renderSeries(ctx: Context): Promise<void> {
   root.append(row);
   plotInto(a, curves, "transient fraction per checkpoint");
   plotInto(b, split, "share of weights per category");
+  a.append(
+    caption("Per checkpoint, the share of its changed weights that are not changed at the final checkpoint."),
+  );
+  b.append(
+    caption(
+      "Per checkpoint, all weights split into changed and in the final mask, changed but not, and unchanged.",
+    ),
+  );
+  const row2 = h("div", { class: "grid2" });
+  const first = panel(row2, "First change: where each weight first moved");
+  first.id = "first-change";
+  const norm = panel(row2, "‖Δ‖ per checkpoint");
+  norm.id = "norm-delta";
+  root.append(row2);
+  plotInto(first, firstChangeFigure(series.steps), "weights first changed per checkpoint, kept or reverted");
+  first.append(
+    caption(
+      "Weights counted at the checkpoint where they first differ from the base (at τ), split by whether they still differ at the final one.",
+    ),
+  );
+  plotInto(norm, normFigure(series.steps), "Frobenius norm of the change per checkpoint");
+  norm.append(
+    caption(
+      "The Frobenius norm ‖θ_t − θ₀‖₂ of the change over all compared weights (hover: relative to ‖θ₀‖₂).",
+    ),
+  );
+  const heat = panel(root, "Transient share per layer × matrix type");
+  heat.id = "transient-heatmap";
+  plotInto(
+    heat,
+    transientHeatmapFigure(series.transient_heatmap),
+    "transient share per layer and matrix type",
+  );
+  heat.append(
+    caption(
+      "Per layer and matrix type, the share of weights that moved at some checkpoint but not at the final one.",
+    ),
+  );
 
   const layers = new Map<string, { numel: number; consistent: number; transient: number }>();
   for (const t of (await get<SeriesResult>(`/api/analyses/${state.analysis}/result`)).tensors) {

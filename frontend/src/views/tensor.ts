@@ -4,9 +4,11 @@ import { get, type TensorDetail, type TensorRow } from "../api";
 import { histogramFigure, layerLabel, profileFigure, spectrumFigure, updateMapFigure } from "../charts";
 import type { Context } from "../context";
 import { card, h, panel } from "../dom";
-import { int, pct, sci } from "../format";
+import { int, pct, sci, tauText } from "../format";
 import { plotInto } from "../plot";
 import { withState } from "../state";
+import { geometryFigures } from "./geometry";
+import { floorCaption, precisionFigures, withVisibilityFloor } from "./precision";
 
 export async function renderTensor(ctx: Context): Promise<void> {
   const { root, state } = ctx;
@@ -72,7 +74,7 @@ export async function renderTensor(ctx: Context): Promise<void> {
   root.append(grid);
   if (t.update_map) {
     plotInto(
-      panel(grid, `Update map at τ = ${sci(t.update_map.tau)} (share changed per cell)`),
+      panel(grid, `Update map at τ = ${tauText(t.update_map.tau)} (share changed per cell)`),
       updateMapFigure(t.update_map),
       "update map",
     );
@@ -82,13 +84,24 @@ export async function renderTensor(ctx: Context): Promise<void> {
     if (t.update_map.head_frac)
       plotInto(profiles, profileFigure(t.update_map.head_frac, "head"), "changed share per head");
   }
-  if (counts.length)
+  const floor = state.mode === "rel" ? t.ulp_histogram?.visibility_floor : undefined;
+  const dtype = t.ulp_histogram?.dtype ?? t.dtype;
+  if (counts.length) {
+    const histPanel = panel(grid, "Histogram of |Δ|" + (state.mode === "rel" ? "/|W|" : ""));
     plotInto(
-      panel(grid, "Histogram of |Δ|" + (state.mode === "rel" ? "/|W|" : "")),
-      histogramFigure(counts, edges, state.tau, state.mode === "rel" ? "|Δ|/|W|" : "|Δ|"),
+      histPanel,
+      withVisibilityFloor(
+        histogramFigure(counts, edges, state.tau, state.mode === "rel" ? "|Δ|/|W|" : "|Δ|"),
+        floor,
+        dtype,
+      ),
       "histogram of weight changes",
     );
+    if (floor) histPanel.append(floorCaption(floor, dtype));
+  }
   if (t.spectrum) plotInto(panel(grid, "Singular spectrum of ΔW"), spectrumFigure(t), "singular values");
+  precisionFigures(grid, t);
+  geometryFigures(grid, t.geometry);
 }
 
 /** "model.layers.3.self_attn.q_proj.weight" -> "q_proj"; fused parts keep their [q]. */
