@@ -71,6 +71,7 @@ reliability: install
 	DELTALENS_HEADER_FUZZ_EXAMPLES=100000 $(BIN)/python -m pytest -q tests/test_header_fuzz.py
 	DELTALENS_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest -q tests/test_api_fuzz.py
 	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_access.py tests/test_faults.py
+	DELTALENS_WHEEL_DEPS=1 $(BIN)/python -m pytest -q tests/test_wheel.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/reliability_report.py
 

@@ -29,7 +29,7 @@ from deltalens.worker.analyses import Options, run_analysis
 
 SOAK = os.environ.get("DELTALENS_SOAK") == "1"
 RUNS = {
-    "worker_kill": 20 if SOAK else 3,
+    "worker_kill": 20 if SOAK else 1,
     "redis_restart": 5 if SOAK else 1,
     "api_upload": 5 if SOAK else 1,
     "api_ingest": 5 if SOAK else 1,
