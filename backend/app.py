@@ -6,9 +6,8 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
-from fastapi.staticfiles import StaticFiles
 
 from deltalens.backend.catalog import Catalog
 from deltalens.backend.errors import ApiError, install_handlers
@@ -17,6 +16,7 @@ from deltalens.backend.jobs import Jobs
 from deltalens.backend.limits import BodyLimits
 from deltalens.backend.models import Health
 from deltalens.backend.routes import analyses, checkpoints, links
+from deltalens.backend.static import REVALIDATE, Assets
 from deltalens.backend.uploads import Uploads
 from deltalens.worker.celery_app import make_celery
 from deltalens.worker.settings import Settings, get_settings
@@ -74,21 +74,28 @@ Build it from a clone of the repository with <code>{BUILD_COMMAND}</code>, or in
 
 
 def serve_dashboard(app: FastAPI, folder: Path | None) -> None:
-    """The built dashboard: its assets, and index.html for every view path (the SPA routes itself)."""
-    if folder is not None:
-        app.mount("/assets", StaticFiles(directory=folder / "assets"), name="assets")
+    """The built dashboard: its assets (precompressed, cached for good: backend/static.py), and
+    index.html (revalidated each load) for every view path (the SPA routes itself)."""
     index = (folder / "index.html").read_text() if folder else MISSING
+    assets = Assets(folder / "assets") if folder and (folder / "assets").is_dir() else None
+
+    @app.api_route("/assets/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def asset(name: str, request: Request) -> Response:
+        found = assets and assets.response(name, request.headers.get("accept-encoding", ""))
+        if not found:
+            raise ApiError(404, "not_found", f"no asset {name}")
+        return found
 
     @app.get("/{path:path}", include_in_schema=False)
     def dashboard(path: str) -> Response:
         if path.startswith("api/"):
             raise ApiError(404, "not_found", f"no endpoint /{path}")
         if folder is None:
-            return HTMLResponse(MISSING, status_code=503)
+            return HTMLResponse(MISSING, status_code=503, headers=REVALIDATE)
         file = (folder / path).resolve()
         if path and folder in file.parents and file.is_file():
-            return FileResponse(file)
-        return HTMLResponse(index)
+            return FileResponse(file, headers=REVALIDATE)
+        return HTMLResponse(index, headers=REVALIDATE)
 
 
 app = create_app()

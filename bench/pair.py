@@ -8,10 +8,11 @@ weights (norms almost untouched). Then, each in a fresh process, with a warm pag
   cat:         `cat` every shard of both checkpoints to /dev/null (GNU cat hands the copy to the
                kernel, which skips the data for /dev/null: this row moves no bytes)
   read:        read(2) every byte of every shard into memory (`dd bs=16M`) — the floor for any tool
-  engine:      `deltalens analyze BASE TARGET --no-rank` (histograms, both modes, maps — all of it)
+  engine:      `deltalens analyze BASE TARGET --no-rank --no-geometry` (counts, histograms, both
+               modes, maps, norms — every one-pass figure)
   engine, no Δ: the same on BASE against itself: the scan alone, when no weight moved
   naive:       load both state dicts fully, then `(t.float() - b.float()).abs() > τ` per tensor
-  engine+rank: the same with rank, full singular spectra and energy ranks of every matrix
+  engine+rank: the same with rank and geometry: full singular spectra, energy ranks, subspaces
   naive+rank:  the naive loop plus `torch.linalg.matrix_rank` of every 2-D Δ (rank only)
 and prints wall time, throughput (GB of checkpoint read per second), peak RSS and the ratios.
 """
@@ -95,13 +96,26 @@ def shapes(c: dict, layers: int):
         yield "lm_head.weight", (c["vocab"], h)
 
 
-def generate(root: Path, c: dict, layers: int) -> tuple[Path, Path]:
+def rl_update(name: str, b, g):
+    """RL-like target: a quarter of each matrix's weights move by 1e-6..1e-3 (norms almost untouched)."""
+    import torch
+
+    norm = "norm" in name
+    mask = torch.rand(b.shape, generator=g) < (0.002 if norm else 0.25)
+    step = torch.randn(b.shape, generator=g) * 10 ** (torch.rand(b.shape, generator=g) * 3 - 6)
+    return (b.float() + step * mask).to(torch.bfloat16)
+
+
+def generate(root: Path, c: dict, layers: int, targets: dict | None = None) -> tuple[Path, ...]:
+    """(base, *targets) folders under root, generated once: one bf16 base and, per entry of targets
+    (folder name -> update(name, base tensor, generator) -> target tensor), one target."""
     import torch
     from safetensors.torch import save_file
 
-    base_dir, target_dir = root / "base", root / "target"
-    if (target_dir / "model.safetensors.index.json").exists():
-        return base_dir, target_dir
+    targets = targets or {"target": rl_update}
+    base_dir, dirs = root / "base", [root / t for t in targets]
+    if all((d / "model.safetensors.index.json").exists() for d in dirs):
+        return base_dir, *dirs
     print(f"generating a {root.name} bf16 pair in {root} (once) ...", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
     config = {
@@ -124,31 +138,51 @@ def generate(root: Path, c: dict, layers: int) -> tuple[Path, Path]:
             size = 0
         shards[-1].append((name, shape))
         size += nbytes
-    for d in (base_dir, target_dir):
+    for d in (base_dir, *dirs):
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(config))
     weight_map = {}
     for k, entries in enumerate(shards):
         shard = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        base, target = {}, {}
+        base, moved = {}, {t: {} for t in targets}
         for name, shape in entries:
             norm = "norm" in name
-            b = (torch.randn(shape, generator=g) * (0.02 if not norm else 0.0) + (1.0 if norm else 0.0)).to(
-                torch.bfloat16
-            )
-            mask = torch.rand(shape, generator=g) < (0.002 if norm else 0.25)
-            step = torch.randn(shape, generator=g) * 10 ** (torch.rand(shape, generator=g) * 3 - 6)
-            base[name], target[name] = b, (b.float() + step * mask).to(torch.bfloat16)
+            base[name] = (
+                torch.randn(shape, generator=g) * (0.02 if not norm else 0.0) + (1.0 if norm else 0.0)
+            ).to(torch.bfloat16)
+            for t, update in targets.items():
+                moved[t][name] = update(name, base[name], g)
             weight_map[name] = shard
-            del mask, step
         save_file(base, base_dir / shard, metadata={"format": "pt"})
-        save_file(target, target_dir / shard, metadata={"format": "pt"})
-        del base, target
-    for d in (base_dir, target_dir):
+        for t, d in zip(targets, dirs):
+            save_file(moved[t], d / shard, metadata={"format": "pt"})
+        del base, moved
+    for d in (base_dir, *dirs):
         (d / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map})
         )
-    return base_dir, target_dir
+    return base_dir, *dirs
+
+
+def naive_cmd(base: Path, target: Path, out: Path, rank: bool) -> list[str]:
+    """The naive loop in a fresh interpreter; it writes its changed count to out."""
+    code = NAIVE.replace("RANK", str(rank)).replace(
+        "print(changed)", f"open({str(out)!r}, 'w').write(str(changed))"
+    )
+    return [sys.executable, "-c", code, str(base), str(target)]
+
+
+def engine_cmd(base: Path, target: Path, out: Path, rank: bool) -> list[str]:
+    """`deltalens analyze` writing its JSON to out; without rank also without geometry (counts,
+    histograms, maps, norms: the one-pass figures)."""
+    flags = [] if rank else ["--no-rank", "--no-geometry"]
+    return [sys.executable, "-m", "deltalens.worker.cli", "analyze", str(base), str(target), "--quiet",
+            "--json", str(out), *flags]  # fmt: skip
+
+
+def read_cmd(files: list[Path]) -> list[str]:
+    """read(2) every byte of every file into memory, 16 MiB at a time: the floor for any tool."""
+    return ["sh", "-c", 'for f; do dd if="$f" of=/dev/null bs=16M status=none; done', "sh", *map(str, files)]
 
 
 def run_child(cmd: list[str]) -> tuple[float, float]:
@@ -183,44 +217,14 @@ def main() -> None:
     gb = sum(f.stat().st_size for f in files) / 1e9
     out = data / "out"
     out.mkdir(exist_ok=True)
-    naive = lambda rank, name: [
-        sys.executable,
-        "-c",
-        NAIVE.replace("RANK", str(rank)).replace(  # noqa: E731
-            "print(changed)", f"open({str(out / name)!r}, 'w').write(str(changed))"
-        ),
-        str(base),
-        str(target),
-    ]
-    engine = lambda rank, name: [
-        sys.executable,
-        "-m",
-        "deltalens.worker.cli",
-        "analyze",
-        str(base),
-        str(target),
-        "--quiet",  # noqa: E731
-        "--json",
-        str(out / name),
-        *([] if rank else ["--no-rank"]),
-    ]
+    naive = lambda rank, name: naive_cmd(base, target, out / name, rank)  # noqa: E731
+    engine = lambda rank, name: engine_cmd(base, target, out / name, rank)  # noqa: E731
     runs = {
         "cat": ["cat", *map(str, files)],
-        "read": [
-            "sh",
-            "-c",
-            'for f; do dd if="$f" of=/dev/null bs=16M status=none; done',
-            "sh",
-            *map(str, files),
-        ],
+        "read": read_cmd(files),
         "engine": engine(False, "engine.json"),
         "naive": naive(False, "naive.txt"),
-        "engine, no Δ": [
-            *engine(False, "same.json")[:4],
-            str(base),
-            str(base),
-            *engine(False, "same.json")[6:],
-        ],
+        "engine, no Δ": engine_cmd(base, base, out / "same.json", False),
     }
     if not args.no_rank_baseline:
         runs.update(

@@ -16,6 +16,7 @@ from deltalens.worker.contract import BIN_EDGES, changed_from_histogram
 playwright = pytest.importorskip("playwright.sync_api")
 DIST = ROOT / "backend" / "dashboard" / "index.html"  # vite outDir: served by the API
 SHOTS = ROOT / "test-output" / "screenshots"
+DRAWN = "() => [...document.querySelectorAll('.plot')].every((p) => p.querySelector('.main-svg'))"
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
     "--no-sandbox",
@@ -49,6 +50,8 @@ def browser():
 
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    # figures draw one per task (frontend/src/plot.ts): every one on the page drawn first
+    page.wait_for_function(DRAWN)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 

@@ -16,6 +16,7 @@ with the pinned size and mtime, or opening it raises `CheckpointChanged`. The CL
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import mmap
@@ -96,6 +97,20 @@ def to_torch(array: np.ndarray, dtype: str):
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None) if os.name == "posix" else None
+if _madvise is not None:
+    _madvise.argtypes, _madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+
+
+def madvise(mapped: mmap.mmap, advice: int, start: int, length: int) -> None:
+    """mapped.madvise, without holding the GIL: mmap.madvise keeps it for the whole call, so
+    populating (or dropping) a large tensor's pages on the prefetch thread stalled every other
+    Python thread, the one feeding the kernel threads included. ctypes calls drop the GIL."""
+    if _madvise is None:
+        return mapped.madvise(advice, start, length)
+    base = np.frombuffer(mapped, np.uint8, count=1).ctypes.data  # page-aligned, as is start
+    if _madvise(base + start, length, advice):
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
 # --- confinement and pins ----------------------------------------------------------------------
@@ -293,7 +308,7 @@ class SafetensorsFile:
         mapped = self._mapped()
         start = i.start - i.start % mmap.PAGESIZE
         try:  # fault the tensor's pages in with one call instead of one fault per 4 KiB page
-            mapped.madvise(MADV_POPULATE_READ, start, i.end - start)
+            madvise(mapped, MADV_POPULATE_READ, start, i.end - start)
         except OSError:
             pass  # kernels before Linux 5.14: pages fault in as they are read
         return np.frombuffer(mapped, dtype=dtype, count=i.numel, offset=i.start).reshape(i.shape)
@@ -305,7 +320,7 @@ class SafetensorsFile:
         i = self.infos[name]
         if self._map is not None and i.nbytes:
             start = i.start - i.start % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, start, i.end - start)
+            madvise(self._map, mmap.MADV_DONTNEED, start, i.end - start)
 
 
 # trainer checkpoints: the keys a model's state dict is saved under next to optimizer state & co.

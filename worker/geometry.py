@@ -13,10 +13,13 @@ Per 2-D matrix of a pair, computed while the pair pass holds the matrix in memor
   |W₀| and of |W₀'s rank-PRINCIPAL_K reconstruction|: observed |M ∧ P|, expected |M|·|P|/N, ratio.
 
 torch is imported on first use (the fused CPU path and the backend import this module without it).
-All in float64 torch on the analysis's device. Singular triplets come from a full SVD when
-min(m, n) ≤ EXACT_MAX, else from a seeded randomized subspace iteration (OVERSAMPLE extra columns,
-POWER_ITERS QR-stabilised power steps), whose top-q subspaces agree with the exact ones to ~1e-10
-when the spectrum has a gap after q (tests/test_geometry.py checks it against NumPy's SVD).
+All in float64 torch on the analysis's device. Singular triplets come from the eigendecomposition of
+the short side's Gram matrix when min(m, n) ≤ EXACT_MAX (vectors accurate to ε·σ₁²/gap, the route the
+rank takes), else from a seeded randomized subspace iteration on the short side (OVERSAMPLE extra
+columns; POWER_ITERS steps from a random start for W₀, WARM_ITERS from W₀'s top vectors for W₁, which
+an update moves little), whose top-q subspaces agree with the exact ones to ~1e-10 when the spectrum
+has a gap after q (tests/test_geometry.py checks it against NumPy's SVD). The iteration costs
+2·steps + 1 products with the matrix, about as many flops as the rank's Gram (bench/rank.py).
 A subspace is only defined up to ties: when σ_k(W₀) = σ_{k+1}(W₀) any basis of the tie is as good.
 """
 
@@ -38,59 +41,92 @@ PRINCIPAL_K = 8  # rank of W₀'s reconstruction whose largest entries are the "
 PERCENTS = (1, 10)  # top-p % selections of the enrichment
 MATCH = 0.5  # |cosine| above which a singular vector of W₁ matches one of W₀
 EXACT_MAX = 384  # min(m, n) up to which the SVD is exact
-OVERSAMPLE, POWER_ITERS = 16, 4
+OVERSAMPLE, POWER_ITERS, WARM_ITERS = 16, 3, 1
 MAX_NUMEL = 1 << 27  # larger matrices get {"skipped": ...}: ~5 float64 copies would not fit comfortably
 
 
 def float64(m, segments) -> torch.Tensor:
     """A part's 2-D view (NumPy, bf16 as uint16 bits, or torch on any device) as one float64 tensor
-    of the rows the counts read."""
+    of the rows the counts read (torch converts bf16 in one pass)."""
     import torch
 
     pieces = [m[s:e] for s, e in segments]
     if isinstance(m, np.ndarray):
-        from deltalens.worker.fused import widen
+        bf16 = m.dtype == np.uint16
+        pieces = [torch.from_numpy(p.view(np.int16) if bf16 else p) for p in pieces]
+        pieces = [p.view(torch.bfloat16) if bf16 else p for p in pieces]
+    wide = [p.to(torch.float64) for p in pieces]
+    return torch.cat(wide) if len(wide) > 1 else wide[0]
 
-        return torch.from_numpy(np.concatenate([widen(p) for p in pieces]))
-    return torch.cat([p.to(torch.float64) for p in pieces])
+
+def _orth(a: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of a's columns, each column's direction kept (Q of QR, signs of R's diagonal)."""
+    import torch
+
+    q, r = torch.linalg.qr(a)
+    return q * torch.where(r.diagonal() < 0, -1.0, 1.0)
 
 
-def top_svd(a: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """The top-q singular triplets (U m×q, σ, V n×q) of a and how they were found."""
+def _gram_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, σ descending, V) of a from eigh of its short side's Gram: BLAS-3 and a small
+    eigenproblem instead of a bidiagonalisation; the long side is a's image of the short one."""
+    import torch
+
+    tall = a.shape[0] >= a.shape[1]
+    b = a if tall else a.T  # long × short
+    lam, w = (x.flip(-1) for x in torch.linalg.eigh(b.T @ b))
+    other = _orth(b @ w)  # = U·σ, re-orthonormalised where σ ≈ 0
+    sigma = lam.clamp_min(0).sqrt()
+    return (other, sigma, w) if tall else (w, sigma, other)
+
+
+def top_svd(
+    a: torch.Tensor, q: int, start: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """The top-q singular triplets (U m×q, σ, V n×q) of a and how they were found. start: another
+    matrix's (U, V) of a's shape near which a's top subspaces lie (W₀'s for W₁): fewer steps."""
     import torch
 
     r = min(a.shape)
     q = min(q, r)
     if r <= EXACT_MAX:
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        return u[:, :q], s[:q], vh[:q].T, "exact"
+        u, s, v = _gram_svd(a)
+        return u[:, :q], s[:q], v[:, :q], "exact"
+    tall = a.shape[0] >= a.shape[1]
+    b = a if tall else a.T  # iterate on the short side: QR of short × l only
+    given = (start[1] if tall else start[0])[:, : min(r, q + OVERSAMPLE)] if start else b.new_empty((r, 0))
     gen = torch.Generator(device=a.device).manual_seed(0)
-    omega = torch.randn(a.shape[1], min(r, q + OVERSAMPLE), generator=gen, dtype=a.dtype, device=a.device)
-    basis = torch.linalg.qr(a @ omega).Q
-    for _ in range(POWER_ITERS):
-        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
-    u, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
-    return (basis @ u)[:, :q], s[:q], vh[:q].T, "randomized"
+    extra = min(r, q + OVERSAMPLE) - given.shape[1]
+    omega = torch.randn(r, extra, generator=gen, dtype=a.dtype, device=a.device)
+    basis = _orth(torch.cat([given, omega], 1))
+    for _ in range(WARM_ITERS if start else POWER_ITERS):
+        basis = _orth(b.T @ (b @ basis))
+    image, s, w = _gram_svd(b @ basis)  # Rayleigh–Ritz: b ≈ image·diag(s)·(basis·w)ᵀ
+    long, short = image[:, :q], (basis @ w)[:, :q]
+    return (long, s[:q], short, "randomized") if tall else (short, s[:q], long, "randomized")
 
 
-def _top(values: torch.Tensor, percent: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The top `percent` % of flat `values`: K = ⌈N·percent/100⌉ entries — every value above the K-th
-    largest, then the values equal to it in row-major order (lowest index first) until there are K."""
+def _tops(values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per PERCENTS p: the top p % of flat `values`: K = ⌈N·p/100⌉ entries — every value above the
+    K-th largest, then the values equal to it in row-major order (lowest index first) until there are
+    K. One np.partition finds every K-th largest at once."""
     import torch
 
     n = values.numel()
-    k = -(-n * percent // 100)
-    threshold = torch.kthvalue(values.cpu() if values.is_cuda else values, n - k + 1).values.item()
-    above = values > threshold
-    ties = torch.nonzero(values == threshold).flatten()[: k - int(above.sum())]
-    return above, ties, k
+    ks = [-(-n * p // 100) for p in PERCENTS]
+    part = np.partition(values.cpu().numpy(), [n - k for k in ks])
+    out = []
+    for k in ks:
+        above = values > float(part[n - k])
+        ties = torch.nonzero(values == float(part[n - k])).flatten()[: k - _count(above)]
+        out.append((above, ties, k))
+    return out
 
 
 def _enrichment(mask: torch.Tensor, changed: int, values: torch.Tensor) -> list[dict]:
     out = []
-    for percent in PERCENTS:
-        above, ties, k = _top(values, percent)
-        observed = int((mask & above).sum()) + int(mask[ties].sum())
+    for percent, (above, ties, k) in zip(PERCENTS, _tops(values)):
+        observed = _count(mask & above) + _count(mask[ties])
         expected = changed * k / mask.numel()
         out.append(
             dict(
@@ -102,6 +138,13 @@ def _enrichment(mask: torch.Tensor, changed: int, values: torch.Tensor) -> list[
             )
         )
     return out
+
+
+def _count(x: torch.Tensor) -> int:
+    """True entries of a bool tensor (count_nonzero: no int64 copy as .sum() makes)."""
+    import torch
+
+    return int(torch.count_nonzero(x))
 
 
 def _angles(a: torch.Tensor, b: torch.Tensor, ks: list[int]) -> tuple[list[float], list[float]]:
@@ -136,20 +179,20 @@ def geometry(
     delta = w1 - w0
     sq = float(delta.square().sum())
     u0, s0, v0, method = top_svd(w0, 2 * top)
-    u1, s1, v1, _ = top_svd(w1, 2 * top)  # as many as W₀'s: its top `top` then converge alike
+    u1, s1, v1, _ = top_svd(w1, 2 * top, (u0, v0))  # as many as W₀'s, from W₀'s: they move little
     left = u0[:, :top].T @ delta  # top × n
     right = delta @ v0[:, :top]  # m × top
     both = left @ v0[:, :top]
     at = torch.tensor([k - 1 for k in ks], device=delta.device)
     if sigma1 is None and sq:
-        sigma1 = float(torch.linalg.svdvals(delta)[0]) if r <= EXACT_MAX else float(top_svd(delta, 1)[1][0])
+        sigma1 = float(top_svd(delta, 1)[1][0])
     left_deg, left_cos2 = _angles(u0, u1, ks)
     right_deg, right_cos2 = _angles(v0, v1, ks)
     cosines = (u1[:, :top].T @ u0).abs()  # W₁'s top vectors × W₀'s top 2·top
     intruders = [torch.nonzero(cosines[:k, : min(2 * k, r)].amax(1) <= MATCH).flatten().tolist() for k in ks]
     a = delta.abs()
     mask = (a > tau * w0.abs()) if relative else (a > tau)
-    changed = int(mask.sum())
+    changed = _count(mask)
     kp = min(PRINCIPAL_K, r)
     principal = ((u0[:, :kp] * s0[:kp]) @ v0[:, :kp].T).abs().flatten()
     return dict(

@@ -94,34 +94,76 @@ class Spectrum:
     Works on NumPy arrays or torch tensors alike (pass the module as `xp`). The Gram route
     loses accuracy only below sqrt(eps64)·σ_max ≈ 1.5e-8·σ_max, far under the rank tolerance
     σ_max·max(m,n)·eps32, so the rank is the one an SVD would give.
+
+    Cost: one Gram on the smaller side, which NumPy hands to BLAS as DSYRK (A·Aᵀ of one array),
+    plus eigvalsh — the floor bench/rank.py measures against. Tall matrices fold each chunk into
+    ΔᵀΔ as it comes; wide ones (ΔΔᵀ needs every row) fill one preallocated float64 buffer, then
+    take a single DSYRK over the whole width: no chunk list, no concatenated copy.
     """
 
     def __init__(self, rows: int, cols: int, xp):
         self.rows, self.cols, self.xp = rows, cols, xp
         self.tall = rows >= cols
         self.gram = None
-        self.chunks: list = []
+        self.full = None  # wide: Δ, filled row by row
+        self.filled = 0
+        self._scratch: np.ndarray | None = None  # tall, NumPy: the chunk buffer add_pair reuses
 
     def add(self, delta) -> None:
-        """delta: a fresh float64 (rows, cols) chunk; kept by reference for wide matrices."""
+        """delta: a float64 (rows, cols) chunk of Δ, the next rows in order."""
+        if self.tall:
+            self._fold(delta)
+        else:
+            self._next_rows(len(delta), delta)[:] = delta
+
+    def add_pair(self, base: np.ndarray, target: np.ndarray) -> None:
+        """The next rows as the NumPy chunks the fused kernel read (bf16 as uint16 bits): Δ is
+        converted to float64 in one pass, straight into the buffer it is used from."""
+        n = len(base)
         if not self.tall:
-            self.chunks.append(delta)
+            delta64(base, target, self._next_rows(n, None))
             return
+        if self._scratch is None or len(self._scratch) < n:
+            self._scratch = np.empty((n, self.cols))
+        self._fold(delta64(base, target, self._scratch[:n]))
+
+    def _fold(self, delta) -> None:
         with np.errstate(all="ignore"):  # NaN/Inf deltas are refused after the pass, not warned about here
-            self.gram = delta.T @ delta if self.gram is None else self.gram + delta.T @ delta
+            if self.gram is None:
+                self.gram = delta.T @ delta
+            else:
+                self.gram += delta.T @ delta
+
+    def _next_rows(self, n: int, like):
+        """Wide: the buffer rows the next n rows of Δ go to (allocated on first use, on like's device)."""
+        if self.full is None:
+            shape = (self.rows, self.cols)
+            self.full = like.new_empty(shape) if hasattr(like, "new_empty") else np.empty(shape)
+        self.filled += n
+        return self.full[self.filled - n : self.filled]
 
     def singular_values(self) -> np.ndarray:
         gram = self.gram
-        if not self.tall:  # Δ Δᵀ (rows x rows), summed over column blocks
-            full = self.xp.concatenate(self.chunks)
-            self.chunks.clear()
-            step = max(1, (1 << 22) // self.rows)
-            for c in range(0, self.cols, step):
-                block = full[:, c : c + step]
-                gram = block @ block.T if gram is None else gram + block @ block.T
+        if not self.tall:  # Δ Δᵀ (rows x rows): one DSYRK over all columns
+            with np.errstate(all="ignore"):
+                gram = self.full @ self.full.T
+            self.full = None
+        self._scratch = None
         eig = self.xp.linalg.eigvalsh(gram)
         eig = np.asarray(eig.cpu() if hasattr(eig, "cpu") else eig, dtype=np.float64)
         return np.sqrt(np.clip(eig[::-1], 0, None))
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """A NumPy chunk in a dtype that float64 holds exactly and NumPy computes in: bfloat16 bits
+    (uint16) become float32 in one pass; other floats are returned as they are."""
+    return np.left_shift(x, 16, dtype=np.uint32).view(np.float32) if x.dtype == np.uint16 else x
+
+
+def delta64(base: np.ndarray, target: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float64(target) − float64(base), written to `out`: NumPy casts each operand to float64 in
+    its buffered loop, so this is the float64 reference's Δ without float64 copies of the inputs."""
+    return np.subtract(as_float32(target), as_float32(base), out=out, dtype=np.float64)
 
 
 def spectrum_metrics(sigma: np.ndarray, rows: int, cols: int, tolerance: float | None = None) -> dict:

@@ -43,7 +43,22 @@ async function request<T>(method: string, path: string, body?: unknown, raw?: Bo
   return response.status === 204 ? (undefined as T) : ((await response.json()) as T);
 }
 
-export const get = <T>(path: string) => request<T>("GET", path);
+/** GETs started before the code that reads them has loaded (main.ts: an analysis' status while its
+ * view's chunk loads): the next get() of the path takes it; the next getAhead() drops any not taken. */
+const ahead = new Map<string, Promise<unknown>>();
+export function getAhead(path: string | null): void {
+  ahead.clear();
+  if (path === null) return;
+  const response = request("GET", path);
+  response.catch(() => undefined); // its reader sees the error
+  ahead.set(path, response);
+}
+
+export function get<T>(path: string): Promise<T> {
+  const early = ahead.get(path) as Promise<T> | undefined;
+  ahead.delete(path);
+  return early ?? request<T>("GET", path);
+}
 export const post = <T>(path: string, body?: unknown) => request<T>("POST", path, body ?? {});
 export const put = <T>(path: string, data: Blob) => request<T>("PUT", path, undefined, data);
 

@@ -1,6 +1,7 @@
 // Chart builders: pure functions from API data to Plotly {data, layout}. No DOM here, so they
 // are unit-tested directly.
 import type { Curve, HeatmapCube, TensorDetail } from "./api";
+import { count } from "./format";
 import type { Metric, Scale } from "./state";
 
 export interface Figure {
@@ -96,9 +97,7 @@ export function heatmapFigure(opts: {
       const c = opts.changed?.[i]?.[j],
         n = opts.numel?.[i]?.[j];
       if (c !== null && c !== undefined && n)
-        lines.push(
-          `changed ${c.toLocaleString("en-US")} of ${n.toLocaleString("en-US")} at τ=${opts.tauLabel}`,
-        );
+        lines.push(`changed ${count(c)} of ${count(n)} at τ=${opts.tauLabel}`);
       return lines.join("<br>");
     }),
   );
@@ -181,9 +180,7 @@ export function barsFigure(
         type: "bar",
         x: groups.map((g) => plotlyText(g.label)),
         y: groups.map((g) => 100 * (1 - g.changed / g.numel)),
-        text: groups.map(
-          (g) => `${g.changed.toLocaleString("en-US")} of ${g.numel.toLocaleString("en-US")} changed`,
-        ),
+        text: groups.map((g) => `${count(g.changed)} of ${count(g.numel)} changed`),
         hovertemplate: "%{x}: sparsity %{y:.2f}%<br>%{text}<extra></extra>",
         textposition: "none",
       },
@@ -217,7 +214,7 @@ export function histogramFigure(hist: number[], edges: number[], tau: number, la
       height: 260,
       bargap: 0,
       title: {
-        text: `${plotlyText(label)}: ${hist[0].toLocaleString("en-US")} exactly unchanged`,
+        text: `${plotlyText(label)}: ${count(hist[0])} exactly unchanged`,
         font: { size: 12 },
       },
       xaxis: { type: "log", title: { text: plotlyText(label) }, exponentformat: "e" },
@@ -463,13 +460,13 @@ export function vennFigure(
   const annotations = centers.map(([x, y], i) => ({
     x,
     y: y + radius[i] * 1.08,
-    text: `<b>${plotlyText(labels[i])}</b><br>${changed[i].toLocaleString("en-US")} changed`,
+    text: `<b>${plotlyText(labels[i])}</b><br>${count(changed[i])} changed`,
     showarrow: false,
     font: { size: 12 },
   }));
   const overlapText = pairs.map(
     (p) =>
-      `${labels[p.a]} ∧ ${labels[p.b]}: ${p.both.toLocaleString("en-US")} — o1 ${(100 * (p.o1 ?? 0)).toFixed(1)}% (random ${(100 * (p.baseline1 ?? 0)).toFixed(1)}%), o2 ${(100 * (p.o2 ?? 0)).toFixed(1)}% (random ${(100 * (p.baseline2 ?? 0)).toFixed(1)}%)`,
+      `${labels[p.a]} ∧ ${labels[p.b]}: ${count(p.both)} — o1 ${(100 * (p.o1 ?? 0)).toFixed(1)}% (random ${(100 * (p.baseline1 ?? 0)).toFixed(1)}%), o2 ${(100 * (p.o2 ?? 0)).toFixed(1)}% (random ${(100 * (p.baseline2 ?? 0)).toFixed(1)}%)`,
   );
   const xs = centers.map(([x], i) => [x - radius[i], x + radius[i]]).flat(),
     ys = centers.map(([, y], i) => [y - radius[i], y + radius[i]]).flat();
@@ -484,9 +481,9 @@ export function vennFigure(
         x: [cx],
         y: [cy - span * 1.05],
         text: [
-          `N = ${numel.toLocaleString("en-US")} weights; regions: ` +
+          `N = ${count(numel)} weights; regions: ` +
             Object.entries(venn)
-              .map(([k, v]) => `${k} ${v.toLocaleString("en-US")}`)
+              .map(([k, v]) => `${k} ${count(v)}`)
               .join(", "),
         ],
         hoverinfo: "skip",

@@ -2,8 +2,13 @@
 
 export const pct = (x: number | null | undefined, digits = 2) =>
   x === null || x === undefined ? "–" : `${(100 * x).toFixed(digits)}%`;
+/** One formatter for every count: `n.toLocaleString("en-US")` builds one per call (slow on a heatmap's
+ * hover texts), same output. */
+const EN = new Intl.NumberFormat("en-US");
+/** A count with thousands separators: 1,234,567. */
+export const count = (n: number) => EN.format(n);
 export const int = (x: number | null | undefined) =>
-  x === null || x === undefined ? "–" : Math.round(x).toLocaleString("en-US");
+  x === null || x === undefined ? "–" : count(Math.round(x));
 export const sci = (x: number) => (x === 0 ? "0" : x.toExponential(2));
 /** A τ as the number it is: the shortest text that reads back as the same double (1e-5,
  * 1.0013580322265625e-5), never a rounding that names a different threshold. */

@@ -1,28 +1,28 @@
 // The dashboard shell: routing from the URL, navigation, theme, copy link. Views live in views/.
 import "./style.css";
-import { post, type LinkIn, type LinkOut } from "./api";
+import { getAhead, post, type LinkIn, type LinkOut } from "./api";
 import type { Context, Renderer } from "./context";
 import { h } from "./dom";
 import { format, parse, type View, type ViewState } from "./state";
 import { toast } from "./toast";
-import { renderBrowse } from "./views/browse";
-import { renderCompare } from "./views/compare";
-import { renderNew } from "./views/new";
-import { renderOverlap } from "./views/overlap";
-import { renderPair } from "./views/pair";
-import { renderSeries } from "./views/series";
-import { renderTensor } from "./views/tensor";
 
-/** state.view -> the view drawing it ("overview" is a pair analysis' overview). */
-const VIEWS: Record<View, Renderer> = {
-  browse: renderBrowse,
-  new: renderNew,
-  overview: renderPair,
-  series: renderSeries,
-  overlap: renderOverlap,
-  tensor: renderTensor,
-  compare: renderCompare,
+/** state.view -> the view drawing it ("overview" is a pair analysis' overview). Each is a chunk of its
+ * own, loaded on first use, so a page fetches and compiles only the code it draws with. */
+const VIEWS: Record<View, () => Promise<Renderer>> = {
+  browse: () => import("./views/browse").then((m) => m.renderBrowse),
+  new: () => import("./views/new").then((m) => m.renderNew),
+  overview: () => import("./views/pair").then((m) => m.renderPair),
+  series: () => import("./views/series").then((m) => m.renderSeries),
+  overlap: () => import("./views/overlap").then((m) => m.renderOverlap),
+  tensor: () => import("./views/tensor").then((m) => m.renderTensor),
+  compare: () => import("./views/compare").then((m) => m.renderCompare),
 };
+
+/** Views that start from their analysis' status (views/analysis.ts): asked for with the view's code. */
+const FROM_STATUS = new Set<View>(["overview", "series", "overlap"]);
+/** Views that plot: Plotly's chunk (src/plotly.ts, the largest) is asked for with the view's code too,
+ * not once that code has loaded. */
+const PLOTS = new Set<View>(["overview", "series", "overlap", "tensor", "compare"]);
 
 const root = document.getElementById("app")!;
 let generation = 0;
@@ -42,12 +42,16 @@ function render(): void {
   const remember = (next: ViewState) => history.replaceState(null, "", format(next));
   const ctx: Context = { state, root, navigate, remember, alive: () => mine === generation };
   root.replaceChildren();
-  VIEWS[state.view](ctx).catch((e: Error) => {
-    if (ctx.alive())
-      root.replaceChildren(
-        h("div", { class: "error", role: "alert" }, `Could not load this view: ${e.message}`),
-      );
-  });
+  getAhead(FROM_STATUS.has(state.view) ? `/api/analyses/${state.analysis}` : null);
+  if (PLOTS.has(state.view)) import("./plotly").catch(() => undefined); // plot.ts reports a failure
+  VIEWS[state.view]()
+    .then((view) => (ctx.alive() ? view(ctx) : undefined)) // not if the user moved on meanwhile
+    .catch((e: Error) => {
+      if (ctx.alive())
+        root.replaceChildren(
+          h("div", { class: "error", role: "alert" }, `Could not load this view: ${e.message}`),
+        );
+    });
   document
     .querySelectorAll("nav a")
     .forEach((a) =>

@@ -4,9 +4,10 @@
 import type { Overlap, Series } from "./api";
 import { type Figure, layerLabel, plotlyText } from "./charts";
 import { h } from "./dom";
+import { count } from "./format";
 
 type UpsetRow = NonNullable<Overlap["summary"]["upset"]>[number];
-const fmt = (n: number) => n.toLocaleString("en-US");
+const fmt = count;
 
 /** The one-sentence caption under a chart: what it measures. */
 export const caption = (text: string) => h("p", { class: "caption muted" }, text);

@@ -1,7 +1,34 @@
 // Plotly in the page: theme colours applied, responsive, click events forwarded.
-import Plotly from "plotly.js-dist-min";
 import type { Figure } from "./charts";
 import { h } from "./dom";
+
+/** Plotly (src/plotly.ts) is a chunk of its own: asked for as soon as a view that plots is loaded, so it
+ * downloads and compiles while that view's API requests are in flight. */
+const plotly = import("./plotly").then((m) => m.default);
+
+/** Figures draw one per task, in the order asked for: the first (a view's main chart) shows before the
+ * next is laid out, and the page answers input while a view with many charts fills in. A failed draw
+ * (a Plotly that failed to load too) is reported (window "error") without stopping the ones after it. */
+let queue: Promise<unknown> = Promise.resolve();
+function draw(step: (Plotly: any) => unknown): void {
+  queue = queue.then(async () => {
+    try {
+      await step(await plotly);
+    } catch (e) {
+      reportError(e);
+    }
+    await nextTask();
+  });
+}
+
+/** A fresh task (a message to ourselves: unlike setTimeout, not throttled in background tabs). */
+function nextTask(): Promise<void> {
+  return new Promise((resolve) => {
+    const channel = new MessageChannel();
+    channel.port1.onmessage = () => resolve();
+    channel.port2.postMessage(null);
+  });
+}
 
 /** The figure's layout in the page's colours (light or dark). */
 function themed(layout: any): any {
@@ -30,11 +57,16 @@ export function plotInto(
 ): HTMLElement {
   const el = h("div", { class: "plot", role: "img", "aria-label": label });
   container.append(el);
-  Plotly.newPlot(el, fig.data, themed(fig.layout), { responsive: true, displaylogo: false });
-  if (onClick) (el as any).on("plotly_click", (e: any) => e.points?.[0] && onClick(e.points[0]));
+  const layout = themed(fig.layout);
+  draw(async (Plotly) => {
+    await Plotly.newPlot(el, fig.data, layout, { responsive: true, displaylogo: false });
+    if (onClick) (el as any).on("plotly_click", (e: any) => e.points?.[0] && onClick(e.points[0]));
+  });
   return el;
 }
 
+/** Redraw with new data, after the figure's first draw. */
 export function replot(el: HTMLElement, fig: Figure): void {
-  Plotly.react(el, fig.data, themed(fig.layout));
+  const layout = themed(fig.layout);
+  draw((Plotly) => Plotly.react(el, fig.data, layout));
 }

@@ -37,23 +37,23 @@ export async function renderPair(ctx: Context): Promise<void> {
   if (!job) return;
   const { root, state } = ctx;
   const id = state.analysis!;
-  const [summary, cube, curve, heat, checkpoints] = await Promise.all([
+  // While τ is one the analysis was asked for (in its mode), every figure is that τ's exact stored
+  // count (in the tensor rows, asked for with the rest), labelled with τ as given; once the slider
+  // moves, the histogram edge's true value.
+  const atExact = state.mode === (job.relative ? "rel" : "abs") && job.taus.includes(state.tau);
+  const [summary, cube, curve, heat, checkpoints, rows] = await Promise.all([
     get<PairSummary>(`/api/analyses/${id}/summary`),
     get<HeatmapCube>(`/api/analyses/${id}/heatmap-cube?mode=${state.mode}`),
     get<SparsityCurve>(`/api/analyses/${id}/sparsity-curve?mode=${state.mode}`),
     get<Heatmap>(`/api/analyses/${id}/heatmap?metric=${state.metric}&tau=${state.tau}&mode=${state.mode}`),
     get<Checkpoint[]>("/api/checkpoints"),
+    atExact ? get<ExactRow[]>(`/api/analyses/${id}/tensors`) : [],
   ]);
   if (!ctx.alive()) return;
   const edges = cube.bin_edges;
   let k = nearestEdge(edges, state.tau);
   const s = summary.summary;
-  // While τ is one the analysis was asked for (in its mode), every figure is that τ's exact stored
-  // count, labelled with τ as given; once the slider moves, the histogram edge's true value.
-  let exact =
-    state.mode === (summary.mode === "relative" ? "rel" : "abs") ? summary.taus.indexOf(state.tau) : -1;
-  const rows = exact >= 0 ? await get<ExactRow[]>(`/api/analyses/${id}/tensors`) : [];
-  if (!ctx.alive()) return;
+  let exact = atExact ? summary.taus.indexOf(state.tau) : -1;
   const tauNow = () => (exact >= 0 ? summary.taus[exact] : tauAt(k));
   const exactGrid = () => {
     const changed = cube.layers.map(() => cube.matrices.map((): number | null => null));

@@ -4,7 +4,7 @@
 import type { PairSummary, TensorDetail } from "../api";
 import type { Figure } from "../charts";
 import { card, h, panel } from "../dom";
-import { int, pct } from "../format";
+import { count, int, pct } from "../format";
 import { plotInto } from "../plot";
 
 type Precision = NonNullable<PairSummary["summary"]["precision"]>;
@@ -41,7 +41,7 @@ export function ulpFigure(counts: number[], edges: number[]): Figure {
         type: "bar",
         x: shown.map((i) => labels[i]),
         y: shown.map((i) => counts[i]),
-        text: shown.map((i) => `${counts[i].toLocaleString("en-US")} weights (${pct(counts[i] / total)})`),
+        text: shown.map((i) => `${count(counts[i])} weights (${pct(counts[i] / total)})`),
         hovertemplate: "u = %{x} ULP: %{text}<extra></extra>",
         textposition: "none",
         marker: { color: shown.map((i) => (i === 1 ? "#d62728" : "#1f77b4")) },

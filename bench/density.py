@@ -1,0 +1,132 @@
+"""Benchmark: `pair` at every update density — read floor, engine and naive loop side by side, one run.
+
+    python bench/density.py [--quick] [--layers N] [--repeat 3]
+
+Generates (once, cached in bench/.data/) one Qwen2-0.5B-shaped bfloat16 base and one target per
+density, in which a share (~10 %, ~50 %, ~100 %) of every tensor's stored values move by 2^-7 ..
+2^-2 of their size (so each chosen value changes: 1 to ~64 ULPs). Then, per density and each in a
+fresh process with a warm page cache, the rows of bench/pair.py:
+  read:   `dd bs=16M` of every shard of both checkpoints to /dev/null — the floor for any tool
+  engine: `deltalens analyze BASE TARGET --no-rank --no-geometry` (every one-pass figure)
+  naive:  load both state dicts fully, then `(t.float() - b.float()).abs() > τ` per tensor
+Runs interleave (every density's rows once, then again) so load from other processes hits all
+alike; it prints the best of --repeat, peak RSS, the ratios against the targets (engine <= 3x read,
+naive >= 5x engine, peak RSS <= 1.2 GiB) and the machine's load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pair import ROOT, SHAPES, engine_cmd, generate, naive_cmd, read_cmd, run_child, shapes  # noqa: E402
+
+DENSITIES = {"10%": 0.1, "50%": 0.5, "100%": 1.0}  # share of stored values changed
+TARGETS = {"engine/read": 3.0, "naive/engine": 5.0, "rss_gib": 1.2}
+QUICK_LAYERS = 2
+WIDTHS = (8, 8, 7, 9, 8, 15, 12, 13)
+
+
+def dense_update(share: float):
+    """update(name, base, generator) -> target: `share` of the values scaled by 1 ± 2^U(-7, -2)."""
+
+    def update(name: str, b, g):
+        import torch
+
+        shape = b.shape
+        mask = torch.rand(shape, generator=g) < share
+        size = torch.exp2(torch.rand(shape, generator=g) * 5 - 7)
+        sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+        return (b.float() * (1 + mask * sign * size)).to(torch.bfloat16)
+
+    return update
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_LAYERS} decoder layers (about 2 minutes)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: all 24)")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    c = SHAPES["qwen2-0.5b"]
+    layers = args.layers or (QUICK_LAYERS if args.quick else c["layers"])
+    data = ROOT / "bench" / ".data" / f"qwen2-0.5b-density-{layers}l"
+    base, *targets = generate(
+        data, c, layers, {f"target-{k[:-1]}": dense_update(v) for k, v in DENSITIES.items()}
+    )
+    out = data / "out"
+    out.mkdir(exist_ok=True)
+    runs, sizes = {}, {}
+    for (label, _), target in zip(DENSITIES.items(), targets):
+        files = sorted([*base.glob("*.safetensors"), *target.glob("*.safetensors")])
+        sizes[label] = sum(f.stat().st_size for f in files) / 1e9
+        runs[label] = {
+            "read": read_cmd(files),
+            "engine": engine_cmd(base, target, out / f"engine-{label[:-1]}.json", False),
+            "naive": naive_cmd(base, target, out / f"naive-{label[:-1]}.txt", False),
+        }
+    for f in sorted(data.glob("*/*.safetensors")):  # warm the page cache
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    before = load()
+    times = {d: {k: [] for k in r} for d, r in runs.items()}
+    for _ in range(args.repeat):
+        for d, r in runs.items():
+            for k, cmd in r.items():
+                times[d][k].append(run_child(cmd))
+    after = load()
+    params = sum(math.prod(s) for _, s in shapes(c, layers))
+    print(
+        f"qwen2-0.5b-shaped bf16 pairs: {layers} layers, {params / 1e6:,.0f}M parameters, "
+        f"{sizes['10%']:.2f} GB read per pair; {os.cpu_count()} CPU cores; best of {args.repeat} "
+        f"(process start included); {before} before, {after} after"
+    )
+    head = (
+        "density",
+        "moved",
+        "read s",
+        "engine s",
+        "naive s",
+        "engine RSS MiB",
+        "engine/read",
+        "naive/engine",
+    )
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS)) + "  count at τ=1e-5")
+    met = []
+    for d in runs:
+        best = {k: (min(t for t, _ in v), max(r for _, r in v)) for k, v in times[d].items()}
+        doc = json.loads((out / f"engine-{d[:-1]}.json").read_text())
+        changed = doc["summary"]["changed"][0]["count"]
+        ulp = doc["summary"]["precision"]["ulp_hist"]  # [0]: stored value unchanged
+        naive = int((out / f"naive-{d[:-1]}.txt").read_text())
+        ratio_read, ratio_naive = best["engine"][0] / best["read"][0], best["naive"][0] / best["engine"][0]
+        rss = best["engine"][1]
+        met.append(
+            ratio_read <= TARGETS["engine/read"]
+            and ratio_naive >= TARGETS["naive/engine"]
+            and rss <= TARGETS["rss_gib"] * 1024
+        )
+        print(
+            f"{d:>8} {1 - ulp[0] / sum(ulp):8.1%} {best['read'][0]:7.2f} {best['engine'][0]:9.2f} "
+            f"{best['naive'][0]:8.2f} {rss:15.0f} {ratio_read:12.2f} {ratio_naive:13.2f}  "
+            + ("same" if changed == naive else f"naive {naive - changed:+d} (float32 subtraction rounds)")
+        )
+    print(
+        f"targets: engine <= {TARGETS['engine/read']:g}x read, >= {TARGETS['naive/engine']:g}x faster "
+        f"than naive, peak RSS <= {TARGETS['rss_gib']} GiB: "
+        + ", ".join(f"{d} {'met' if m else 'missed'}" for d, m in zip(runs, met))
+    )
+
+
+if __name__ == "__main__":
+    main()
