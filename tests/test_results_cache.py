@@ -133,10 +133,14 @@ def test_series_and_overlap_are_read_from_their_tables(tmp_path, llama_series, r
             catalog.ingest(aid, artifact)
         doc = series.document
         got = results.series(catalog, "s1")
-        assert got == {k: doc[k] for k in ("checkpoints", "tau", "numel", "steps", "categories")}
-        assert json.dumps(got) == json.dumps({k: doc[k] for k in got})  # same keys, same order, same numbers
+        keys = ("checkpoints", "tau", "numel", "steps", "categories")  # same order, same numbers
+        assert json.dumps({k: got[k] for k in keys}) == json.dumps({k: doc[k] for k in keys})
         got = results.overlap(catalog, "o1")
-        assert json.dumps(got) == json.dumps(_overlap_from_document(overlap.document))
+        expected = _overlap_from_document(overlap.document)
+        assert json.dumps(got["layers"]) == json.dumps(expected["layers"])
+        assert (got["runs"], got["tau"]) == (expected["runs"], expected["tau"])
+        for key in ("numel", "changed", "venn"):  # the issue-13 statistics: tests/test_overlap_stats.py
+            assert got["summary"].get(key) == expected["summary"].get(key), key
         assert ("venn" in got["summary"]) == (runs <= 3)
         with pytest.raises(ApiError) as e:
             results.overlap(catalog, "s1")

@@ -61,7 +61,6 @@ def _load_kernel():
         i64,  # ulp_p (< 0: no ULP histogram)
         i64,  # ulp_emin
         ptr,  # ulp_hist
-        ptr,  # scratch: zeroed int64, cols rounded up to 16 (the map's column sums of the rows at hand)
     ]
     fn.restype = None
     return fn
@@ -118,7 +117,6 @@ class FusedPairAccumulator:
         self.spectrum = Spectrum(rows, cols, np) if matrix_2d and want_rank else None
         if self.map is None:  # the kernel still wants map buffers; give it small ones it never touches
             self._sink = np.zeros((parts, max(cols, 1)), np.int64)
-        self._scratch = np.zeros((parts, -(-cols // 16) * 16 if self.map else 1), np.int64)
 
     def add(self, base: np.ndarray, runs: list[np.ndarray], row0: int, grid_row: int = 0) -> None:
         target = runs[0]
@@ -160,7 +158,6 @@ class FusedPairAccumulator:
                 self.ulp[0] if self.ulp else -1,
                 self.ulp[1] if self.ulp else 0,
                 _ptr(self.ulp_hist[p]),
-                _ptr(self._scratch[p]),
             )
 
         _run_parallel([call(p) for p in range(parts) if bounds[p + 1] > bounds[p]])
