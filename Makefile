@@ -67,10 +67,10 @@ test: test-deps install lint
 
 # the long fault, fuzz and load runs behind docs/reliability.md (~25 min); figures in test-output/reliability/
 reliability: install
-	DELTALENS_SOAK=1 $(BIN)/python -m pytest -q tests/test_soak.py
+	DELTALENS_RELIABILITY=1 DELTALENS_SOAK=1 $(BIN)/python -m pytest -q tests/test_soak.py
 	DELTALENS_HEADER_FUZZ_EXAMPLES=100000 $(BIN)/python -m pytest -q tests/test_header_fuzz.py
 	DELTALENS_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest -q tests/test_api_fuzz.py
-	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_access.py tests/test_faults.py
+	DELTALENS_RELIABILITY=1 $(BIN)/python -m pytest -q tests/test_hostile.py tests/test_access.py tests/test_faults.py
 	DELTALENS_WHEEL_DEPS=1 $(BIN)/python -m pytest -q tests/test_wheel.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/reliability_report.py

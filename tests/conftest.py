@@ -29,6 +29,23 @@ from transformers import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
+RELIABILITY = os.environ.get("DELTALENS_RELIABILITY") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reliability: a long fault run, only in `make reliability`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `reliability` run only with DELTALENS_RELIABILITY=1 (`make reliability`)."""
+    if RELIABILITY:
+        return
+    skip = pytest.mark.skip(reason="long run: `make reliability` (DELTALENS_RELIABILITY=1)")
+    for item in items:
+        if "reliability" in item.keywords:
+            item.add_marker(skip)
+
+
 MODELS = {
     # name: (builder, dtype, max_shard_size)
     "llama": (

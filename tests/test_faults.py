@@ -93,6 +93,7 @@ def test_attempt_cap_ends_in_failed_with_a_reason(stack):
     assert client.get(f"/api/analyses/{aid}/result").status_code == 409
 
 
+@pytest.mark.reliability
 def test_whole_worker_killed_then_restarted(stack):
     redis, env, client, ids, tmp, api = stack
     # a killed worker's unacknowledged task comes back after the visibility timeout, which is the

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from deltalens.worker.errors import InputError
 from deltalens.worker.safetensors_header import DTYPE_SIZES, MAX_NAME_LENGTH, UNSAFE_NAME, read_header
 
-EXAMPLES = int(os.environ.get("DELTALENS_HEADER_FUZZ_EXAMPLES", "3000"))
+EXAMPLES = int(os.environ.get("DELTALENS_HEADER_FUZZ_EXAMPLES", "1000"))
 FIGURES = Path(__file__).resolve().parents[1] / "test-output" / "reliability"
 COUNTS = {"cases": 0, "accepted": 0, "rejected": 0, "policy_rejected": 0, "disagreements": 0}
 

@@ -3,8 +3,9 @@ points, Redis killed with jobs queued, the API killed during an upload and durin
 data volume full during an upload. Every run must end with each job done exactly once, with the
 engine's exact numbers, and nothing partial visible at any time.
 
-`make test` runs a few rounds of each; `make reliability` (DELTALENS_SOAK=1) runs 20 worker
-kills and 5 of every other fault. Figures: test-output/reliability/soak_*.json.
+`make test` runs a few rounds of each but the random-point SIGKILLs (marked `reliability`);
+`make reliability` (DELTALENS_SOAK=1) runs 20 worker kills and 5 of every other fault.
+Figures: test-output/reliability/soak_*.json.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def _submit_and_wait_running(client: httpx.Client, ids: list[str]) -> tuple[str,
     return aid, time.monotonic()
 
 
+@pytest.mark.reliability
 def test_worker_sigkilled_at_random_points(stack, pair):
     """Each kill lands at a uniformly random moment of a running analysis (runs where the analysis
     beat the kill still have to be exact, but do not count towards the number of kills)."""
