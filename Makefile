@@ -42,9 +42,9 @@ $(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | run-deps $(BIN)/py
 up: install
 	$(BIN)/deltalens up --port $${PORT:-8000} --data-dir $${DATA_DIR:-deltalens-data}
 
-# the showcase: train the tiny demo models once (CPU, minutes), then serve them with their analyses
+# the showcase: serves at once; the tiny demo models train meanwhile (CPU, minutes, the first time only;
+# a banner shows the stages) and each analysis is queued as soon as its checkpoints exist
 demo: install
-	@test -f demo-data/log.json || $(BIN)/deltalens demo-data demo-data
 	$(BIN)/deltalens up --port $${PORT:-8000} --data-dir $${DATA_DIR:-deltalens-data} --demo demo-data
 
 # the dashboard: npm packages from the lock file, then the static build the API serves

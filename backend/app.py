@@ -15,7 +15,7 @@ from deltalens.backend.headers import SecurityHeaders
 from deltalens.backend.jobs import Jobs
 from deltalens.backend.limits import BodyLimits
 from deltalens.backend.models import Health
-from deltalens.backend.routes import analyses, checkpoints, links
+from deltalens.backend.routes import analyses, checkpoints, demo, links
 from deltalens.backend.static import REVALIDATE, Assets
 from deltalens.backend.uploads import Uploads
 from deltalens.worker.celery_app import make_celery
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.add_middleware(BodyLimits, settings=settings)  # the token and body size, before any body is read
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, BodyLimits' refusals included
-    for module in (checkpoints, analyses, links):
+    for module in (checkpoints, analyses, links, demo):
         app.include_router(module.router)
 
     folder = dashboard_folder()

@@ -24,7 +24,15 @@ from typing import Any
 
 import duckdb
 
-from deltalens.worker.contract import SCHEMA_SQL, TABLES, TERMINAL
+from deltalens.backend.models import MAX_TITLE
+from deltalens.worker.contract import (
+    BIN_EDGES,
+    DEFAULT_TAU,
+    SCHEMA_SQL,
+    TABLES,
+    TERMINAL,
+    nearest_edge_index,
+)
 
 CATALOG_SQL = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -51,6 +59,34 @@ CHECKPOINT_FIELDS = ("id", "name", "source", "path", "files", "bytes", "sha256",
 # is ~1 ms, where filtering analysis_id and name scans every stored update map (~10 ms).
 KEYED = ("tensors", "changed", "histograms", "spectra", "update_maps")
 QUERY_ARTIFACT_TABLES = "SELECT table_name FROM duckdb_tables() WHERE database_name = 'artifact'"
+# an analysis' title when none is given (and for jobs stored before titles existed), from its
+# checkpoints' names in CLI order: base first
+DEFAULT_TITLES = {
+    "pair": lambda base, rest: f"{rest[-1]} vs {base}",
+    "series": lambda base, rest: f"{base} → {rest[-1]} ({len(rest)} checkpoints)",
+    "overlap": lambda base, rest: f"{', '.join(rest)} from {base}",
+}
+# the list's headline figure of a finished analysis, by kind: (metric, query of (value, baseline));
+# $start: the first histogram column above the default τ's edge (1-based), as changed_from_histogram
+DEFAULT_EDGE = nearest_edge_index(DEFAULT_TAU)
+HEADLINES = {
+    "pair": (  # model sparsity at the default τ's histogram edge (contract.changed_from_histogram)
+        "sparsity",
+        "SELECT 1 - sum(list_sum(h.counts[$start:])) / sum(t.numel), NULL FROM tensors t "
+        "JOIN histograms h USING (analysis_id, run, name) WHERE t.analysis_id = $aid AND h.kind = $mode "
+        "HAVING sum(t.numel) > 0",
+    ),
+    "series": (  # moved at some step, not in the final mask: share of all weights
+        "transient_share",
+        "SELECT c.transient / n.numel, NULL FROM series_categories c, "
+        "(SELECT sum(numel) AS numel FROM tensors WHERE analysis_id = $aid) n "
+        "WHERE c.analysis_id = $aid AND c.name = '*' AND n.numel > 0",
+    ),
+    "overlap": (  # o1 = |A∧B|/|A| of the first two runs, against a random mask's
+        "overlap_o1",
+        "SELECT o1, baseline1 FROM overlap_pairs WHERE analysis_id = $aid AND name = '*' AND a = 0 AND b = 1",
+    ),
+}
 
 
 def _checkpoint_row(r: dict) -> dict:
@@ -135,12 +171,23 @@ class Catalog:
             self.db.execute(CATALOG_SQL)
             self.db.execute(SCHEMA_SQL)
             self.db.execute("ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS pins JSON")
+            self._add_titles()
             for table in KEYED:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tensor_key VARCHAR")
                 self.db.execute(
                     f"UPDATE {table} SET tensor_key = analysis_id || '/' || name WHERE tensor_key IS NULL"
                 )
                 self.db.execute(f"CREATE INDEX IF NOT EXISTS {table}_tensor_key ON {table} (tensor_key)")
+
+    def _add_titles(self) -> None:
+        """Catalogs from before titles: the column, and each stored analysis' default title."""
+        self.db.execute("ALTER TABLE jobs ADD COLUMN IF NOT EXISTS title VARCHAR")
+        for jid, kind, checkpoints in self.db.execute(
+            "SELECT id, kind, checkpoints FROM jobs WHERE title IS NULL"
+        ).fetchall():
+            self.db.execute(
+                "UPDATE jobs SET title = ? WHERE id = ?", [self.default_title(kind, checkpoints), jid]
+            )
 
     def close(self) -> None:
         with self.lock:
@@ -206,16 +253,53 @@ class Catalog:
 
     # --- jobs --------------------------------------------------------------------------------
     def add_job(
-        self, jid: str, kind: str, checkpoints: list[str], taus: list[float], relative: bool, rank: bool
+        self,
+        jid: str,
+        kind: str,
+        checkpoints: list[str],
+        taus: list[float],
+        relative: bool,
+        rank: bool,
+        title: str | None = None,
     ) -> None:
-        t = now()
+        t, title = now(), title or self.default_title(kind, checkpoints)
         with self.lock:
             self.db.execute(
                 "INSERT INTO jobs "
-                "(id, kind, status, checkpoints, taus, relative, rank, created_at, updated_at) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                [jid, kind, checkpoints, taus, relative, rank, t, t],
+                "(id, kind, status, checkpoints, taus, relative, rank, created_at, updated_at, title) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                [jid, kind, checkpoints, taus, relative, rank, t, t, title],
             )
+
+    def default_title(self, kind: str, checkpoints: list[str]) -> str:
+        names = [(self.checkpoint(cid) or {}).get("name", cid) for cid in checkpoints]
+        if kind not in DEFAULT_TITLES or len(names) < 2:
+            return " → ".join(names)[:MAX_TITLE] or kind
+        return DEFAULT_TITLES[kind](names[0], names[1:])[:MAX_TITLE]
+
+    def rename_job(self, jid: str, title: str) -> bool:
+        """Give an analysis a new title; False when there is no such analysis."""
+        with self.lock:
+            renamed = self.db.execute("UPDATE jobs SET title = ? WHERE id = ? RETURNING id", [title, jid])
+            return bool(renamed.fetchall())
+
+    def headline(self, job: dict) -> dict | None:
+        """The list's one figure of a finished analysis (cached until it is ingested again or deleted)."""
+        aid, kind = job["id"], job["kind"]
+        if job["status"] != "done" or kind not in HEADLINES:
+            return None
+        found = self.cache.get((aid, "headline"))
+        if found is None:
+            version = self.cache.version(aid)
+            metric, sql = HEADLINES[kind]
+            mode = "rel" if job["relative"] else "abs"
+            given = {"aid": aid, "start": DEFAULT_EDGE + 3, "mode": mode}
+            rows = self.read(sql, {k: v for k, v in given.items() if f"${k}" in sql})
+            value, baseline = rows[0] if rows else (None, None)
+            tau = BIN_EDGES[DEFAULT_EDGE] if kind == "pair" else job["taus"][0]
+            found = dict(metric=metric, value=value, baseline=baseline, tau=tau, relative=job["relative"])
+            self.cache.put((aid, "headline"), found, 300, version)
+        return found
 
     def job(self, jid: str) -> dict | None:
         found = self.rows("SELECT * FROM jobs WHERE id = ?", [jid])
@@ -236,11 +320,16 @@ class Catalog:
     def delete_job(self, jid: str) -> None:
         with self.lock:
             self.db.execute("BEGIN")
-            for table in TABLES:
-                self.db.execute(f"DELETE FROM {table} WHERE analysis_id = ?", [jid])
-            self.db.execute("DELETE FROM jobs WHERE id = ?", [jid])
-            self.db.execute("COMMIT")
-            self.cache.invalidate(jid)
+            try:
+                for table in TABLES:
+                    self.db.execute(f"DELETE FROM {table} WHERE analysis_id = ?", [jid])
+                self.db.execute("DELETE FROM jobs WHERE id = ?", [jid])
+                self.db.execute("COMMIT")
+            except Exception:  # all of it or nothing: the job and its rows stay as they were
+                self.db.execute("ROLLBACK")
+                raise
+            finally:
+                self.cache.invalidate(jid)
 
     def ingest(self, jid: str, artifact: Path) -> None:
         """Copy a published artifact's rows in, and mark the job done — all or nothing."""

@@ -58,6 +58,7 @@ class Jobs:
         relative: bool,
         rank: bool,
         geometry: bool = True,
+        title: str | None = None,
     ) -> str:
         low, high = MIN_CHECKPOINTS[kind]
         if not low <= len(checkpoint_ids) <= high:
@@ -72,7 +73,7 @@ class Jobs:
             raise ApiError(422, "invalid_request", f"taus: each {TAU_RULE}")
         paths, pins = self._inputs(checkpoint_ids)
         jid = uuid.uuid4().hex[:12]
-        self.catalog.add_job(jid, kind, checkpoint_ids, taus, relative, rank)
+        self.catalog.add_job(jid, kind, checkpoint_ids, taus, relative, rank, title)
         groups = shard_groups(Path(paths[0]), self.settings.fanout) if kind == "pair" else []
         if (
             len(groups) > 1

@@ -9,7 +9,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StringConstraints,
+    model_validator,
+)
 
 from deltalens.worker.contract import DEFAULT_TAU, Kind, Mode, Status, check_tau
 
@@ -30,6 +38,22 @@ class Open(BaseModel):
 class Health(BaseModel):
     status: str = Field(description="'ok' while the API serves")
     dashboard: bool = Field(description="whether this installation carries the built dashboard")
+
+
+class DemoStatus(BaseModel):
+    """`deltalens up --demo DIR`: how the training of the demo models stands (DIR/status.json)."""
+
+    state: Literal["none", "starting", "training", "done", "failed"] = Field(
+        description="none: no demo is served; starting: its trainer has not reported yet"
+    )
+    stage: str | None = Field(None, description="the stage training now (pretrain, SFT, GRPO seed 1, ...)")
+    index: int = Field(0, description="its position, 1-based")
+    total: int = Field(0, description="how many stages there are")
+    step: int = Field(0, description="steps done in this stage")
+    steps: int = Field(0, description="steps of this stage")
+    figure: str = Field("", description="the figure it reached so far, e.g. 'loss 0.412'")
+    eta_s: float | None = Field(None, description="seconds until every stage is trained (estimate)")
+    finished: list[str] = Field([], description="the stages trained (their folders in DIR)")
 
 
 class ErrorOut(BaseModel):
@@ -155,8 +179,29 @@ class LinkOut(BaseModel):
 
 
 # --- analyses ----------------------------------------------------------------------------------
+MAX_TITLE = 200
+
+
+def _plain_text(title: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in title):
+        raise ValueError("a title is one line of text: no control characters")
+    return title
+
+
+# an analysis' title: one line of plain text (the dashboard shows it as text, never as HTML)
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TITLE),
+    AfterValidator(_plain_text),
+    Field(description=f"one line of text, 1–{MAX_TITLE} characters"),
+]
+
+
 class AnalysisIn(BaseModel):
     kind: Kind
+    title: Title | None = Field(
+        None, description='what the list calls it; default: from the checkpoint names ("target vs base")'
+    )
     checkpoints: list[str] = Field(description="checkpoint ids in the CLI's order: base first")
     taus: list[Tau] = Field([DEFAULT_TAU], max_length=16)
     relative: bool = Field(False, description="count |Δ| > τ·|base| instead of |Δ| > τ")
@@ -166,9 +211,38 @@ class AnalysisIn(BaseModel):
     )
 
 
+class AnalysisRename(BaseModel):
+    title: Title
+
+
+class Headline(BaseModel):
+    """The one figure the analyses list shows for a finished analysis."""
+
+    metric: Literal["sparsity", "transient_share", "overlap_o1"] = Field(
+        description="pair: model sparsity at the default τ; series: share of weights moved and then "
+        "reverted; overlap: o1 of the first two runs"
+    )
+    value: float | None
+    baseline: float | None = Field(None, description="overlap: o1 of a random mask of the same size")
+    tau: float = Field(description="the τ the figure is at (pair: the histogram edge nearest the default)")
+    relative: bool = Field(description="|Δ| > τ·|base| (relative mode) instead of |Δ| > τ")
+
+
+class ServerConfig(BaseModel):
+    """What the dashboard's New page needs to know about this server before an upload."""
+
+    allow_pickle: bool = Field(
+        description="pickled weights (.bin, .pt, .pth) are accepted (DELTALENS_ALLOW_PICKLE)"
+    )
+    max_upload_bytes: int = Field(description="largest single file an upload may declare")
+    max_title: int = Field(description="longest analysis title, in characters")
+
+
 class AnalysisOut(BaseModel):
     id: str
     kind: Kind
+    title: str
+    headline: Headline | None = Field(description="the list's headline figure, once done")
     status: Status
     progress: float = Field(description="0 … 1")
     error: ErrorOut | None = Field(description="why it failed, when it did")
@@ -520,6 +594,17 @@ class Heatmap(BaseModel):
     numel: list[list[int | None]]
 
 
+class TensorChanged(BaseModel):
+    """Per matrix, the weights changed at one τ (snapped to a histogram edge, as the heatmap)."""
+
+    analysis: str
+    mode: Mode
+    tau: float = Field(description="the histogram edge τ snapped to (0: stored values differ)")
+    tau_requested: float
+    names: list[str] = Field(description="matrix names (fused tensors as their parts)")
+    changed: list[int] = Field(description="weights with |Δ| above τ, per name")
+
+
 class HeatmapCube(BaseModel):
     analysis: str
     mode: Mode
@@ -688,6 +773,7 @@ class TensorDetail(RankFigures):
 
 
 class SeriesView(BaseModel):
+    base: str
     checkpoints: list[str]
     tau: float
     numel: int
@@ -710,9 +796,13 @@ class OverlapView(BaseModel):
     layers: list[OverlapLayer]
 
 
+CompareMetric = Literal["sparsity", "rank_pct", "relative_change"]
+
+
 class ComparedLayer(BaseModel):
     layer: Layer
     sparsity: float
+    value: float | None = Field(description="the comparison's metric (null: not computed, e.g. no rank)")
     changed: int
     numel: int
 
@@ -722,12 +812,14 @@ class ComparedAnalysis(BaseModel):
     base: str
     target: str
     sparsity: float
+    value: float | None = Field(description="the comparison's metric over the whole model")
     layers: list[ComparedLayer]
 
 
 class Comparison(BaseModel):
     tau: float = Field(description="the histogram edge τ snapped to")
     mode: Mode
+    metric: CompareMetric
     analyses: list[ComparedAnalysis]
 
 

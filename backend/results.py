@@ -205,6 +205,37 @@ def _ulp_cells(catalog: Catalog, aid: str) -> dict:
     return cells
 
 
+def tensor_changed(catalog: Catalog, aid: str, tau: float, mode: str) -> dict:
+    """Per matrix, weights changed at τ (snapped to an edge) from its stored histogram: the dashboard's
+    tensor table at any τ of its slider, one request per τ."""
+    _kind(catalog, aid, "pair", "counts at any τ are read for")
+    snapped, edge = snap_tau(tau)
+    key = (aid, "tensor_suffix", mode)
+    cached = catalog.cache.get(key)
+    if cached is None:
+        version = catalog.cache.version(aid)
+        rows = catalog.read(
+            "SELECT name, counts FROM histograms WHERE analysis_id = ? AND kind = ? ORDER BY name",
+            [aid, mode],
+        )
+        width = len(rows[0][1]) if rows else len(BIN_EDGES) + 2
+        hist = np.asarray([counts for _, counts in rows], np.int64).reshape(len(rows), width)
+        suffix = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # suffix[:, j]: counts in bins j..
+        cached = ([name for name, _ in rows], suffix)
+        catalog.cache.put(key, cached, suffix.nbytes + 200 * len(rows) + 100, version)
+    names, suffix = cached
+    column = 1 if edge is None else edge + 2
+    changed = suffix[:, column].tolist() if column < suffix.shape[1] else [0] * len(names)
+    return {
+        "analysis": aid,
+        "mode": mode,
+        "tau": snapped,
+        "tau_requested": tau,
+        "names": names,
+        "changed": changed,
+    }
+
+
 def heatmap_cube(catalog: Catalog, aid: str, mode: str) -> dict:
     """Per layer × matrix cell, the summed histogram: the dashboard's τ slider reads any τ from it."""
     _kind(catalog, aid, "pair", "heatmaps are drawn for")
@@ -328,32 +359,45 @@ def geometry(catalog: Catalog, aid: str) -> dict:
     return _cached(catalog, (aid, "geometry"), build)
 
 
-def compare(catalog: Catalog, ids: list[str], tau: float, mode: str) -> dict:
-    """Per-layer and model sparsity of several pair analyses side by side (e.g. SFT vs RL stage)."""
+def _summed(sums: list[dict]) -> dict:
+    """Cell sums (with `changed`) added up: a layer's or the model's, for HEATMAP_METRICS."""
+    return {k: sum(s[k] for s in sums) for k in (*SUMMED, "changed")}
+
+
+def compare(catalog: Catalog, ids: list[str], tau: float, mode: str, metric: str = "sparsity") -> dict:
+    """Per-layer and model sparsity and `metric` (one of HEATMAP_METRICS but one_ulp_share) of several
+    pair analyses side by side."""
     snapped, edge = snap_tau(tau)
+    value = HEATMAP_METRICS[metric]
     out = []
     for aid in ids:
         meta = _kind(catalog, aid, "pair", "comparisons are of")
         cells = _cells(catalog, aid, mode)
-        per_layer: dict = defaultdict(lambda: [0, 0])
-        for (layer, _), c, n in zip(cells.keys, cells.changed(edge), cells.numel):
-            per_layer[layer][0] += c
-            per_layer[layer][1] += n
-        changed = sum(c for c, _ in per_layer.values())
-        numel = sum(n for _, n in per_layer.values())
+        per_layer: dict = defaultdict(list)
+        for (layer, _), s, c in zip(cells.keys, cells.sums, cells.changed(edge)):
+            per_layer[layer].append({**s, "changed": c})
+        layers = [(k, _summed(v)) for k, v in sorted(per_layer.items(), key=lambda kv: _layer_order(kv[0]))]
+        model = _summed([s for _, s in layers])
         out.append(
             {
                 "analysis": aid,
                 "base": meta["base"],
                 "target": meta["targets"][0],
-                "sparsity": 1 - changed / numel,
+                "sparsity": 1 - model["changed"] / model["numel"],
+                "value": value(model),
                 "layers": [
-                    {"layer": k, "sparsity": 1 - c / n, "changed": c, "numel": n}
-                    for k, (c, n) in sorted(per_layer.items(), key=lambda kv: _layer_order(kv[0]))
+                    {
+                        "layer": k,
+                        "sparsity": 1 - s["changed"] / s["numel"],
+                        "value": value(s),
+                        "changed": int(s["changed"]),
+                        "numel": int(s["numel"]),
+                    }
+                    for k, s in layers
                 ],
             }
         )
-    return {"tau": snapped, "mode": mode, "analyses": out}
+    return {"tau": snapped, "mode": mode, "metric": metric, "analyses": out}
 
 
 def _cached(catalog: Catalog, key: tuple, build) -> dict:
@@ -391,6 +435,7 @@ def series(catalog: Catalog, aid: str) -> dict:
             [aid],
         )
         return {
+            "base": meta["base"],
             "checkpoints": list(meta["targets"]),
             "tau": meta["taus"][0],
             "numel": _numel(catalog, aid),

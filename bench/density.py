@@ -1,6 +1,6 @@
 """Benchmark: `pair` at every update density — read floor, engine and naive loop side by side, one run.
 
-    python bench/density.py [--quick] [--layers N] [--repeat 3]
+    python bench/density.py [--quick] [--layers N] [--repeat 3] [--other-kernel OLD.so]
 
 Generates (once, cached in bench/.data/) one Qwen2-0.5B-shaped bfloat16 base and one target per
 density, in which a share (~10 %, ~50 %, ~100 %) of every tensor's stored values move by 2^-7 ..
@@ -12,6 +12,8 @@ fresh process with a warm page cache, the rows of bench/pair.py:
 Runs interleave (every density's rows once, then again) so load from other processes hits all
 alike; it prints the best of --repeat, peak RSS, the ratios against the targets (engine <= 3x read,
 naive >= 5x engine, peak RSS <= 1.2 GiB) and the machine's load average before and after.
+--other-kernel adds one more row, interleaved with the others: the engine with another build of
+worker/_fastpair.c (same pair_rows signature), for an old/new kernel ratio under the same load.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ def dense_update(share: float):
     return update
 
 
+def other_kernel_cmd(engine: list[str], library: str) -> list[str]:
+    """The engine command with fused.pair_rows taken from another build of the kernel."""
+    code = (
+        "import ctypes, runpy, sys; from deltalens.worker import fused; "
+        "f = ctypes.CDLL(sys.argv.pop(1)).pair_rows; "
+        "f.argtypes, f.restype = fused._pair_rows.argtypes, None; fused._pair_rows = f; "
+        "runpy.run_module('deltalens.worker.cli', run_name='__main__')"
+    )
+    return [sys.executable, "-c", code, library, *engine[3:]]
+
+
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -56,6 +69,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_LAYERS} decoder layers (about 2 minutes)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: all 24)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--other-kernel", metavar="SO", help="also time the engine with this kernel build")
     args = ap.parse_args()
     c = SHAPES["qwen2-0.5b"]
     layers = args.layers or (QUICK_LAYERS if args.quick else c["layers"])
@@ -74,6 +88,9 @@ def main() -> None:
             "engine": engine_cmd(base, target, out / f"engine-{label[:-1]}.json", False),
             "naive": naive_cmd(base, target, out / f"naive-{label[:-1]}.txt", False),
         }
+        if args.other_kernel:
+            other = engine_cmd(base, target, out / f"other-{label[:-1]}.json", False)
+            runs[label]["other"] = other_kernel_cmd(other, args.other_kernel)
     for f in sorted(data.glob("*/*.safetensors")):  # warm the page cache
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
@@ -121,6 +138,11 @@ def main() -> None:
             f"{best['naive'][0]:8.2f} {rss:15.0f} {ratio_read:12.2f} {ratio_naive:13.2f}  "
             + ("same" if changed == naive else f"naive {naive - changed:+d} (float32 subtraction rounds)")
         )
+        if "other" in best:
+            other, doc = best["other"][0], json.loads((out / f"other-{d[:-1]}.json").read_text())
+            same = doc["summary"]["changed"][0]["count"] == changed
+            print(f"{'':>8} other kernel {other:.2f} s, other/engine {other / best['engine'][0]:.2f}, count "
+                  + ("same" if same else "differs"))  # fmt: skip
     print(
         f"targets: engine <= {TARGETS['engine/read']:g}x read, >= {TARGETS['naive/engine']:g}x faster "
         f"than naive, peak RSS <= {TARGETS['rss_gib']} GiB: "

@@ -22,7 +22,7 @@ def minilm_finetuned(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("minilm")
     losses = minilm_example(out)["losses"]
     assert losses[-1] < losses[0]  # the fine-tune really trained
-    return out / "minilm" / "finetuned"
+    return out / "finetuned"
 
 
 def test_minilm_finetune_matches_numpy(minilm_finetuned):

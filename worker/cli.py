@@ -90,8 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--data-dir", type=Path, default=Path("deltalens-data"))
     p.add_argument(
-        "--demo", type=Path, metavar="DIR", help="register DIR (from demo-data) and queue its analyses"
+        "--demo", type=Path, metavar="DIR", help="serve the demo in DIR (trained meanwhile when it has none)"
     )
+    p.add_argument("--quick", action="store_true", help="with --demo: train DIR with demo-data --quick")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        type=Path,
+        action="append",
+        metavar="FILE.duckdb",
+        help="first add the analyses of this DuckDB file (the CLI's --out, computed elsewhere) to the data "
+        "folder, so the dashboard shows them; repeatable; not while another `up` runs on the folder",
+    )
+    p = sub.add_parser("report", help="analyses as one self-contained HTML file (opens with no network)")
+    p.add_argument(
+        "source",
+        metavar="ANALYSIS_OR_DUCKDB",
+        help="a DuckDB file (the CLI's --out, or a service artifact results/<id>.duckdb), or the id of an "
+        "analysis of the service's data folder (--data-dir)",
+    )
+    p.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="default: report.html")
+    p.add_argument("--id", action="append", metavar="ID", help="only this analysis of the file (repeatable)")
+    p.add_argument("--title", help="the page's title (default: deltalens report)")
+    p.add_argument("--data-dir", type=Path, default=Path("deltalens-data"))
     p = sub.add_parser("api", help="run the API alone (hosted mode; settings from DELTALENS_* variables)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
@@ -155,7 +176,11 @@ def run(argv: list[str] | None = None) -> int:
             from deltalens.worker.settings import get_settings
 
             return service.run_worker(args.queue or get_settings().queue, args.loglevel, args.pool_pids)
-        return service.up(args.port, args.data_dir, args.host, demo=args.demo)
+        if args.imports and (code := service.import_artifacts(args.imports, args.data_dir)):
+            return code
+        return service.up(args.port, args.data_dir, args.host, demo=args.demo, quick=args.quick)
+    if args.command == "report":
+        return _report(args)
     if args.command == "demo-data":
         from deltalens.worker.demo import DemoConfig, make_demo_data
 
@@ -214,6 +239,34 @@ def run(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
         print(SUMMARIES[kind](result.document))
+    return 0
+
+
+def _report(args) -> int:
+    """`deltalens report`: the analyses of one artifact as one HTML file (worker/html_report.py)."""
+    from deltalens.worker.artifacts import describe
+    from deltalens.worker.errors import InputError
+
+    source = Path(args.source)
+    if not source.exists() and (args.data_dir / "results" / f"{args.source}.duckdb").is_file():
+        source = args.data_dir / "results" / f"{args.source}.duckdb"  # an analysis id of the data folder
+    try:
+        found = describe(source)
+        missing = set(args.id or []) - {a["analysis_id"] for a in found}
+        if missing:
+            raise InputError(source, f"holds no analysis {', '.join(sorted(missing))}")
+        from deltalens.worker.html_report import write_report
+        from deltalens.worker.notebook import load
+
+        chosen = [a for a in found if not args.id or a["analysis_id"] in args.id]
+        write_report(load(source, chosen), args.output, args.title)
+    except InputError as e:
+        print(f"deltalens: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"deltalens: error: {args.output}: {e.strerror or e}", file=sys.stderr)  # not writable
+        return 2
+    print(f"report of {len(chosen)} analys{'is' if len(chosen) == 1 else 'es'}: {args.output}")
     return 0
 
 

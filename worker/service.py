@@ -25,6 +25,7 @@ from pathlib import Path
 
 API_APP = "deltalens.backend.app:app"
 CLI = "deltalens.worker.cli"
+IMPORTER = "deltalens.backend.imports"  # `up --import`: run as a child, like the API
 
 
 def python() -> list[str]:
@@ -74,7 +75,8 @@ def run_worker(queue: str, loglevel: str = "INFO", pool_pids: Path | None = None
 
     # containers run as root; the tasks carry JSON only, so Celery's root warning is noise here
     warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
-    argv = ["worker", "-Q", queue, "--concurrency", "1", "--loglevel", loglevel]
+    quiet = ["--quiet"] if loglevel.upper() in ("WARNING", "ERROR", "CRITICAL") else []  # `up`: no banner
+    argv = [*quiet, "worker", "-Q", queue, "--concurrency", "1", "--loglevel", loglevel]
     celery_app.worker_main([*argv, "--without-gossip", "--without-mingle", "--without-heartbeat"])
     return 0
 
@@ -104,24 +106,90 @@ def _wait_healthy(url: str, procs: list, timeout: float = 60) -> dict:
     raise RuntimeError(f"the API did not come up at {url}")
 
 
-def queue_demo(url: str, demo: Path) -> list[str]:
-    """Register a demo folder's checkpoints and queue its analyses, once (skipped when already there)."""
-    from deltalens.worker.demo import demo_analyses
+def import_artifacts(files: list[Path], data_dir: Path) -> int:
+    """`up --import`: add the analyses of DuckDB files computed elsewhere (the CLI's --out) to the data
+    folder before the API starts. Each file is checked here first (exit 2, one line naming it and the
+    problem, nothing touched); the catalog's own code then ingests them in a child process
+    (deltalens.backend.imports), since this module never imports the API."""
+    from deltalens.worker.artifacts import describe
+    from deltalens.worker.errors import InputError
 
+    try:
+        for f in files:
+            describe(f, strict_ids=True)
+    except InputError as e:
+        print(f"deltalens: error: {e}", file=sys.stderr)
+        return 2
+    env = safe_environment(local_environment(data_dir))
+    return subprocess.run([*python(), "-m", IMPORTER, *map(str, files)], env=env).returncode
+
+
+def queue_demo(url: str, plan: list[tuple[str, str, list[Path]]]) -> list[str]:
+    """Register the checkpoints of demo analyses and queue them, once (skipped when already there);
+    returns the titles of those now in the catalog."""
     known = {c["path"]: c["id"] for c in _http(url + "/api/checkpoints")}
     done = {tuple(a["checkpoints"]) for a in _http(url + "/api/analyses")}
-    queued = []
-    for title, kind, paths in demo_analyses(demo.resolve()):
+    for title, kind, paths in plan:
         ids = []
         for p in paths:
             if str(p) not in known:
                 known[str(p)] = _http(url + "/api/checkpoints", {"path": str(p)})["id"]
             ids.append(known[str(p)])
         if tuple(ids) not in done:
-            body = {"kind": kind, "checkpoints": ids, "taus": [1e-5]}
-            queued.append(_http(url + "/api/analyses", body)["id"])
+            body = {"kind": kind, "checkpoints": ids, "taus": [1e-5], "title": title}
+            _http(url + "/api/analyses", body)
             print(f"  queued {kind:7} {title}", flush=True)
-    return queued
+    return [title for title, _, _ in plan]
+
+
+class DemoTraining:
+    """`up --demo DIR`: DIR is trained in a child process when it has no log.json (a restarted trainer
+    resumes after its last finished stage; stage folders appear complete, by rename), and each demo
+    analysis is queued as soon as all its checkpoints exist."""
+
+    TRIES = 3
+
+    def __init__(self, demo: Path, env: dict, quick: bool):
+        self.demo, self.queued, self.tries = demo.resolve(), set(), 0
+        command = [*python(), "-m", CLI, "demo-data", str(self.demo), *(["--quick"] if quick else [])]
+        trained = (self.demo / "log.json").is_file()
+        self.trainer = None if trained else Child("demo trainer", command, env)
+
+    def start(self) -> None:
+        if self.trainer:
+            self.trainer.start()
+
+    def poll(self, url: str) -> None:
+        """Queue what became ready; a trainer that failed is started again (it resumes), a few times."""
+        from deltalens.worker.demo import demo_analyses  # imports torch: not before the API is up
+
+        ready = [
+            a for a in demo_analyses(self.demo) if a[0] not in self.queued and all(p.exists() for p in a[2])
+        ]
+        if ready:
+            self.queued.update(queue_demo(url, ready))
+        if self.trainer is None or self.trainer.proc.poll() is None:
+            return
+        self.tries += self.trainer.proc.returncode != 0
+        if self.trainer.proc.returncode == 0:
+            self.trainer = None
+        elif self.tries < self.TRIES:
+            self.trainer.restart(f"exited with {self.trainer.proc.returncode}")
+        else:
+            self.give_up()
+
+    def give_up(self) -> None:
+        from deltalens.worker.demo import STATUS, read_status, write_json
+
+        print("deltalens: the demo trainer keeps failing; serving what it made", file=sys.stderr, flush=True)
+        status = read_status(self.demo) or {}
+        if status.get("state") != "failed":
+            write_json(self.demo / STATUS, {**status, "state": "failed", "eta_s": None})
+        self.trainer = None
+
+    def stop(self) -> None:
+        if self.trainer:
+            self.trainer.stop(grace=5)
 
 
 class Child:
@@ -212,12 +280,17 @@ def _raise_stop(signum, frame) -> None:
     raise _Stop
 
 
-def up(port: int, data_dir: Path, host: str = "127.0.0.1", demo: Path | None = None) -> int:
+def up(
+    port: int, data_dir: Path, host: str = "127.0.0.1", demo: Path | None = None, quick: bool = False
+) -> int:
     """The API and one worker, supervised: either is started again when it dies (a lost worker's
     analyses are delivered again); `up` ends on Ctrl-C or SIGTERM, and stops both."""
     env = safe_environment(local_environment(data_dir))
     if demo is not None:
+        demo.mkdir(parents=True, exist_ok=True)
         env["DELTALENS_ALLOWED_ROOTS"] = f"{env['DELTALENS_ALLOWED_ROOTS']}:{demo.resolve()}"
+        env["DELTALENS_DEMO_DIR"] = str(demo.resolve())  # GET /api/demo reads its status.json
+    training = DemoTraining(demo, env, quick) if demo is not None else None
     signal.signal(signal.SIGTERM, _raise_stop)
     pool_pids = Path(env["DELTALENS_DATA_DIR"]) / "worker-pool"
     worker = Child("worker", worker_command(env["DELTALENS_QUEUE"], pool_pids=pool_pids), env, pool_pids)
@@ -225,6 +298,8 @@ def up(port: int, data_dir: Path, host: str = "127.0.0.1", demo: Path | None = N
     url = f"http://{host}:{port}"
     try:
         worker.start(), api.start()
+        if training:
+            training.start()  # meanwhile: the API serves at once, the banner shows the stages
         health = _wait_healthy(url, [api.proc])
         if not health.get("dashboard", True):
             print(
@@ -234,12 +309,11 @@ def up(port: int, data_dir: Path, host: str = "127.0.0.1", demo: Path | None = N
                 flush=True,
             )
         _redeliver(url, env)  # what a previous `up` that was killed may have left taken but unfinished
-        if demo is not None:
-            queue_demo(url, demo)
         print(
             f"deltalens is up: {url}/   (API docs: /docs; data in {env['DELTALENS_DATA_DIR']}; Ctrl-C stops)",
             flush=True,
         )
+        next_poll = 0.0
         while True:
             time.sleep(0.5)
             if reason := api.failed():
@@ -247,6 +321,12 @@ def up(port: int, data_dir: Path, host: str = "127.0.0.1", demo: Path | None = N
             if reason := worker.failed():
                 worker.restart(reason)
                 _redeliver(url, env)
+            if training and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + (1 if training.trainer else 10)
+                try:
+                    training.poll(url)
+                except (urllib.error.URLError, OSError) as e:  # the API restarting: next time
+                    print(f"deltalens: demo analyses not queued yet: {e}", file=sys.stderr, flush=True)
     except (KeyboardInterrupt, _Stop):
         pass
     except RuntimeError as e:  # the API could not start (e.g. the port is taken)
@@ -255,4 +335,6 @@ def up(port: int, data_dir: Path, host: str = "127.0.0.1", demo: Path | None = N
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         worker.stop(), api.stop()
+        if training:
+            training.stop()
     return 0

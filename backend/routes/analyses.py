@@ -9,12 +9,16 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from deltalens.backend import masks, results
-from deltalens.backend.deps import CatalogDep, JobsDep, WriteAccess
-from deltalens.backend.errors import WRITE, errors, found, link
+from deltalens.backend.catalog import Catalog
+from deltalens.backend.deps import CatalogDep, JobsDep, SettingsDep, WriteAccess
+from deltalens.backend.errors import WRITE, errors, found, link, not_found
 from deltalens.backend.jobs import Jobs
 from deltalens.backend.models import (
+    MAX_TITLE,
     AnalysisIn,
     AnalysisOut,
+    AnalysisRename,
+    CompareMetric,
     Comparison,
     Created,
     ErrorOut,
@@ -28,7 +32,9 @@ from deltalens.backend.models import (
     ResultDocument,
     ResultSummary,
     SeriesView,
+    ServerConfig,
     SparsityCurve,
+    TensorChanged,
     TensorDetail,
     TensorRow,
 )
@@ -44,15 +50,18 @@ TO_ANALYSIS = {
     "GetResult": link("/api/analyses/{aid}/result", "get", "the result document, once done", aid=AID),
     "GetHeatmap": link("/api/analyses/{aid}/heatmap", "get", "the layer × matrix heatmap of a pair", aid=AID),
     "CancelAnalysis": link("/api/analyses/{aid}/cancel", "post", "stop it", aid=AID),
+    "RenameAnalysis": link("/api/analyses/{aid}", "patch", "give it another title", aid=AID),
     "DeleteAnalysis": link("/api/analyses/{aid}", "delete", "forget it", aid=AID),
 }
 
 
-def status_of(job: dict) -> AnalysisOut:
+def status_of(job: dict, catalog: Catalog) -> AnalysisOut:
     error = ErrorOut(code=job["error_code"], message=job["error_message"]) if job["error_code"] else None
     return AnalysisOut(
         id=job["id"],
         kind=job["kind"],
+        title=job["title"],
+        headline=catalog.headline(job),
         status=job["status"],
         progress=job["progress"],
         error=error,
@@ -78,7 +87,9 @@ def _job(catalog, aid: str) -> dict:
 )
 def create(body: AnalysisIn, jobs: JobsDep) -> Created:
     return Created(
-        id=jobs.submit(body.kind, body.checkpoints, body.taus, body.relative, body.rank, body.geometry)
+        id=jobs.submit(
+            body.kind, body.checkpoints, body.taus, body.relative, body.rank, body.geometry, body.title
+        )
     )
 
 
@@ -91,12 +102,29 @@ def redeliver(jobs: JobsDep, request: Request) -> Redelivered:
 
 @router.get("/analyses")
 def list_analyses(catalog: CatalogDep) -> list[AnalysisOut]:
-    return [status_of(j) for j in catalog.jobs()]
+    """Every analysis, oldest first, with its title and (once done) its headline figure."""
+    return [status_of(j, catalog) for j in catalog.jobs()]
 
 
 @router.get("/analyses/{aid}", responses=errors(404))
 def get_analysis(aid: str, catalog: CatalogDep) -> AnalysisOut:
-    return status_of(_job(catalog, aid))
+    return status_of(_job(catalog, aid), catalog)
+
+
+@router.patch("/analyses/{aid}", dependencies=WriteAccess, responses={**WRITE, **errors(404)})
+def rename(aid: str, body: AnalysisRename, catalog: CatalogDep) -> AnalysisOut:
+    """Give the analysis another title (its results are untouched)."""
+    if not catalog.rename_job(aid, body.title):
+        raise not_found("analysis", aid)
+    return status_of(_job(catalog, aid), catalog)
+
+
+@router.get("/config", tags=["meta"])
+def config(settings: SettingsDep) -> ServerConfig:
+    """What the New page checks before an upload: whether pickled weights are accepted, size limits."""
+    return ServerConfig(
+        allow_pickle=settings.allow_pickle, max_upload_bytes=settings.max_upload_bytes, max_title=MAX_TITLE
+    )
 
 
 @router.post(
@@ -107,7 +135,7 @@ def get_analysis(aid: str, catalog: CatalogDep) -> AnalysisOut:
 )
 def cancel(aid: str, jobs: JobsDep, catalog: CatalogDep) -> AnalysisOut:
     jobs.cancel(aid)
-    return status_of(_job(catalog, aid))
+    return status_of(_job(catalog, aid), catalog)
 
 
 @router.delete(
@@ -148,6 +176,14 @@ def heatmap(
 def heatmap_cube(aid: str, catalog: CatalogDep, mode: Mode = "abs") -> HeatmapCube:
     """Summed |Δ| histograms per layer × matrix cell: sparsity at every τ without another request."""
     return HeatmapCube(**results.heatmap_cube(catalog, aid, mode))
+
+
+@router.get("/analyses/{aid}/tensor-changed", responses=NOT_READY)
+def tensor_changed(
+    aid: str, catalog: CatalogDep, tau: float = DEFAULT_TAU, mode: Mode = "abs"
+) -> TensorChanged:
+    """Per matrix, weights changed at τ (snapped to the nearest histogram edge) of a pair analysis."""
+    return TensorChanged(**results.tensor_changed(catalog, aid, tau, mode))
 
 
 @router.get("/analyses/{aid}/sparsity-curve", responses=NOT_READY)
@@ -195,9 +231,11 @@ def compare(
     ids: str = Query(description="comma-separated pair analysis ids"),
     tau: float = DEFAULT_TAU,
     mode: Mode = "abs",
+    metric: CompareMetric = "sparsity",
 ) -> Comparison:
-    """Per-layer and model sparsity of several pair analyses side by side (e.g. SFT vs RL stage)."""
-    return Comparison(**results.compare(catalog, [i for i in ids.split(",") if i], tau, mode))
+    """Per-layer and model sparsity and `metric` of several pair analyses side by side (e.g. SFT vs RL
+    stage); rank_pct is the mean over ranked matrices, relative_change ‖Δ‖/‖W‖ of the summed squares."""
+    return Comparison(**results.compare(catalog, [i for i in ids.split(",") if i], tau, mode, metric))
 
 
 def _masks(request: Request, jobs: Jobs) -> masks.Masks:

@@ -11,7 +11,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** List Analyses */
+        /**
+         * List Analyses
+         * @description Every analysis, oldest first, with its title and (once done) its headline figure.
+         */
         get: operations["list_analyses_api_analyses_get"];
         put?: never;
         /** Create */
@@ -58,7 +61,11 @@ export interface paths {
         delete: operations["delete_api_analyses__aid__delete"];
         options?: never;
         head?: never;
-        patch?: never;
+        /**
+         * Rename
+         * @description Give the analysis another title (its results are untouched).
+         */
+        patch: operations["rename_api_analyses__aid__patch"];
         trace?: never;
     };
     "/api/analyses/{aid}/cancel": {
@@ -303,6 +310,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/analyses/{aid}/tensor-changed": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Tensor Changed
+         * @description Per matrix, weights changed at τ (snapped to the nearest histogram edge) of a pair analysis.
+         */
+        get: operations["tensor_changed_api_analyses__aid__tensor_changed_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/analyses/{aid}/tensors": {
         parameters: {
             query?: never;
@@ -392,9 +419,50 @@ export interface paths {
         };
         /**
          * Compare
-         * @description Per-layer and model sparsity of several pair analyses side by side (e.g. SFT vs RL stage).
+         * @description Per-layer and model sparsity and `metric` of several pair analyses side by side (e.g. SFT vs RL
+         *     stage); rank_pct is the mean over ranked matrices, relative_change ‖Δ‖/‖W‖ of the summed squares.
          */
         get: operations["compare_api_compare_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/config": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Config
+         * @description What the New page checks before an upload: whether pickled weights are accepted, size limits.
+         */
+        get: operations["config_api_config_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/demo": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Demo
+         * @description How the demo's training stands: stage, step, the figure it reached, ETA.
+         */
+        get: operations["demo_api_demo_get"];
         put?: never;
         post?: never;
         delete?: never;
@@ -632,6 +700,11 @@ export interface components {
              *     ]
              */
             taus?: number[];
+            /**
+             * Title
+             * @description what the list calls it; default: from the checkpoint names ("target vs base")
+             */
+            title?: string | null;
         };
         /** AnalysisOut */
         AnalysisOut: {
@@ -648,6 +721,8 @@ export interface components {
             } | null;
             /** @description why it failed, when it did */
             error: components["schemas"]["ErrorOut"] | null;
+            /** @description the list's headline figure, once done */
+            headline: components["schemas"]["Headline"] | null;
             /** Id */
             id: string;
             /**
@@ -669,8 +744,18 @@ export interface components {
             status: "queued" | "running" | "done" | "failed" | "cancelled";
             /** Taus */
             taus: number[];
+            /** Title */
+            title: string;
             /** Updated At */
             updated_at: string;
+        };
+        /** AnalysisRename */
+        AnalysisRename: {
+            /**
+             * Title
+             * @description one line of text, 1–200 characters
+             */
+            title: string;
         };
         /** CheckpointFile */
         CheckpointFile: {
@@ -746,6 +831,11 @@ export interface components {
             sparsity: number;
             /** Target */
             target: string;
+            /**
+             * Value
+             * @description the comparison's metric over the whole model
+             */
+            value: number | null;
         };
         /** ComparedLayer */
         ComparedLayer: {
@@ -760,11 +850,21 @@ export interface components {
             numel: number;
             /** Sparsity */
             sparsity: number;
+            /**
+             * Value
+             * @description the comparison's metric (null: not computed, e.g. no rank)
+             */
+            value: number | null;
         };
         /** Comparison */
         Comparison: {
             /** Analyses */
             analyses: components["schemas"]["ComparedAnalysis"][];
+            /**
+             * Metric
+             * @enum {string}
+             */
+            metric: "sparsity" | "rank_pct" | "relative_change";
             /**
              * Mode
              * @enum {string}
@@ -783,6 +883,64 @@ export interface components {
              * @description id of what was created
              */
             id: string;
+        };
+        /**
+         * DemoStatus
+         * @description `deltalens up --demo DIR`: how the training of the demo models stands (DIR/status.json).
+         */
+        DemoStatus: {
+            /**
+             * Eta S
+             * @description seconds until every stage is trained (estimate)
+             */
+            eta_s?: number | null;
+            /**
+             * Figure
+             * @description the figure it reached so far, e.g. 'loss 0.412'
+             * @default
+             */
+            figure?: string;
+            /**
+             * Finished
+             * @description the stages trained (their folders in DIR)
+             * @default []
+             */
+            finished?: string[];
+            /**
+             * Index
+             * @description its position, 1-based
+             * @default 0
+             */
+            index?: number;
+            /**
+             * Stage
+             * @description the stage training now (pretrain, SFT, GRPO seed 1, ...)
+             */
+            stage?: string | null;
+            /**
+             * State
+             * @description none: no demo is served; starting: its trainer has not reported yet
+             * @enum {string}
+             */
+            state: "none" | "starting" | "training" | "done" | "failed";
+            /**
+             * Step
+             * @description steps done in this stage
+             * @default 0
+             */
+            step?: number;
+            /**
+             * Steps
+             * @description steps of this stage
+             * @default 0
+             */
+            steps?: number;
+            /**
+             * Total
+             * @description how many stages there are
+             * @default 0
+             */
+            total?: number;
         };
         /**
          * DownloadOut
@@ -975,6 +1133,35 @@ export interface components {
             numel: number;
         } & {
             [key: string]: unknown;
+        };
+        /**
+         * Headline
+         * @description The one figure the analyses list shows for a finished analysis.
+         */
+        Headline: {
+            /**
+             * Baseline
+             * @description overlap: o1 of a random mask of the same size
+             */
+            baseline?: number | null;
+            /**
+             * Metric
+             * @description pair: model sparsity at the default τ; series: share of weights moved and then reverted; overlap: o1 of the first two runs
+             * @enum {string}
+             */
+            metric: "sparsity" | "transient_share" | "overlap_o1";
+            /**
+             * Relative
+             * @description |Δ| > τ·|base| (relative mode) instead of |Δ| > τ
+             */
+            relative: boolean;
+            /**
+             * Tau
+             * @description the τ the figure is at (pair: the histogram edge nearest the default)
+             */
+            tau: number;
+            /** Value */
+            value: number | null;
         };
         /** Health */
         Health: {
@@ -2071,6 +2258,8 @@ export interface components {
         };
         /** SeriesView */
         SeriesView: {
+            /** Base */
+            base: string;
             categories: components["schemas"]["SeriesCategories"];
             /** Checkpoints */
             checkpoints: string[];
@@ -2081,6 +2270,27 @@ export interface components {
             /** Tau */
             tau: number;
             transient_heatmap: components["schemas"]["TransientHeatmap"];
+        };
+        /**
+         * ServerConfig
+         * @description What the dashboard's New page needs to know about this server before an upload.
+         */
+        ServerConfig: {
+            /**
+             * Allow Pickle
+             * @description pickled weights (.bin, .pt, .pth) are accepted (DELTALENS_ALLOW_PICKLE)
+             */
+            allow_pickle: boolean;
+            /**
+             * Max Title
+             * @description longest analysis title, in characters
+             */
+            max_title: number;
+            /**
+             * Max Upload Bytes
+             * @description largest single file an upload may declare
+             */
+            max_upload_bytes: number;
         };
         /** Similarity */
         Similarity: {
@@ -2157,6 +2367,36 @@ export interface components {
             tau: number;
             /** Value */
             value: number | null;
+        };
+        /**
+         * TensorChanged
+         * @description Per matrix, the weights changed at one τ (snapped to a histogram edge, as the heatmap).
+         */
+        TensorChanged: {
+            /** Analysis */
+            analysis: string;
+            /**
+             * Changed
+             * @description weights with |Δ| above τ, per name
+             */
+            changed: number[];
+            /**
+             * Mode
+             * @enum {string}
+             */
+            mode: "abs" | "rel";
+            /**
+             * Names
+             * @description matrix names (fused tensors as their parts)
+             */
+            names: string[];
+            /**
+             * Tau
+             * @description the histogram edge τ snapped to (0: stored values differ)
+             */
+            tau: number;
+            /** Tau Requested */
+            tau_requested: number;
         };
         /**
          * TensorDetail
@@ -2685,6 +2925,79 @@ export interface operations {
             };
             /** @description No such analysis, checkpoint, upload, file or tensor */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Invalid parameters, body or checkpoint content */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    rename_api_analyses__aid__patch: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path: {
+                aid: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["AnalysisRename"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AnalysisOut"];
+                };
+            };
+            /** @description The request body could not be parsed */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Hosted mode (DELTALENS_TOKEN set): this write needs 'Authorization: Bearer <token>' */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description No such analysis, checkpoint, upload, file or tensor */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description The request body is larger than this endpoint accepts (DELTALENS_MAX_BODY_BYTES), or an upload file larger than DELTALENS_MAX_UPLOAD_BYTES / DELTALENS_MAX_METADATA_BYTES or its declared size */
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3346,6 +3659,58 @@ export interface operations {
             };
         };
     };
+    tensor_changed_api_analyses__aid__tensor_changed_get: {
+        parameters: {
+            query?: {
+                tau?: number;
+                mode?: "abs" | "rel";
+            };
+            header?: never;
+            path: {
+                aid: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TensorChanged"];
+                };
+            };
+            /** @description No such analysis, checkpoint, upload, file or tensor */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Not possible in the resource's current state (not ready, wrong kind, already finished, incomplete, offset gap, checkpoint gone, another request writing the same upload file) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+            /** @description Invalid parameters, body or checkpoint content */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
     tensors_api_analyses__aid__tensors_get: {
         parameters: {
             query?: never;
@@ -3619,6 +3984,7 @@ export interface operations {
                 ids: string;
                 tau?: number;
                 mode?: "abs" | "rel";
+                metric?: "sparsity" | "rank_pct" | "relative_change";
             };
             header?: never;
             path?: never;
@@ -3660,6 +4026,46 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorOut"];
+                };
+            };
+        };
+    };
+    config_api_config_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ServerConfig"];
+                };
+            };
+        };
+    };
+    demo_api_demo_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DemoStatus"];
                 };
             };
         };

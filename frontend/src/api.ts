@@ -61,10 +61,15 @@ export function get<T>(path: string): Promise<T> {
 }
 export const post = <T>(path: string, body?: unknown) => request<T>("POST", path, body ?? {});
 export const put = <T>(path: string, data: Blob) => request<T>("PUT", path, undefined, data);
+export const patch = <T>(path: string, body: unknown) => request<T>("PATCH", path, body);
+export const del = (path: string) => request<void>("DELETE", path);
 
 // --- from the backend's schema -----------------------------------------------------------------------
 export type AnalysisOut = Schemas["AnalysisOut"];
 export type AnalysisIn = Schemas["AnalysisIn"];
+export type AnalysisRename = Schemas["AnalysisRename"];
+export type Headline = Schemas["Headline"];
+export type ServerConfig = Schemas["ServerConfig"];
 type ErrorOut = Schemas["ErrorOut"];
 export type Created = Schemas["Created"];
 export type UploadIn = Schemas["UploadIn"];
@@ -81,6 +86,7 @@ export type Curve = Pick<SparsityCurve, "tau" | "sparsity">;
 export type PairSummary = Schemas["PairSummary"]; // /summary of a pair analysis
 export type TensorRow = Schemas["TensorRow"];
 export type TensorDetail = Schemas["TensorDetail"];
+export type TensorChanged = Schemas["TensorChanged"];
 export type GeometryView = Schemas["GeometryView"];
 export type Series = Schemas["SeriesView"];
 export type SeriesResult = Schemas["SeriesResult"]; // /result of a series analysis

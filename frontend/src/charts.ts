@@ -19,25 +19,121 @@ export interface Figure {
 export const plotlyText = (s: string): string =>
   s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
 
+/** How a figure's values are coloured and named. Shares are fixed to 0–100 % so one colour means one
+ * value across analyses and τ; magnitudes without a natural bound take the data's range (log allowed). */
+export interface ColourScale {
+  label: string;
+  unit: string; // "" when the value is its own unit (a ratio, |Δ|)
+  factor: number; // value from the API × factor = value shown (shares in %)
+  range?: [number, number]; // fixed colour range, in shown units
+  kind: "sequential" | "diverging";
+  mid?: number; // diverging: the neutral value
+  colorscale: string;
+  reverse?: boolean;
+  digits?: number; // fixed digits; none: scientific notation
+}
+
+const SHARE = { factor: 100, range: [0, 100] as [number, number], kind: "sequential" as const };
+export const COLOUR_SCALES = {
+  sparsity: {
+    label: "unchanged",
+    unit: "% of weights",
+    ...SHARE,
+    colorscale: "Viridis",
+    reverse: true,
+    digits: 2,
+  },
+  changed_share: { label: "changed", unit: "% of weights", ...SHARE, colorscale: "Viridis", digits: 2 },
+  rank_pct: {
+    label: "update rank",
+    unit: "% of full",
+    ...SHARE,
+    factor: 1,
+    colorscale: "Cividis",
+    digits: 1,
+  },
+  effective_rank: { label: "effective rank", unit: "% of full", ...SHARE, colorscale: "Cividis", digits: 1 },
+  relative_change: {
+    label: "relative change ‖Δ‖/‖W‖",
+    unit: "",
+    factor: 1,
+    kind: "sequential",
+    colorscale: "YlGnBu",
+    reverse: true,
+  },
+  mean_abs_delta: {
+    label: "mean |Δ|",
+    unit: "",
+    factor: 1,
+    kind: "sequential",
+    colorscale: "YlOrRd",
+    reverse: true,
+  },
+  one_ulp_share: { label: "moved ≤ 1 ULP", unit: "% of weights", ...SHARE, colorscale: "Viridis", digits: 2 },
+  update_map: {
+    label: "changed",
+    unit: "% of the cell's weights",
+    ...SHARE,
+    colorscale: "YlOrRd",
+    reverse: true,
+    digits: 1,
+  },
+  energy_share: { label: "energy in top-8", unit: "% of ‖ΔW‖²", ...SHARE, colorscale: "Viridis", digits: 1 },
+  rank1_dominance: { label: "rank-1 share σ₁²/‖ΔW‖²", unit: "%", ...SHARE, colorscale: "Viridis", digits: 1 },
+  enrichment: {
+    label: "enrichment",
+    unit: "observed / expected",
+    factor: 1,
+    kind: "diverging",
+    mid: 1,
+    colorscale: "RdBu",
+    reverse: true, // above 1 (more than chance) blue, below red
+    digits: 2,
+  },
+} satisfies Record<Metric | string, ColourScale>;
+
+/** "changed<br>% of weights (sequential)": what a colour bar is titled (two lines: it fits short bars). */
+export function scaleTitle(s: ColourScale, log = false): string {
+  return `${log ? "log10 " : ""}${s.label}<br>${s.unit ? `${s.unit} ` : ""}(${s.kind})`;
+}
+
+/** A value (API units) as text in the scale's unit: "12.35%", "99.5%", "1.23e-3". */
+export function formatScaled(s: ColourScale, v: number | null | undefined): string {
+  if (v === null || v === undefined || Number.isNaN(v)) return "–";
+  const shown = v * s.factor;
+  const text = s.digits === undefined ? shown.toExponential(2) : shown.toFixed(s.digits);
+  return s.unit.startsWith("%") ? `${text}%` : text;
+}
+
+/** The colour settings of a heatmap trace for a scale; `log`: only for scales without a fixed range. */
+export function colourAxis(s: ColourScale, log: boolean): object {
+  return {
+    colorscale: s.colorscale,
+    reversescale: Boolean(s.reverse),
+    ...(s.range && !log ? { zmin: s.range[0], zmax: s.range[1] } : {}),
+    ...(s.mid !== undefined ? { zmid: s.mid } : {}),
+    colorbar: { title: { text: scaleTitle(s, log), side: "right" } },
+  };
+}
+
+/** Grids this small show each cell's value inside it. */
+const CELL_TEXT_MAX = { cells: 400, rows: 40 };
+export const cellTextFits = (rows: number, cols: number) =>
+  rows <= CELL_TEXT_MAX.rows && rows * cols <= CELL_TEXT_MAX.cells;
+
 const METRIC_LABELS: Record<Metric, string> = {
   sparsity: "sparsity (share unchanged)",
   changed_share: "changed share",
   rank_pct: "update rank % of full",
-  effective_rank: "effective rank",
+  effective_rank: "effective rank % of full",
   relative_change: "relative change ‖Δ‖/‖W‖",
   mean_abs_delta: "mean |Δ|",
   one_ulp_share: "one-ULP share (moved ≤ 1 ULP)",
 };
 export const metricLabel = (m: Metric) => METRIC_LABELS[m];
 
-export function formatMetric(metric: Metric, v: number | null): string {
-  if (v === null || v === undefined || Number.isNaN(v)) return "–";
-  if (metric === "sparsity" || metric === "changed_share" || metric === "one_ulp_share")
-    return `${(100 * v).toFixed(2)}%`;
-  if (metric === "rank_pct") return `${v.toFixed(1)}%`;
-  if (metric === "effective_rank") return v.toFixed(1);
-  return v.toExponential(2);
-}
+export const formatMetric = (metric: Metric, v: number | null): string =>
+  formatScaled(COLOUR_SCALES[metric], v);
 
 export const layerLabel = (l: number | null) => (l === null ? "other" : `layer ${l}`);
 
@@ -76,19 +172,19 @@ export function gridAt(
 export function heatmapFigure(opts: {
   layers: (number | null)[];
   matrices: string[];
-  values: (number | null)[][];
+  values: (number | null)[][]; // API units: shares 0–1 (effective rank: a share of full rank)
   changed?: (number | null)[][];
   numel?: (number | null)[][];
   metric: Metric;
   scale: Scale;
   tauLabel: string;
 }): Figure {
-  const { layers, matrices, values, metric, scale } = opts;
-  const logScale = scale === "log" && !["sparsity", "changed_share", "rank_pct"].includes(metric);
-  const z = values.map((row) =>
-    row.map((v) => (v === null ? null : logScale ? (v > 0 ? Math.log10(v) : null) : v)),
-  );
-  const text = values.map((row, i) =>
+  const { layers, matrices, values, metric } = opts;
+  const s: ColourScale = COLOUR_SCALES[metric];
+  const log = opts.scale === "log" && !s.range;
+  const shown = values.map((row) => row.map((v) => (v === null ? null : v * s.factor)));
+  const z = shown.map((row) => row.map((v) => (v === null || !log ? v : v > 0 ? Math.log10(v) : null)));
+  const hovertext = values.map((row, i) =>
     row.map((v, j) => {
       const lines = [
         `${plotlyText(layerLabel(layers[i]))} · ${plotlyText(matrices[j])}`,
@@ -101,22 +197,26 @@ export function heatmapFigure(opts: {
       return lines.join("<br>");
     }),
   );
+  const withText = cellTextFits(layers.length, matrices.length);
   return {
     data: [
       {
         type: "heatmap",
         z,
+        customdata: shown, // the values in the colour bar's unit, never log: what CSV exports
         x: matrices.map(plotlyText),
         y: layers.map((l) => plotlyText(layerLabel(l))),
-        text,
+        hovertext,
         hoverinfo: "text",
         hoverongaps: false,
-        colorscale: "Viridis",
-        reversescale: metric === "sparsity",
-        zmin: ["sparsity", "changed_share"].includes(metric) ? undefined : undefined,
-        colorbar: {
-          title: { text: logScale ? `log10 ${metricLabel(metric)}` : metricLabel(metric), side: "right" },
-        },
+        ...(withText
+          ? {
+              text: values.map((row) => row.map((v) => (v === null ? "" : formatMetric(metric, v)))),
+              texttemplate: "%{text}",
+              textfont: { size: 10 },
+            }
+          : {}),
+        ...colourAxis(s, log),
       },
     ],
     layout: {
@@ -277,116 +377,82 @@ export function spectrumFigure(t: TensorDetail): Figure {
   };
 }
 
-export function updateMapFigure(map: NonNullable<TensorDetail["update_map"]>): Figure {
+/** Boundaries splitting `length` items into `bins` consecutive groups: the worker's binning of update
+ * maps and profiles (worker/metrics.py bin_bounds), so cells map back to real row / column indices. */
+export const binBounds = (length: number, bins: number): number[] =>
+  Array.from({ length: bins + 1 }, (_, i) => Math.floor((i * length) / bins));
+
+/** "12–15" (inclusive) or "12" for the items of one bin. */
+const span = (bounds: number[], i: number) =>
+  bounds[i + 1] - bounds[i] > 1 ? `${bounds[i]}–${bounds[i + 1] - 1}` : `${bounds[i]}`;
+
+export function updateMapFigure(map: NonNullable<TensorDetail["update_map"]>, shape: number[]): Figure {
+  const [rows, cols] = shape;
+  const rowBounds = binBounds(rows, map.grid_rows),
+    colBounds = binBounds(cols, map.grid_cols);
+  const s = COLOUR_SCALES.update_map;
   const z: number[][] = [];
   for (let r = 0; r < map.grid_rows; r++)
-    z.push(map.cells.slice(r * map.grid_cols, (r + 1) * map.grid_cols).map((v) => 100 * v));
+    z.push(map.cells.slice(r * map.grid_cols, (r + 1) * map.grid_cols).map((v) => v * s.factor));
+  const hovertext = z.map((row, r) =>
+    row.map((v, c) => `rows ${span(rowBounds, r)}, columns ${span(colBounds, c)}: ${v.toFixed(1)}% changed`),
+  );
+  const withText = cellTextFits(map.grid_rows, map.grid_cols);
   return {
     data: [
       {
         type: "heatmap",
         z,
-        colorscale: "Magma",
-        zmin: 0,
-        zmax: 100,
-        colorbar: { title: { text: "% changed" } },
-        hovertemplate: "cell row %{y}, col %{x}: %{z:.1f}% changed<extra></extra>",
+        // cell edges in real indices: the axes read as the matrix's rows and columns
+        x: colBounds,
+        y: rowBounds,
+        hovertext,
+        hoverinfo: "text",
+        ...(withText ? { texttemplate: "%{z:.0f}", textfont: { size: 9 } } : {}),
+        ...colourAxis(s, false),
+        meta: {
+          csv: {
+            rows: rowBounds.slice(0, -1).map((_, r) => `rows ${span(rowBounds, r)}`),
+            cols: colBounds.slice(0, -1).map((_, c) => `columns ${span(colBounds, c)}`),
+          },
+        },
       },
     ],
     layout: {
-      margin: { l: 50, r: 10, t: 10, b: 40 },
-      height: 300,
-      yaxis: { autorange: "reversed", title: { text: "rows (out)" } },
-      xaxis: { title: { text: "columns (in)" } },
+      margin: { l: 60, r: 10, t: 10, b: 40 },
+      height: 320,
+      yaxis: { autorange: "reversed", title: { text: `row (output feature, 0–${rows - 1})` } },
+      xaxis: { title: { text: `column (input feature, 0–${cols - 1})` } },
     },
   };
 }
 
-export function profileFigure(values: number[], label: string): Figure {
+/** A profile's share changed per row, column (binned: x is each bin's first index) or head. */
+export function profileFigure(values: number[], label: string, length = values.length): Figure {
   const name = plotlyText(label);
+  const head = label === "head";
+  const x = binBounds(length, values.length).slice(0, -1);
   return {
     data: [
       {
-        type: label === "head" ? "bar" : "scatter",
+        type: head ? "bar" : "scatter",
         mode: "lines",
-        x: values.map((_, i) => i),
+        x,
         y: values.map((v) => 100 * v),
         text: values.map(() => name),
-        hovertemplate: "%{text} %{x}: %{y:.1f}% changed<extra></extra>",
+        textposition: "none",
+        hovertemplate: `%{text} %{x}${values.length < length ? "…" : ""}: %{y:.1f}% changed<extra></extra>`,
       },
     ],
     layout: {
       margin: { l: 50, r: 10, t: 10, b: 40 },
       height: 200,
       yaxis: { title: { text: "% changed" }, range: [0, 100] },
-      xaxis: { title: { text: label === "head" ? "attention head" : `${name} (binned)` } },
+      xaxis: head
+        ? { title: { text: "attention head" }, dtick: 1, tickformat: "d" }
+        : { title: { text: values.length < length ? `${name} (binned)` : name }, tickformat: "d" },
     },
   };
-}
-
-export function seriesFigures(
-  steps: { checkpoint: string; changed: number; outside_final: number; transient_fraction: number | null }[],
-  numel: number,
-): Figure[] {
-  const x = steps.map((_, i) => i + 1);
-  const names = steps.map((s) => plotlyText(s.checkpoint.split("/").filter(Boolean).pop() ?? s.checkpoint));
-  const transient: Figure = {
-    data: [
-      {
-        type: "scatter",
-        mode: "lines+markers",
-        x,
-        y: steps.map((s) => 100 * (s.transient_fraction ?? 0)),
-        text: names,
-        name: "transient fraction",
-        hovertemplate: "%{text}: %{y:.1f}% of moved weights are not in the final mask<extra></extra>",
-      },
-      {
-        type: "scatter",
-        mode: "lines+markers",
-        x,
-        y: steps.map((s) => (100 * s.changed) / numel),
-        text: names,
-        yaxis: "y2",
-        name: "changed vs base",
-        hovertemplate: "%{text}: %{y:.2f}% of weights differ from the base<extra></extra>",
-      },
-    ],
-    layout: {
-      margin: { l: 60, r: 60, t: 10, b: 40 },
-      height: 300,
-      xaxis: { title: { text: "checkpoint" }, tickvals: x, ticktext: names },
-      yaxis: { title: { text: "transient fraction %" }, range: [0, 100] },
-      yaxis2: { title: { text: "changed %" }, overlaying: "y", side: "right", range: [0, 100] },
-      legend: { orientation: "h", y: 1.15 },
-    },
-  };
-  // after each checkpoint: moved and kept in the final mask, moved but not in it, not moved (stacked areas)
-  const parts = [
-    ["moved, in final mask", steps.map((s) => s.changed - s.outside_final)],
-    ["moved, not in final mask (transient)", steps.map((s) => s.outside_final)],
-    ["not moved", steps.map((s) => numel - s.changed)],
-  ] as const;
-  const split: Figure = {
-    data: parts.map(([name, counts]) => ({
-      type: "scatter",
-      mode: "lines",
-      stackgroup: "one",
-      name: plotlyText(name),
-      x,
-      text: names,
-      y: counts.map((c) => (100 * c) / numel),
-      hovertemplate: `%{text}: ${plotlyText(name)} %{y:.2f}%<extra></extra>`,
-    })),
-    layout: {
-      margin: { l: 60, r: 10, t: 30, b: 40 },
-      height: 300,
-      yaxis: { title: { text: "% of weights" }, range: [0, 100] },
-      xaxis: { title: { text: "checkpoint" }, tickvals: x, ticktext: names },
-      legend: { orientation: "h", y: 1.15 },
-    },
-  };
-  return [transient, split];
 }
 
 /** Distance between two circles of areas a, b whose lens has area `both` (bisection). */
@@ -411,151 +477,4 @@ export function circleDistance(a: number, b: number, both: number): number {
     else hi = mid;
   }
   return (lo + hi) / 2;
-}
-
-/** One pair of runs in an overlap; a share is null when its denominator is 0 (drawn as 0). */
-interface OverlapPair {
-  a: number;
-  b: number;
-  both: number;
-  o1: number | null;
-  o2: number | null;
-  baseline1: number | null;
-  baseline2: number | null;
-}
-
-export function vennFigure(
-  labels: string[],
-  changed: number[],
-  venn: Record<string, number>,
-  numel: number,
-  pairs: OverlapPair[],
-): Figure {
-  const n = changed.length;
-  const radius = changed.map((c) => Math.sqrt(c / Math.PI));
-  const d01 = circleDistance(changed[0], changed[1], pairs[0].both);
-  const centers: [number, number][] = [
-    [0, 0],
-    [d01, 0],
-  ];
-  if (n === 3) {
-    const d02 = circleDistance(changed[0], changed[2], pairs[1].both),
-      d12 = circleDistance(changed[1], changed[2], pairs[2].both);
-    const x = (d02 * d02 - d12 * d12 + d01 * d01) / (2 * d01);
-    centers.push([x, -Math.sqrt(Math.max(0, d02 * d02 - x * x))]);
-  }
-  const colors = ["#1f77b4", "#ff7f0e", "#2ca02c"];
-  const shapes = centers.map(([x, y], i) => ({
-    type: "circle",
-    xref: "x",
-    yref: "y",
-    x0: x - radius[i],
-    x1: x + radius[i],
-    y0: y - radius[i],
-    y1: y + radius[i],
-    fillcolor: colors[i],
-    opacity: 0.35,
-    line: { color: colors[i], width: 2 },
-  }));
-  const annotations = centers.map(([x, y], i) => ({
-    x,
-    y: y + radius[i] * 1.08,
-    text: `<b>${plotlyText(labels[i])}</b><br>${count(changed[i])} changed`,
-    showarrow: false,
-    font: { size: 12 },
-  }));
-  const overlapText = pairs.map(
-    (p) =>
-      `${labels[p.a]} ∧ ${labels[p.b]}: ${count(p.both)} — o1 ${(100 * (p.o1 ?? 0)).toFixed(1)}% (random ${(100 * (p.baseline1 ?? 0)).toFixed(1)}%), o2 ${(100 * (p.o2 ?? 0)).toFixed(1)}% (random ${(100 * (p.baseline2 ?? 0)).toFixed(1)}%)`,
-  );
-  const xs = centers.map(([x], i) => [x - radius[i], x + radius[i]]).flat(),
-    ys = centers.map(([, y], i) => [y - radius[i], y + radius[i]]).flat();
-  const span = Math.max(Math.max(...xs) - Math.min(...xs), Math.max(...ys) - Math.min(...ys)) * 0.6;
-  const cx = (Math.max(...xs) + Math.min(...xs)) / 2,
-    cy = (Math.max(...ys) + Math.min(...ys)) / 2;
-  return {
-    data: [
-      {
-        type: "scatter",
-        mode: "text",
-        x: [cx],
-        y: [cy - span * 1.05],
-        text: [
-          `N = ${count(numel)} weights; regions: ` +
-            Object.entries(venn)
-              .map(([k, v]) => `${k} ${count(v)}`)
-              .join(", "),
-        ],
-        hoverinfo: "skip",
-        textfont: { size: 11 },
-      },
-    ],
-    layout: {
-      shapes,
-      annotations,
-      height: 420,
-      margin: { l: 10, r: 10, t: 10, b: 10 },
-      showlegend: false,
-      xaxis: { visible: false, range: [cx - span * 1.2, cx + span * 1.2] },
-      yaxis: { visible: false, range: [cy - span * 1.15, cy + span * 1.15], scaleanchor: "x" },
-      meta: { overlapText },
-    },
-  };
-}
-
-export function overlapMatrixFigure(names: string[], pairs: Omit<OverlapPair, "both">[]): Figure {
-  const labels = names.map(plotlyText);
-  const n = labels.length;
-  const z: (number | null)[][] = Array.from({ length: n }, (_, i) =>
-    Array.from({ length: n }, (_, j) => (i === j ? 100 : null)),
-  );
-  const text: string[][] = Array.from({ length: n }, () => Array(n).fill(""));
-  for (const p of pairs) {
-    z[p.a][p.b] = 100 * (p.o1 ?? 0);
-    z[p.b][p.a] = 100 * (p.o2 ?? 0);
-    text[p.a][p.b] =
-      `|${labels[p.a]}∧${labels[p.b]}| / |${labels[p.a]}| = ${(100 * (p.o1 ?? 0)).toFixed(1)}% (random ${(100 * (p.baseline1 ?? 0)).toFixed(1)}%)`;
-    text[p.b][p.a] =
-      `|${labels[p.a]}∧${labels[p.b]}| / |${labels[p.b]}| = ${(100 * (p.o2 ?? 0)).toFixed(1)}% (random ${(100 * (p.baseline2 ?? 0)).toFixed(1)}%)`;
-  }
-  return {
-    data: [
-      {
-        type: "heatmap",
-        z,
-        x: labels,
-        y: labels,
-        text,
-        hoverinfo: "text",
-        colorscale: "Blues",
-        zmin: 0,
-        zmax: 100,
-        colorbar: { title: { text: "overlap %" } },
-      },
-    ],
-    layout: { margin: { l: 80, r: 10, t: 10, b: 60 }, height: 320, yaxis: { autorange: "reversed" } },
-  };
-}
-
-export function compareFigure(
-  analyses: { analysis: string; label: string; layers: { layer: number | null; sparsity: number }[] }[],
-): Figure {
-  return {
-    data: analyses.map((a) => ({
-      type: "scatter",
-      mode: "lines+markers",
-      name: plotlyText(a.label),
-      x: a.layers.map((l) => plotlyText(layerLabel(l.layer))),
-      y: a.layers.map((l) => 100 * l.sparsity),
-      text: a.layers.map(() => plotlyText(a.label)),
-      hovertemplate: "%{text}<br>%{x}: sparsity %{y:.2f}%<extra></extra>",
-    })),
-    layout: {
-      margin: { l: 60, r: 10, t: 10, b: 60 },
-      height: 360,
-      yaxis: { title: { text: "sparsity %" }, range: [0, 100] },
-      xaxis: { type: "category" },
-      legend: { orientation: "h" },
-    },
-  };
 }

@@ -3,6 +3,7 @@ import "./style.css";
 import { getAhead, post, type LinkIn, type LinkOut } from "./api";
 import type { Context, Renderer } from "./context";
 import { h } from "./dom";
+import { watchDemo } from "./demo";
 import { format, parse, type View, type ViewState } from "./state";
 import { toast } from "./toast";
 
@@ -103,3 +104,4 @@ document.getElementById("theme")!.addEventListener("click", () => {
 });
 
 render();
+void watchDemo(); // the banner while `up --demo` trains the demo models

@@ -1,6 +1,8 @@
-// Plotly in the page: theme colours applied, responsive, click events forwarded.
+// Plotly in the page: theme colours applied, responsive, click events forwarded, every chart exportable
+// (PNG and SVG from the modebar, a heatmap's grid as CSV).
 import type { Figure } from "./charts";
 import { h } from "./dom";
+import { csvButton, fileName, heatmapCsv } from "./export";
 
 /** Plotly (src/plotly.ts) is a chunk of its own: asked for as soon as a view that plots is loaded, so it
  * downloads and compiles while that view's API requests are in flight. */
@@ -49,6 +51,23 @@ function themed(layout: any): any {
   };
 }
 
+/** The modebar: PNG (Plotly's toImage button) and SVG downloads named after the chart. */
+function config(Plotly: any, label: string): object {
+  const filename = fileName(label, "").slice(0, -1);
+  const svg = {
+    name: "Download plot as an SVG",
+    title: "Download plot as an SVG",
+    icon: Plotly.Icons.camera,
+    click: (gd: HTMLElement) => Plotly.downloadImage(gd, { format: "svg", filename }),
+  };
+  return {
+    responsive: true,
+    displaylogo: false,
+    toImageButtonOptions: { format: "png", filename, scale: 2 },
+    modeBarButtonsToAdd: [svg],
+  };
+}
+
 export function plotInto(
   container: HTMLElement,
   fig: Figure,
@@ -56,10 +75,15 @@ export function plotInto(
   onClick?: (point: any) => void,
 ): HTMLElement {
   const el = h("div", { class: "plot", role: "img", "aria-label": label });
+  if (fig.data[0]?.type === "heatmap") {
+    // the grid as drawn now (replot may have changed it), in the colour bar's unit
+    const rows = () => heatmapCsv((el as any).data?.[0] ?? fig.data[0]);
+    container.append(h("div", { class: "export-bar" }, csvButton(label, rows)));
+  }
   container.append(el);
   const layout = themed(fig.layout);
   draw(async (Plotly) => {
-    await Plotly.newPlot(el, fig.data, layout, { responsive: true, displaylogo: false });
+    await Plotly.newPlot(el, fig.data, layout, config(Plotly, label));
     if (onClick) (el as any).on("plotly_click", (e: any) => e.points?.[0] && onClick(e.points[0]));
   });
   return el;

@@ -24,7 +24,8 @@ export interface ViewState {
   mode: Mode;
   scale: Scale;
   ids: string[]; // compare: analysis ids
-  filter: string; // browse: text filter
+  filter: string; // browse: text filter; overview: the tensor table's filter
+  sort: string; // overview: the tensor table's order, a column key ("-key": descending); "" none
 }
 
 export const DEFAULTS: ViewState = {
@@ -37,9 +38,11 @@ export const DEFAULTS: ViewState = {
   scale: "linear",
   ids: [],
   filter: "",
+  sort: "",
 };
 
 const ID = /^[0-9a-f]{6,32}$/;
+const SORT = /^-?[a-z0-9_]{1,32}$/;
 
 function oneOf<T extends string>(value: string | null, allowed: readonly T[], fallback: T): T {
   return value !== null && (allowed as readonly string[]).includes(value) ? (value as T) : fallback;
@@ -69,7 +72,11 @@ export function parse(pathname: string, search: string): ViewState {
   if (parts[0] === "analyses" && parts[1] && ID.test(parts[1])) {
     const analysis = parts[1];
     const sub = parts[2] ?? "";
-    if (parts.length === 2) return { ...common, view: "overview", analysis };
+    if (parts.length === 2) {
+      const sort = q.get("sort") ?? "";
+      const table = { filter: (q.get("q") ?? "").slice(0, 200), sort: SORT.test(sort) ? sort : "" };
+      return { ...common, view: "overview", analysis, ...table };
+    }
     if (sub === "tensor" && parts.length === 3) {
       const tensor = q.get("name");
       return tensor
@@ -97,6 +104,8 @@ export function format(s: ViewState): string {
       break;
     case "overview":
       path = `/analyses/${a}`;
+      if (s.filter) q.set("q", s.filter);
+      if (s.sort) q.set("sort", s.sort);
       break;
     case "tensor":
       path = `/analyses/${a}/tensor`;
@@ -112,7 +121,7 @@ export function format(s: ViewState): string {
       if (s.filter) q.set("q", s.filter);
   }
   if (["overview", "tensor", "compare"].includes(s.view)) {
-    if (s.metric !== DEFAULTS.metric && s.view === "overview") q.set("metric", s.metric);
+    if (s.metric !== DEFAULTS.metric && s.view !== "tensor") q.set("metric", s.metric);
     if (s.tau !== DEFAULTS.tau) q.set("tau", String(s.tau));
     if (s.mode !== DEFAULTS.mode) q.set("mode", s.mode);
     if (s.scale !== DEFAULTS.scale && s.view === "overview") q.set("scale", s.scale);

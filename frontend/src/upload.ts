@@ -40,3 +40,33 @@ export async function uploadCheckpoint(
   }
   return (await post<Created>(`/api/uploads/${session.id}/complete`)).id;
 }
+
+const MAX_HEADER = 100 << 20; // safetensors' own limit on the JSON header
+
+/** Why a `.safetensors` file is not one, read from its first 8 + N bytes (a little-endian u64 N, then
+ * N bytes of a UTF-8 JSON object), or null when the header reads; the server checks it all again. */
+export async function safetensorsProblem(file: File): Promise<string | null> {
+  const notOne = (why: string) => `${file.name}: not a safetensors file (${why})`;
+  if (file.size < 8) return notOne("shorter than the 8 bytes that give its header's size");
+  const size = new DataView(await file.slice(0, 8).arrayBuffer()).getBigUint64(0, true);
+  if (size > BigInt(Math.min(MAX_HEADER, file.size - 8)))
+    return notOne(`the first 8 bytes give a header of ${size} bytes, more than the file holds`);
+  try {
+    const text = new TextDecoder("utf-8", { fatal: true }).decode(
+      await file.slice(8, 8 + Number(size)).arrayBuffer(),
+    );
+    const header: unknown = JSON.parse(text);
+    if (header === null || typeof header !== "object" || Array.isArray(header)) throw new Error();
+  } catch {
+    return notOne("its header is not JSON");
+  }
+  return null;
+}
+
+/** The name a checkpoint gets unless one is typed: its folder's, else its first weight file's stem. */
+export function defaultName(files: File[]): string {
+  const folder = files[0]?.webkitRelativePath.split("/")[0];
+  if (folder) return folder;
+  const weights = files.find((f) => !f.name.endsWith(".json")) ?? files[0];
+  return weights ? weights.name.replace(/\.[^.]+$/, "") : "";
+}

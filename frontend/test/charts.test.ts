@@ -8,8 +8,6 @@ import {
   heatmapFigure,
   histogramFigure,
   nearestEdge,
-  overlapMatrixFigure,
-  vennFigure,
 } from "../src/charts";
 
 const edges = Array.from({ length: 225 }, (_, i) => 10 ** ((i - 192) / 16));
@@ -78,12 +76,15 @@ describe("figures", () => {
       tauLabel: "1.00e-5",
     });
     expect(f.data[0].z).toEqual([
-      [0.75, 1],
-      [0.5, null],
+      [75, 100],
+      [50, null],
     ]);
     expect(f.data[0].y).toEqual(["layer 0", "other"]);
-    expect(f.data[0].text[0][0]).toContain("changed 25 of 100");
-    expect(f.data[0].text[0][0]).toContain("75.00%");
+    expect(f.data[0].hovertext[0][0]).toContain("changed 25 of 100");
+    expect(f.data[0].hovertext[0][0]).toContain("75.00%");
+    expect(f.data[0].text[0][0]).toBe("75.00%"); // a small grid: the value inside the cell
+    expect([f.data[0].zmin, f.data[0].zmax]).toEqual([0, 100]);
+    expect(f.data[0].colorbar.title.text).toBe("unchanged<br>% of weights (sequential)");
   });
   it("heatmap: log scale only for magnitude metrics", () => {
     const base = {
@@ -94,7 +95,11 @@ describe("figures", () => {
       tauLabel: "",
     };
     expect(heatmapFigure({ ...base, scale: "log" }).data[0].z).toEqual([[-3]]);
-    expect(heatmapFigure({ ...base, metric: "sparsity", scale: "log" }).data[0].z).toEqual([[1e-3]]);
+    expect(heatmapFigure({ ...base, metric: "sparsity", scale: "log" }).data[0].z).toEqual([[0.1]]);
+    const log = heatmapFigure({ ...base, scale: "log" }).data[0];
+    expect(log.zmin).toBeUndefined(); // a magnitude: the data's own range
+    expect(log.customdata).toEqual([[1e-3]]); // what CSV exports: never the log
+    expect(log.colorbar.title.text).toBe("log10 mean |Δ|<br>(sequential)");
   });
   it("curve and histogram mark τ", () => {
     expect(curveFigure({ tau: [1e-5, 1e-4], sparsity: [0.5, 0.9] }, 1e-4).layout.shapes[0].x0).toBe(1e-4);
@@ -120,17 +125,5 @@ describe("Venn", () => {
     expect(d).toBeGreaterThan(Math.abs(ra - rb));
     expect(d).toBeLessThan(ra + rb);
     expect(circleDistance(a, b, 0)).toBeCloseTo(ra + rb, 6);
-  });
-  it("draws one circle per run, annotated with counts and baselines", () => {
-    const pairs = [{ a: 0, b: 1, both: 30, o1: 0.3, o2: 0.5, baseline1: 0.06, baseline2: 0.1 }];
-    const f = vennFigure(["A", "B"], [100, 60], { "10": 70, "01": 30, "11": 30 }, 1000, pairs);
-    expect(f.layout.shapes).toHaveLength(2);
-    expect(f.layout.annotations[0].text).toContain("100 changed");
-    expect(f.layout.meta.overlapText[0]).toContain("random 6.0%");
-    const m = overlapMatrixFigure(["A", "B"], pairs);
-    expect(m.data[0].z).toEqual([
-      [100, 30],
-      [50, 100],
-    ]);
   });
 });

@@ -1,16 +1,15 @@
 import { describe, expect, it } from "vitest";
 import {
   barsFigure,
-  compareFigure,
   heatmapFigure,
   histogramFigure,
-  overlapMatrixFigure,
   plotlyText,
   profileFigure,
-  seriesFigures,
-  vennFigure,
   type Figure,
 } from "../src/charts";
+import { compareLayersFigure } from "../src/comparecharts";
+import { pairMatrixFigure, splitFigure, transientFigure } from "../src/maskcharts";
+import { vennFigure } from "../src/venn";
 
 const HOSTILE = '<a href="https://example.com">x</a><span style="font-size:80px">big</span> & %{x} &lt;';
 
@@ -77,11 +76,15 @@ describe("names reach every chart as text", () => {
       { layer: 0, sparsity: 0.5 },
       { layer: null, sparsity: 0.9 },
     ];
+    const row = { analysis: "a", base: "b", target: "t", sparsity: 0.5, value: 0.5 };
     expectLiteral(
-      compareFigure([
-        { analysis: "a", label: HOSTILE, layers },
-        { analysis: "b", label: "plain", layers },
-      ]),
+      compareLayersFigure(
+        [
+          { ...row, label: HOSTILE, layers: layers.map((l) => ({ ...l, value: l.sparsity })) },
+          { ...row, label: "plain", layers: layers.map((l) => ({ ...l, value: l.sparsity })) },
+        ] as never,
+        "sparsity",
+      ),
     );
   });
   it("tick labels and hovers of the heatmap and bars", () => {
@@ -101,11 +104,13 @@ describe("names reach every chart as text", () => {
   });
   it("checkpoint names of a series, runs of an overlap, labels of histograms and profiles", () => {
     const folder = '<a href="x">x<span style="font-size:80px">big & %{x}'; // a folder name: no "/"
-    const steps = [{ checkpoint: `/models/${folder}`, changed: 1, outside_final: 0, transient_fraction: 0 }];
-    for (const fig of seriesFigures(steps, 10)) expectLiteral(fig, folder);
-    const pairs = [{ a: 0, b: 1, both: 30, o1: 0.3, o2: 0.5, baseline1: 0.06, baseline2: 0.1 }];
-    expectLiteral(vennFigure([HOSTILE, "B"], [100, 60], { "10": 70, "01": 30, "11": 30 }, 1000, pairs));
-    expectLiteral(overlapMatrixFigure([HOSTILE, "B"], pairs));
+    const steps = [
+      { checkpoint: `/models/${folder}`, changed: 1, outside_final: 0, transient_fraction: 0 },
+    ] as never;
+    for (const fig of [transientFigure(steps), splitFigure(steps, 10)]) expectLiteral(fig, folder);
+    const pair = { a: 0, b: 1, both: 30, o1: 0.3, o2: 0.5, baseline1: 0.06, baseline2: 0.1, jaccard: 0.2 };
+    expectLiteral(vennFigure([HOSTILE, "B"], [100, 60], () => 30));
+    expectLiteral(pairMatrixFigure([HOSTILE, "B"], [pair] as never));
     const edges = [1e-3, 1e-2, 1e-1];
     expectLiteral(histogramFigure([1, 1, 1, 1, 1], edges, 1e-2, HOSTILE));
     expectLiteral(profileFigure([0.1, 0.2], HOSTILE));

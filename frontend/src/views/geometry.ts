@@ -2,7 +2,16 @@
 // heatmaps on the pair overview, and one matrix's figures (energy vs k, spectral drift, principal
 // angles, intruders, enrichment counts) in the matrix view.
 import { get, type GeometryView, type TensorDetail } from "../api";
-import { layerLabel, plotlyText, type Figure } from "../charts";
+import {
+  COLOUR_SCALES,
+  cellTextFits,
+  colourAxis,
+  formatScaled,
+  layerLabel,
+  plotlyText,
+  type ColourScale,
+  type Figure,
+} from "../charts";
 import type { Context } from "../context";
 import { h, panel } from "../dom";
 import { int, sci } from "../format";
@@ -15,29 +24,37 @@ const caption = (text: string) => h("p", { class: "muted caption" }, text);
 const fixed = (v: number | null | undefined, digits = 3) =>
   v === null || v === undefined ? "–" : v.toFixed(digits);
 
-function gridFigure(view: GeometryView, values: Grid, label: string, zmid?: number): Figure {
-  const text = values.map((row, i) =>
+/** A layer × matrix grid in its scale (charts.COLOUR_SCALES: shares fixed to 0–100 %, enrichment
+ * diverging around 1), each cell's value inside it when the grid is small. */
+function gridFigure(view: GeometryView, values: Grid, s: ColourScale): Figure {
+  const hovertext = values.map((row, i) =>
     row.map((v, j) =>
       [
         `${plotlyText(layerLabel(view.layers[i]))} · ${plotlyText(view.matrices[j])}`,
-        `${label}: ${fixed(v)}`,
+        `${s.label}: ${formatScaled(s, v)}`,
       ].join("<br>"),
     ),
   );
+  const z = values.map((row) => row.map((v) => (v === null ? null : v * s.factor)));
+  const withText = cellTextFits(view.layers.length, view.matrices.length);
   return {
     data: [
       {
         type: "heatmap",
-        z: values,
+        z,
         x: view.matrices.map(plotlyText),
         y: view.layers.map((l) => plotlyText(layerLabel(l))),
-        text,
+        hovertext,
         hoverinfo: "text",
         hoverongaps: false,
-        colorscale: zmid === undefined ? "Viridis" : "RdBu",
-        reversescale: zmid !== undefined,
-        zmid,
-        colorbar: { title: { text: label, side: "right" } },
+        ...(withText
+          ? {
+              text: values.map((row) => row.map((v) => (v === null ? "" : formatScaled(s, v)))),
+              texttemplate: "%{text}",
+              textfont: { size: 10 },
+            }
+          : {}),
+        ...colourAxis(s, false),
       },
     ],
     layout: {
@@ -59,39 +76,37 @@ export async function geometryPanel(ctx: Context, slot: HTMLElement): Promise<vo
   p.append(row);
   const magnitude = view.enrichment.find((e) => e.selector === "magnitude" && e.percent === 1);
   const principal = view.enrichment.find((e) => e.selector === "principal" && e.percent === 1);
-  const figures: [string, Grid | undefined, string, string, number?][] = [
+  const figures: [string, Grid | undefined, ColourScale, string][] = [
     [
       "Energy in top-8",
       view.energy_in_top8,
-      "energy share",
+      COLOUR_SCALES.energy_share,
       "Share of ‖ΔW‖² inside the base's top-8 left and right singular subspaces (1 = the update only rescales principal directions).",
     ],
     [
       "Rank-1 dominance",
       view.rank1_dominance,
-      "σ₁²/‖ΔW‖²",
+      COLOUR_SCALES.rank1_dominance,
       "Share of ‖ΔW‖² carried by its largest singular direction (1 = a rank-1 update).",
     ],
     [
       "Enrichment in the largest 1 % of |W₀|",
       magnitude?.ratio,
-      "observed / expected",
+      COLOUR_SCALES.enrichment,
       `Changed weights (τ = ${sci(view.tau ?? 0)}) among the 1 % largest base weights, over what a random mask of the same size would hit (1 = no preference).`,
-      1,
     ],
     [
       "Enrichment in the principal weights (top 1 % of rank-8 W₀)",
       principal?.ratio,
-      "observed / expected",
+      COLOUR_SCALES.enrichment,
       "The same ratio for the 1 % largest entries of the base's rank-8 reconstruction U₈Σ₈V₈ᵀ.",
-      1,
     ],
   ];
-  for (const [title, values, label, text, zmid] of figures) {
+  for (const [title, values, scale, text] of figures) {
     if (!values) continue;
     const cell = h("div", {}, h("h3", {}, title), caption(text));
     row.append(cell);
-    plotInto(cell, gridFigure(view, values, label, zmid), title);
+    plotInto(cell, gridFigure(view, values, scale), title);
   }
 }
 

@@ -1,6 +1,6 @@
 // New analysis: upload checkpoints (files or a whole folder, chunked and resumable), register a
-// server path or download a model from the Hugging Face hub, pick kind, checkpoints in order and τ,
-// submit, then follow progress.
+// server path or download a model from the Hugging Face hub, pick kind, checkpoints and their order
+// (base first: drag, or the up/down buttons), τ and a title, submit, then follow progress.
 import {
   get,
   post,
@@ -9,26 +9,116 @@ import {
   type Checkpoint,
   type Created,
   type PathIn,
+  type ServerConfig,
 } from "../api";
 import type { components } from "../api-schema";
 import type { Context } from "../context";
 import { h } from "../dom";
 import { bytes } from "../format";
 import { withState } from "../state";
-import { uploadCheckpoint } from "../upload";
+import { defaultName, safetensorsProblem, uploadCheckpoint } from "../upload";
 import { viewOf } from "./analysis";
 
-const WANTED = /(\.safetensors|\.json)$/;
+const WEIGHTS = [".safetensors"];
+const PICKLED = [".bin", ".pt", ".pth"]; // only when the server allows pickles (DELTALENS_ALLOW_PICKLE)
 type DownloadOut = components["schemas"]["DownloadOut"];
+type Kind = AnalysisIn["kind"];
+
+/** What each position in the order is, by kind: the base first, then the target(s). */
+const ROLES: Record<Kind, (i: number, n: number) => string> = {
+  pair: (i) => (i === 0 ? "base" : i === 1 ? "target" : "extra (a pair takes two)"),
+  series: (i, n) => (i === 0 ? "base" : i === n - 1 ? "final" : `checkpoint ${i}`),
+  overlap: (i) => (i === 0 ? "base" : `run ${String.fromCharCode(64 + i)}`),
+};
+
+/** The list of chosen checkpoints in order: drag an item, or move it with its ↑ ↓ buttons. */
+function orderList(
+  chosen: string[],
+  nameOf: (id: string) => string,
+  roleOf: (i: number, n: number) => string,
+  changed: () => void,
+): HTMLElement {
+  const move = (from: number, to: number, focus?: string) => {
+    if (![from, to].every((k) => Number.isInteger(k) && k >= 0 && k < chosen.length) || from === to) return;
+    chosen.splice(to, 0, ...chosen.splice(from, 1));
+    changed();
+    // keyboard users stay on the moved item: the same button, or the other one at the top or bottom
+    const item = focus && document.querySelector(`#order [data-id="${chosen[to]}"]`);
+    if (item)
+      (
+        item.querySelector<HTMLElement>(`[data-move="${focus}"]:not([disabled])`) ??
+        item.querySelector<HTMLElement>("[data-move]:not([disabled])")
+      )?.focus();
+  };
+  return h(
+    "ol",
+    { id: "order", class: "order", "aria-label": "checkpoints in order, base first" },
+    ...chosen.map((id, i) => {
+      const name = nameOf(id);
+      const item = h(
+        "li",
+        { draggable: "true", "data-id": id, "data-role": roleOf(i, chosen.length) },
+        h("span", { class: "role" }, roleOf(i, chosen.length)),
+        h("span", { class: "name" }, name),
+        h(
+          "button",
+          {
+            type: "button",
+            "data-move": "up",
+            "aria-label": `move ${name} up`,
+            disabled: i === 0,
+            onclick: () => move(i, i - 1, "up"),
+          },
+          "↑",
+        ),
+        h(
+          "button",
+          {
+            type: "button",
+            "data-move": "down",
+            "aria-label": `move ${name} down`,
+            disabled: i === chosen.length - 1,
+            onclick: () => move(i, i + 1, "down"),
+          },
+          "↓",
+        ),
+        h(
+          "button",
+          {
+            type: "button",
+            "aria-label": `remove ${name}`,
+            onclick: () => {
+              chosen.splice(i, 1);
+              changed();
+            },
+          },
+          "×",
+        ),
+      );
+      item.addEventListener("dragstart", (e) => e.dataTransfer?.setData("text/plain", String(i)));
+      item.addEventListener("dragover", (e) => e.preventDefault());
+      item.addEventListener("drop", (e) => {
+        e.preventDefault();
+        move(Number(e.dataTransfer?.getData("text/plain")), i);
+      });
+      return item;
+    }),
+  );
+}
 
 export async function renderNew(ctx: Context): Promise<void> {
   const { root, state } = ctx;
+  const config = get<ServerConfig>("/api/config");
   let checkpoints = await get<Checkpoint[]>("/api/checkpoints");
+  const { allow_pickle } = await config;
   if (!ctx.alive()) return;
+  const suffixes = allow_pickle ? [...WEIGHTS, ...PICKLED] : WEIGHTS;
+  const accepted = (f: File) => [...suffixes, ".json"].some((s) => f.name.endsWith(s));
   const chosen: string[] = [];
-  const message = h("div", { role: "status" });
-  const list = h("div", { class: "chips", role: "group", "aria-label": "checkpoints, base first" });
-  const order = h("p", { class: "muted" });
+  const message = h("div", { role: "status", id: "new-message" });
+  const list = h("div", { class: "chips", role: "group", "aria-label": "checkpoints to analyse" });
+  const order = h("div");
+  const nameOf = (id: string) => checkpoints.find((c) => c.id === id)?.name ?? id;
   const drawList = () => {
     list.replaceChildren(
       ...checkpoints.map((c) =>
@@ -50,11 +140,12 @@ export async function renderNew(ctx: Context): Promise<void> {
         ),
       ),
     );
-    order.textContent = chosen.length
-      ? `Order: ${chosen.map((id, i) => `${i === 0 ? "base" : i}: ${checkpoints.find((c) => c.id === id)?.name}`).join(" → ")}`
-      : "Click checkpoints in order: the base first, then the fine-tuned one(s).";
+    order.replaceChildren(
+      chosen.length
+        ? orderList(chosen, nameOf, ROLES[kind.value as Kind], drawList)
+        : h("p", { class: "muted" }, "Choose checkpoints above: the first is the base; reorder them below."),
+    );
   };
-  drawList();
 
   // uploads
   const files = h("ul", { class: "files" });
@@ -67,21 +158,44 @@ export async function renderNew(ctx: Context): Promise<void> {
   const folderPicker = h("input", { type: "file", webkitdirectory: true, "aria-label": "checkpoint folder" });
   const nameInput = h("input", {
     type: "text",
-    placeholder: "name (e.g. llama-sft)",
+    placeholder: "name (default: from the files)",
+    size: 26,
     "aria-label": "checkpoint name",
     id: "upload-name",
+    maxlength: 200,
   });
+  let typed = false; // a name typed by hand is kept; otherwise each pick fills in its default
+  nameInput.addEventListener("input", () => (typed = nameInput.value !== ""));
+  let pending: File[] = []; // picked, not uploaded: waits for a free name
+  const refuse = (text: string) => message.replaceChildren(h("div", { class: "error", role: "alert" }, text));
+  const uploadButton = h(
+    "button",
+    { type: "button", id: "upload-start", hidden: true, onclick: () => start(pending) },
+    "Upload",
+  );
+  /** Why these files cannot be uploaded under this name (checked here; the server checks again). */
+  const problem = async (files: File[], name: string): Promise<string | null> => {
+    if (!name) return "Give the checkpoint a name.";
+    if (checkpoints.some((c) => c.name.toLowerCase() === name.toLowerCase()))
+      return `A checkpoint named “${name}” exists already: choose another name, then press Upload.`;
+    for (const f of files.filter((f) => f.name.endsWith(".safetensors"))) {
+      const why = await safetensorsProblem(f);
+      if (why) return why;
+    }
+    return null;
+  };
   const start = async (picked: File[]) => {
-    const wanted = picked.filter((f) => WANTED.test(f.name));
+    const wanted = picked.filter(accepted);
     if (!wanted.length) {
-      message.replaceChildren(h("div", { class: "error" }, "No .safetensors or .json files among those."));
+      refuse(`No ${[...suffixes, ".json"].join(", ")} files among those.`);
       return;
     }
-    const folder = wanted[0].webkitRelativePath.split("/")[0];
-    const name =
-      nameInput.value ||
-      folder ||
-      wanted.find((f) => f.name.endsWith(".safetensors"))!.name.replace(/\.safetensors$/, "");
+    if (!typed) nameInput.value = defaultName(wanted);
+    const name = nameInput.value.trim();
+    pending = wanted;
+    const why = await problem(wanted, name);
+    uploadButton.hidden = why === null;
+    if (why) return refuse(why);
     const bars = new Map(
       wanted.map((f) => [
         f.name,
@@ -99,19 +213,25 @@ export async function renderNew(ctx: Context): Promise<void> {
       checkpoints = await get<Checkpoint[]>("/api/checkpoints");
       chosen.push(id);
       drawList();
+      pending = [];
+      typed = false;
+      nameInput.value = "";
       message.replaceChildren(h("span", { class: "status done" }, `Uploaded and validated: ${name}`));
     } catch (e) {
-      message.replaceChildren(
-        h("div", { class: "error", role: "alert" }, `Upload refused: ${(e as Error).message}`),
-      );
+      uploadButton.hidden = false; // try again, e.g. under another name
+      refuse(`Upload refused: ${(e as Error).message}`);
     }
   };
-  picker.addEventListener("change", () => start([...(picker.files ?? [])]));
-  folderPicker.addEventListener("change", () => start([...(folderPicker.files ?? [])]));
+  for (const input of [picker, folderPicker])
+    input.addEventListener("change", () => {
+      const picked = [...(input.files ?? [])];
+      input.value = ""; // picking the same files again is a change too
+      start(picked);
+    });
   const drop = h(
     "div",
     { class: "dropzone", tabindex: 0 },
-    "Drop a checkpoint folder or its files here (.safetensors, index, config.json)",
+    `Drop a checkpoint folder or its files here (${suffixes.join(", ")}, index, config.json)`,
   );
   drop.addEventListener("dragover", (e) => {
     e.preventDefault();
@@ -206,6 +326,16 @@ export async function renderNew(ctx: Context): Promise<void> {
     h("option", { value: "series" }, "series: base, checkpoints…, final"),
     h("option", { value: "overlap" }, "overlap: base + 2 or more runs"),
   );
+  kind.addEventListener("change", drawList);
+  drawList();
+  const titleInput = h("input", {
+    type: "text",
+    id: "analysis-title",
+    "aria-label": "analysis title",
+    placeholder: "title (default: target vs base)",
+    maxlength: 200,
+    size: 30,
+  });
   const taus = h("input", {
     type: "text",
     value: String(state.tau),
@@ -227,9 +357,10 @@ export async function renderNew(ctx: Context): Promise<void> {
           .map(Number);
         try {
           const body: AnalysisIn = {
-            kind: kind.value as AnalysisIn["kind"],
+            kind: kind.value as Kind,
             checkpoints: chosen,
             taus: values,
+            title: titleInput.value.trim() || undefined,
           };
           const { id } = await post<Created>("/api/analyses", body);
           const poll = async () => {
@@ -273,6 +404,7 @@ export async function renderNew(ctx: Context): Promise<void> {
           "div",
           { class: "controls" },
           nameInput,
+          uploadButton,
           h("label", {}, "files ", picker),
           h("label", {}, "folder ", folderPicker),
         ),
@@ -286,6 +418,7 @@ export async function renderNew(ctx: Context): Promise<void> {
         { class: "panel" },
         h("h2", {}, "2 · Analysis"),
         h("div", { class: "controls" }, h("label", {}, "kind ", kind), h("label", {}, "τ ", taus)),
+        h("div", { class: "controls" }, h("label", {}, "title ", titleInput)),
         h(
           "p",
           { class: "muted" },

@@ -1,16 +1,33 @@
 // Overlap of several runs from one base: pairwise table against random baselines, Venn diagram
-// (up to three runs), pairwise matrix, and per-layer overlap against its baseline.
+// (up to three runs) with its regions in words, pairwise matrix, and per-layer overlap against its
+// baseline.
 import { get, type Overlap } from "../api";
-import { compareFigure, overlapMatrixFigure, vennFigure } from "../charts";
 import type { Context } from "../context";
 import { h, panel } from "../dom";
 import { int, pct, sci } from "../format";
-import { caption, upsetFigure } from "../maskcharts";
+import { caption, layerOverlapFigure, pairMatrixFigure, upsetFigure } from "../maskcharts";
 import { plotInto } from "../plot";
+import { regionName, regionOrder, vennFigure } from "../venn";
 import { finishedAnalysis } from "./analysis";
 
 /** The last two parts of a path: enough to tell runs apart. */
 const shortName = (path: string) => path.split("/").filter(Boolean).slice(-2).join("/");
+
+/** What each column of the pair table means, one sentence each (shown under the table). */
+const TERMS: [string, string][] = [
+  ["o1", "the share of A's changed weights that B changed too: |A ∧ B| / |A|."],
+  ["o2", "the share of B's changed weights that A changed too: |A ∧ B| / |B|."],
+  [
+    "random",
+    "what o1 (or o2) would be if the other run's changes fell at random with the same density: |B| / N (or |A| / N).",
+  ],
+  [
+    "lift",
+    "both / the overlap expected of random masks of each run's density in every matrix (summed): 1 = chance, 2 = twice chance.",
+  ],
+  ["z", "how many standard deviations (hypergeometric) the shared count lies above that random expectation."],
+  ["same sign Δ", "of the shared weights, the share both runs moved in the same direction."],
+];
 
 export async function renderOverlap(ctx: Context): Promise<void> {
   if (!(await finishedAnalysis(ctx))) return;
@@ -21,7 +38,18 @@ export async function renderOverlap(ctx: Context): Promise<void> {
   const labels = o.runs.map((r, i) => `${letter(i)}: ${shortName(r)}`);
   const short = o.runs.map((_, i) => letter(i));
   const s = o.summary;
-  const columns = ["pair", "both", "o1", "random", "o2", "random", "Jaccard", "lift", "z", "same sign Δ"];
+  const columns = [
+    "pair A ∧ B",
+    "both",
+    "o1",
+    "random o1",
+    "o2",
+    "random o2",
+    "Jaccard",
+    "lift",
+    "z",
+    "same sign Δ",
+  ];
   const num = (x: number | null | undefined, digits: number) => (x == null ? "–" : x.toFixed(digits));
   root.replaceChildren(
     h("h1", {}, `Overlap of ${o.runs.length} runs`),
@@ -55,22 +83,20 @@ export async function renderOverlap(ctx: Context): Promise<void> {
         ),
       ),
     ),
-    caption(
-      "lift = both / the overlap expected of random masks of each run's density in every matrix (summed); " +
-        "z = hypergeometric z-score of that excess; same sign Δ = share of the shared weights moved in the same direction.",
+    h(
+      "dl",
+      { class: "terms", id: "overlap-terms" },
+      ...TERMS.flatMap(([term, text]) => [h("dt", {}, term), h("dd", {}, text)]),
     ),
   );
   const row = h("div", { class: "grid2" });
   root.append(row);
-  const venn = s.venn ? panel(row, "Venn (areas proportional to counts)") : null;
-  if (venn && s.venn)
-    plotInto(venn, vennFigure(short, s.changed, s.venn, s.numel, s.pairs), "Venn diagram of update masks");
+  if (s.venn) row.append(vennPanel(s, s.venn, short));
   const matrix = panel(row, "Pairwise overlap (row run's share)");
-  plotInto(matrix, overlapMatrixFigure(short, s.pairs), "pairwise overlap matrix");
+  plotInto(matrix, pairMatrixFigure(short, s.pairs), "pairwise overlap matrix");
   matrix.append(
     caption("Each cell: the share of the row run's changed weights that the column run also changed."),
   );
-  venn?.append(caption("Weights changed in each combination of runs, areas proportional to the counts."));
   if (o.runs.length >= 3 && s.upset) {
     const upset = panel(root, "Intersections of the update masks (UpSet)");
     upset.id = "upset";
@@ -83,27 +109,57 @@ export async function renderOverlap(ctx: Context): Promise<void> {
   }
   if (s.by_matrix) root.append(liftTable(s.by_matrix, pairsLabel(s.pairs, short)));
 
-  const layerPanel = panel(root, "Per layer: o1 of each pair vs its random baseline");
-  const pairs = s.pairs.map((p) => `${short[p.a]}∧${short[p.b]}`);
-  const overlaps = s.pairs.map((p, i) => ({
-    analysis: pairs[i],
-    label: `${pairs[i]} overlap o1`,
-    layers: o.layers.map((l) => ({
-      layer: l.layer,
-      sparsity: l.changed[p.a] ? l.both[i] / l.changed[p.a] : 0,
-    })),
-  }));
-  const baselines = s.pairs.map((p, i) => ({
-    analysis: `${pairs[i]}-random`,
-    label: `${pairs[i]} random baseline`,
-    layers: o.layers.map((l) => ({ layer: l.layer, sparsity: l.changed[p.b] / l.numel })),
-  }));
-  plotInto(layerPanel, compareFigure([...overlaps, ...baselines]), "per-layer overlap");
+  const layerPanel = panel(root, "Per layer: overlap o1 of each pair vs its random baseline");
+  layerPanel.id = "overlap-layers";
+  plotInto(layerPanel, layerOverlapFigure(s.pairs, short, o.layers), "per-layer overlap");
   layerPanel.append(
     caption(
-      "Per layer, the share of run A's changed weights also changed by B, against a random mask of B's density.",
+      "Per layer, the share of run A's changed weights also changed by B (solid), against the share a random mask of B's density would give (dashed, same colour).",
     ),
   );
+}
+
+/** The Venn diagram and, beside it, every region's count named in words. */
+function vennPanel(s: Overlap["summary"], regions: Record<string, number>, short: string[]): HTMLElement {
+  const venn = h(
+    "section",
+    { class: "panel", id: "venn" },
+    h("h2", {}, "Venn (areas proportional to counts)"),
+  );
+  const both = (a: number, b: number) => s.pairs.find((p) => p.a === a && p.b === b)?.both ?? 0;
+  plotInto(venn, vennFigure(short, s.changed, both), "Venn diagram of update masks");
+  venn.append(
+    h(
+      "table",
+      { id: "venn-regions" },
+      h(
+        "thead",
+        {},
+        h(
+          "tr",
+          {},
+          h("th", {}, "region"),
+          h("th", { class: "num" }, "weights"),
+          h("th", { class: "num" }, "of all"),
+        ),
+      ),
+      h(
+        "tbody",
+        {},
+        ...regionOrder(Object.keys(regions)).map((bits) =>
+          h(
+            "tr",
+            {},
+            h("td", {}, regionName(bits, short)),
+            h("td", { class: "num" }, int(regions[bits])),
+            h("td", { class: "num" }, pct(regions[bits] / s.numel)),
+          ),
+        ),
+      ),
+    ),
+    caption(`Weights changed in each combination of runs, of N = ${int(s.numel)} compared weights.`),
+  );
+  return venn;
 }
 
 type Pair = Overlap["summary"]["pairs"][number];

@@ -1,6 +1,6 @@
 // Overview of a pair analysis: key figures, layer × matrix heatmap with a metric selector and a
-// τ slider (instant, from the stored histograms), sparsity-vs-τ curve, per-matrix bars, skipped
-// tensors.
+// τ slider (instant, from the stored histograms), sparsity-vs-τ curve, per-matrix bars, a table of
+// every matrix, skipped tensors.
 import {
   get,
   type Checkpoint,
@@ -8,6 +8,8 @@ import {
   type HeatmapCube,
   type PairSummary,
   type SparsityCurve,
+  type TensorChanged,
+  type TensorDetail,
   type TensorRow,
 } from "../api";
 import {
@@ -25,8 +27,10 @@ import type { Context } from "../context";
 import { card, h, panel } from "../dom";
 import { int, pct, sci, tauText } from "../format";
 import { plotInto, replot } from "../plot";
-import { METRICS, withState, type Metric, type Mode, type Scale } from "../state";
+import { METRICS, format, withState, type Metric, type Mode, type Scale } from "../state";
 import { maskExport } from "../mask";
+import { csvForTables } from "../export";
+import { dataTable, type Column } from "../table";
 import { adapterPanels, readNotes } from "./adapters";
 import { finishedAnalysis } from "./analysis";
 import { precisionPanel } from "./precision";
@@ -41,13 +45,15 @@ export async function renderPair(ctx: Context): Promise<void> {
   // count (in the tensor rows, asked for with the rest), labelled with τ as given; once the slider
   // moves, the histogram edge's true value.
   const atExact = state.mode === (job.relative ? "rel" : "abs") && job.taus.includes(state.tau);
+  const changedAt = (tau: number) =>
+    get<TensorChanged>(`/api/analyses/${id}/tensor-changed?tau=${tau}&mode=${state.mode}`);
   const [summary, cube, curve, heat, checkpoints, rows] = await Promise.all([
     get<PairSummary>(`/api/analyses/${id}/summary`),
     get<HeatmapCube>(`/api/analyses/${id}/heatmap-cube?mode=${state.mode}`),
     get<SparsityCurve>(`/api/analyses/${id}/sparsity-curve?mode=${state.mode}`),
     get<Heatmap>(`/api/analyses/${id}/heatmap?metric=${state.metric}&tau=${state.tau}&mode=${state.mode}`),
     get<Checkpoint[]>("/api/checkpoints"),
-    atExact ? get<ExactRow[]>(`/api/analyses/${id}/tensors`) : [],
+    get<ExactRow[]>(`/api/analyses/${id}/tensors`),
   ]);
   if (!ctx.alive()) return;
   const edges = cube.bin_edges;
@@ -106,7 +112,9 @@ export async function renderPair(ctx: Context): Promise<void> {
       ? grid.sparsity.map((row) =>
           row.map((v) => (v === null ? null : state.metric === "sparsity" ? v : 1 - v)),
         )
-      : heat.values;
+      : state.metric === "effective_rank"
+        ? effectiveRankShares(rows, cube.layers, cube.matrices)
+        : heat.values;
     return heatmapFigure({
       layers: cube.layers,
       matrices: cube.matrices,
@@ -196,7 +204,8 @@ export async function renderPair(ctx: Context): Promise<void> {
       // the axes hold the names as Plotly text (escaped): map the clicked cell back to the data
       const i = cube.layers.findIndex((l) => plotlyText(layerLabel(l)) === point.y);
       const j = cube.matrices.findIndex((m) => plotlyText(m) === point.x);
-      if (i >= 0 && j >= 0) openCell(ctx, id, cube.layers[i], cube.matrices[j]);
+      const hit = rows.find((t) => t.layer === cube.layers[i] && t.matrix === cube.matrices[j]);
+      if (hit) ctx.navigate(withState(state, { view: "tensor", tensor: hit.name, tau: tauNow() }));
     },
   );
   heatEl.id = "heatmap";
@@ -210,6 +219,46 @@ export async function renderPair(ctx: Context): Promise<void> {
     "sparsity as a function of tau",
   );
   const barsEl = plotInto(barsPanel, bars(), "sparsity by matrix type");
+  const tablePanel = panel(root, "Matrices");
+  const tauNote = h("p", { class: "muted caption", id: "matrix-table-tau" });
+  const matrixRows = rows.map(matrixRow);
+  const setChanged = (names: string[], counts: (number | null)[], tau: number) => {
+    const at = new Map(names.map((n, i) => [n, counts[i]]));
+    for (const r of matrixRows) r.changed = at.get(r.name) ?? null;
+    tauNote.textContent = `changed and sparsity at τ = ${tauText(tau)} (${state.mode === "rel" ? "relative" : "absolute"})`;
+  };
+  const exactCounts = () =>
+    setChanged(
+      rows.map((r) => r.name),
+      rows.map((r) => r.changed?.[exact]?.count ?? null),
+      summary.taus[exact],
+    );
+  const fetchCounts = async (tau: number) => {
+    const c = await changedAt(tau);
+    if (ctx.alive() && tau === tauNow()) setChanged(c.names, c.changed, c.tau);
+  };
+  if (exact >= 0) exactCounts();
+  else await fetchCounts(tauNow());
+  const table = dataTable<MatrixRow>({
+    id: "matrix-table",
+    label: "matrices of this analysis",
+    columns: matrixColumns(matrixRows),
+    rows: matrixRows,
+    name: (r) => r.name,
+    href: (r) => format(withState(state, { view: "tensor", tensor: r.name, tau: tauNow() })),
+    open: (r) => ctx.navigate(withState(state, { view: "tensor", tensor: r.name, tau: tauNow() })),
+    sort: state.sort,
+    filter: state.filter,
+    onState: (sort, filter) => {
+      Object.assign(state, { sort, filter, tau: tauNow() });
+      ctx.remember(state);
+    },
+  });
+  tablePanel.append(
+    h("p", { class: "muted caption" }, "Every matrix compared; click a header to sort, a row to open it."),
+    tauNote,
+    table.el,
+  );
   const skipped = Object.entries(summary.skipped).filter(([, v]) => v.length);
   root.append(...adapterPanels(summary));
   precisionPanel(root, summary);
@@ -265,7 +314,9 @@ export async function renderPair(ctx: Context): Promise<void> {
   slider.addEventListener("change", () => {
     state.tau = tauNow();
     ctx.remember(state);
+    void fetchCounts(state.tau).then(() => table.refresh());
   });
+  csvForTables(root);
   metric.addEventListener("change", () =>
     ctx.navigate(withState(state, { metric: metric.value as Metric, tau: tauNow() })),
   );
@@ -278,13 +329,113 @@ export async function renderPair(ctx: Context): Promise<void> {
 }
 
 /** A result row with its exact counts at the requested τ values (the analysis's mode). */
-type ExactRow = TensorRow & { changed?: { tau: number; count: number }[] };
+type ExactRow = TensorRow & {
+  changed?: { tau: number; count: number }[];
+  rank_pct?: number | null;
+  full_rank?: number | null;
+  effective_rank?: number | null;
+  relative_change?: number | null;
+  geometry?: TensorDetail["geometry"];
+};
 
-/** Open the matrix behind a heatmap cell. */
-async function openCell(ctx: Context, id: string, layer: number | null, matrix: string): Promise<void> {
-  const tensors = await get<TensorRow[]>(`/api/analyses/${id}/tensors`);
-  const hit = tensors.find((t) => t.layer === layer && t.matrix === matrix)?.name;
-  if (hit) ctx.navigate(withState(ctx.state, { view: "tensor", tensor: hit }));
+/** Per layer × matrix cell, the mean effective rank as a share of full rank (the heatmap's API gives it
+ * in singular directions, which do not compare across matrix shapes). */
+function effectiveRankShares(rows: ExactRow[], layers: (number | null)[], matrices: string[]) {
+  const sums = layers.map(() => matrices.map(() => ({ sum: 0, n: 0 })));
+  for (const r of rows) {
+    const i = layers.indexOf(r.layer ?? null),
+      j = matrices.indexOf(r.matrix);
+    if (i >= 0 && j >= 0 && r.effective_rank != null && r.full_rank) {
+      sums[i][j].sum += r.effective_rank / r.full_rank;
+      sums[i][j].n++;
+    }
+  }
+  return sums.map((row) => row.map((c) => (c.n ? c.sum / c.n : null)));
+}
+
+/** One row of the matrix table: the figures it shows and sorts by (changed: at the page's τ). */
+interface MatrixRow {
+  name: string;
+  layer: number | null;
+  matrix: string;
+  shape: number[];
+  numel: number;
+  changed: number | null;
+  rank_pct: number | null;
+  relative_change: number | null;
+  energy8: number | null;
+  rank1: number | null;
+  enrichment: number | null;
+}
+
+function matrixRow(r: ExactRow): MatrixRow {
+  const g = r.geometry;
+  const k8 = g?.k?.indexOf(8) ?? -1;
+  return {
+    name: r.name,
+    layer: r.layer ?? null,
+    matrix: r.matrix,
+    shape: r.shape,
+    numel: r.numel,
+    changed: null,
+    rank_pct: r.rank_pct ?? null,
+    relative_change: r.relative_change ?? null,
+    energy8: k8 >= 0 ? (g!.energy_in_topk?.[k8] ?? null) : null,
+    rank1: g?.rank1_dominance ?? null,
+    enrichment: g?.enrichment?.magnitude.find((e) => e.percent === 1)?.ratio ?? null,
+  };
+}
+
+const percent = (v: number | null, digits = 2) => (v === null ? "–" : `${v.toFixed(digits)}%`);
+
+/** The table's columns; geometry's only when some matrix has them. */
+function matrixColumns(rows: MatrixRow[]): Column<MatrixRow>[] {
+  const sparsity = (r: MatrixRow) => (r.changed === null ? null : 100 * (1 - r.changed / r.numel));
+  const columns: Column<MatrixRow>[] = [
+    { key: "name", label: "matrix", value: (r) => r.name },
+    { key: "layer", label: "layer", value: (r) => r.layer, text: (r) => layerLabel(r.layer) },
+    { key: "type", label: "type", value: (r) => r.matrix },
+    {
+      key: "shape",
+      label: "shape",
+      value: (r) => r.numel,
+      text: (r) => r.shape.join(" × "),
+      title: "rows × columns; sorts by the number of weights",
+    },
+    { key: "changed", label: "changed at τ", value: (r) => r.changed, text: (r) => int(r.changed) },
+    { key: "sparsity", label: "sparsity at τ", value: sparsity, text: (r) => percent(sparsity(r)) },
+    { key: "rank", label: "rank % of full", value: (r) => r.rank_pct, text: (r) => percent(r.rank_pct, 1) },
+    {
+      key: "relative",
+      label: "‖Δ‖/‖W‖",
+      value: (r) => r.relative_change,
+      text: (r) => (r.relative_change === null ? "–" : sci(r.relative_change)),
+    },
+  ];
+  const geometry: Column<MatrixRow>[] = [
+    {
+      key: "energy8",
+      label: "energy in top-8",
+      value: (r) => (r.energy8 === null ? null : 100 * r.energy8),
+      text: (r) => percent(r.energy8 === null ? null : 100 * r.energy8, 1),
+      title: "share of ‖ΔW‖² inside the base's top-8 singular subspaces",
+    },
+    {
+      key: "rank1",
+      label: "rank-1 share",
+      value: (r) => (r.rank1 === null ? null : 100 * r.rank1),
+      text: (r) => percent(r.rank1 === null ? null : 100 * r.rank1, 1),
+      title: "share of ‖ΔW‖² in its largest singular direction",
+    },
+    {
+      key: "enrichment",
+      label: "enrichment top 1 % |W₀|",
+      value: (r) => r.enrichment,
+      text: (r) => (r.enrichment === null ? "–" : r.enrichment.toFixed(2)),
+      title: "changed weights among the 1 % largest base weights, over a random mask's",
+    },
+  ];
+  return rows.some((r) => r.energy8 !== null || r.rank1 !== null) ? [...columns, ...geometry] : columns;
 }
 
 // `warnings` ({code, message}: a dtype change between base and target, a tied head read from the
