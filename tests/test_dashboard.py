@@ -234,7 +234,8 @@ def test_names_are_text_in_charts(site, browser, family_pair):
     # the analysis' own view names it as text too
     page.goto(f"{site}/analyses/{ids[1]}")
     page.locator("#heatmap .nsewdrag").wait_for(timeout=60_000)
-    assert page.locator("h1").inner_text() == f"{HOSTILE} → base"
+    assert page.locator("h1").inner_text() == client.get(f"/api/analyses/{ids[1]}").json()["title"]
+    assert page.locator("h1 + p").inner_text().startswith(f"{HOSTILE} → base · ")
     assert page.locator(".plot svg a").count() == 0
     assert not page.errors, page.errors
     context.close()

@@ -159,10 +159,11 @@ export async function renderPair(ctx: Context): Promise<void> {
     );
 
   root.replaceChildren(
-    h("h1", {}, job.checkpoints.map((c) => checkpoints.find((x) => x.id === c)?.name ?? c).join(" → ")),
+    h("h1", {}, job.title),
     h(
       "p",
       { class: "muted" },
+      `${job.checkpoints.map((c) => checkpoints.find((x) => x.id === c)?.name ?? c).join(" → ")} · `,
       `pair analysis ${id} · ${summary.family} family · ${int(s.numel)} parameters compared · `,
       h("a", { href: `/compare?ids=${id}`, "data-link": true }, "compare with other analyses"),
     ),
