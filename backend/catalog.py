@@ -24,10 +24,10 @@ from typing import Any
 
 import duckdb
 
-from deltalens.backend.models import MAX_TITLE
 from deltalens.worker.contract import (
     BIN_EDGES,
     DEFAULT_TAU,
+    MAX_TITLE,
     SCHEMA_SQL,
     TABLES,
     TERMINAL,
@@ -272,7 +272,8 @@ class Catalog:
             )
 
     def default_title(self, kind: str, checkpoints: list[str]) -> str:
-        names = [(self.checkpoint(cid) or {}).get("name", cid) for cid in checkpoints]
+        # a checkpoint id names its checkpoint; an imported analysis' paths are named by their folder
+        names = [(self.checkpoint(cid) or {}).get("name", Path(cid).name or cid) for cid in checkpoints]
         if kind not in DEFAULT_TITLES or len(names) < 2:
             return " → ".join(names)[:MAX_TITLE] or kind
         return DEFAULT_TITLES[kind](names[0], names[1:])[:MAX_TITLE]

@@ -64,6 +64,9 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    except duckdb.Error as e:
+        print(f"deltalens: error: {path}: cannot be opened ({str(e).splitlines()[0]})", file=sys.stderr)
+        return 2
     try:
         for source in sources:
             print(f"importing {source}:", *import_file(catalog, settings.path("results"), source), sep="\n")

@@ -6,6 +6,7 @@ models name the fields of ARCHITECTURE.md's "CLI contract" and allow extra ones,
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -19,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from deltalens.worker.contract import DEFAULT_TAU, Kind, Mode, Status, check_tau
+from deltalens.worker.contract import DEFAULT_TAU, MAX_TITLE, Kind, Mode, Status, check_tau
 
 Tau = Annotated[float, Field(ge=0, description="tolerance τ (finite, >= 0)"), AfterValidator(check_tau)]
 FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # an uploaded file's name (checked by Uploads)
@@ -179,12 +180,13 @@ class LinkOut(BaseModel):
 
 
 # --- analyses ----------------------------------------------------------------------------------
-MAX_TITLE = 200
+# control, format (bidi overrides, zero-width) and line/paragraph separators: not in one line of text
+NOT_PLAIN = {"Cc", "Cf", "Zl", "Zp"}
 
 
 def _plain_text(title: str) -> str:
-    if any(ord(c) < 32 or ord(c) == 127 for c in title):
-        raise ValueError("a title is one line of text: no control characters")
+    if any(unicodedata.category(c) in NOT_PLAIN for c in title):
+        raise ValueError("a title is one line of text: no control, format or line-separator characters")
     return title
 
 

@@ -112,7 +112,7 @@ def test_rename_is_token_protected_bounded_and_plain_text(stack, analyses):
     assert r.status_code == 401 and r.json()["code"] == "unauthorized"
     r = httpx.patch(str(stack.base_url) + url, json={"title": "x"}, headers={"Authorization": "Bearer no"})
     assert r.status_code == 401
-    for bad in ("x" * 201, "   ", "two\nlines", None):
+    for bad in ("x" * 201, "   ", "two\nlines", "two\u2028lines", "rtl\u202eoverride", "c1\x85next", None):
         r = stack.patch(url, json={"title": bad})
         assert r.status_code == 422 and r.json()["code"] == "invalid_request", (bad, r.text)
     r = stack.post("/api/analyses", json={"kind": "pair", "checkpoints": ["a", "b"], "title": "y" * 201})

@@ -167,3 +167,24 @@ def test_series_and_overlap_equal_the_reference(runs, llama_series, tmp_path):
     (tmp_path / "text.duckdb").write_text("not a database")
     with pytest.raises(InputError, match="text.duckdb: not a DuckDB file"):
         dl.open(tmp_path / "text.duckdb")
+
+
+def test_an_artifact_with_a_view_or_macro_is_refused_before_it_runs(tmp_path):
+    """A view over read_text() would hand any local file to whoever shares the artifact: refused,
+    and with external access off nothing outside the file is read even to judge it."""
+    import duckdb
+
+    from deltalens.worker.contract import SCHEMA_SQL
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET")
+    for name, code in [
+        ("view", f"CREATE VIEW leak AS SELECT content FROM read_text('{secret}')"),
+        ("macro", "CREATE MACRO leak(x) AS x + 1"),
+    ]:
+        path = tmp_path / f"{name}.duckdb"
+        with duckdb.connect(str(path)) as con:
+            con.execute(SCHEMA_SQL)
+            con.execute(code)
+        with pytest.raises(InputError, match=f"{name}.duckdb: holds views or macros"):
+            dl.open(path)

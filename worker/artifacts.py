@@ -33,6 +33,13 @@ KINDS = ("pair", "series", "overlap")
 MAGIC = (8, b"DUCK")  # a DuckDB file's format marker: offset, bytes
 # the files are untrusted: DuckDB must not fetch or load an extension to read another format (SQLite…)
 NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+# ... nor read any other file (a view over read_text('~/.env') would run when the file is read)
+SEALED = {**NO_EXTENSIONS, "enable_external_access": False}
+# an artifact holds tables only: a view or macro is code the file's author chose to run here
+CODE = (
+    "SELECT (SELECT count(*) FROM duckdb_views() WHERE NOT internal)"
+    " + (SELECT count(*) FROM duckdb_functions() WHERE function_type LIKE '%macro%' AND NOT internal)"
+)
 
 
 @cache
@@ -45,8 +52,10 @@ def schema_columns() -> dict[str, list[str]]:
 
 def _columns(con) -> dict[str, list[str]]:
     rows = con.execute(
-        "SELECT table_name, column_name FROM duckdb_columns() "
-        "WHERE database_name = current_database() ORDER BY table_name, column_index"
+        "SELECT c.table_name, c.column_name FROM duckdb_columns() c JOIN duckdb_tables() t"
+        " ON c.database_name = t.database_name AND c.schema_name = t.schema_name"
+        " AND c.table_name = t.table_name"
+        " WHERE c.database_name = current_database() ORDER BY c.table_name, c.column_index"
     ).fetchall()
     out: dict[str, list[str]] = {}
     for table, column in rows:
@@ -65,7 +74,9 @@ def describe(path: str | os.PathLike, strict_ids: bool = False) -> list[dict]:
         if f.read(MAGIC[0] + len(MAGIC[1]))[MAGIC[0] :] != MAGIC[1]:
             raise InputError(path, "not a DuckDB file")
     try:
-        with duckdb.connect(str(path), read_only=True, config=NO_EXTENSIONS) as con:
+        with duckdb.connect(str(path), read_only=True, config=SEALED) as con:
+            if con.execute(CODE).fetchone()[0]:
+                raise InputError(path, "holds views or macros; a deltalens artifact has tables only")
             held = _columns(con)
             problem = _schema_problem(held)
             if problem:

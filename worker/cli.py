@@ -263,8 +263,8 @@ def _report(args) -> int:
     except InputError as e:
         print(f"deltalens: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"deltalens: error: {args.output}: {e.strerror or e}", file=sys.stderr)  # not writable
+    except OSError as e:  # the file it names: the output not writable, or the source gone meanwhile
+        print(f"deltalens: error: {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"report of {len(chosen)} analys{'is' if len(chosen) == 1 else 'es'}: {args.output}")
     return 0

@@ -26,6 +26,7 @@ Status = Literal["queued", "running", "done", "failed", "cancelled"]
 TERMINAL = ("done", "failed", "cancelled")  # statuses a job never leaves
 Mode = Literal["abs", "rel"]  # changed when |Δ| > τ (abs) or |Δ| > τ·|b| (rel)
 DEFAULT_TAU = 1e-5
+MAX_TITLE = 200  # characters in an analysis' title
 MAX_OVERLAP_RUNS = 12  # runs after the base: every Venn/UpSet region is counted (2**runs of them)
 TAU_RULE = "τ must be a finite number >= 0"
 

@@ -445,6 +445,9 @@ class Trainer:
             torch.save(self.model.state_dict(), tmp / "master.pt")
             os.replace(tmp / "master.pt", state.with_suffix(".pt"))
         write_json(state.with_suffix(".json"), {"figure": figure, "log": self.cfg.log[first:]})
+        # a stage folder without its state file was never published by this code (an older layout, a
+        # copy): it was just trained again, and the rename needs the name free
+        shutil.rmtree(self.out / stage.name, ignore_errors=True)
         os.replace(tmp, self.out / stage.name)  # the folder appears complete, or not at all
         self.progress.end(stage, figure)
 

@@ -88,7 +88,7 @@ def write_report(analyses: list[Analysis], path, title: str | None = None) -> Pa
     path = Path(path)
     title = title or "deltalens report"
     body = "\n".join(_section(a, i) for i, a in enumerate(analyses))
-    nav = " ".join(f'<a href="#{_anchor(a)}">{html.escape(a.kind)} {a.id}</a>' for a in analyses)
+    nav = " ".join(f'<a href="#{_anchor(a)}">{html.escape(a.kind)} {html.escape(a.id)}</a>' for a in analyses)
     page = (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -412,7 +412,7 @@ def _heatmap(layers, matrices, z, title: str, fmt: str, changed=None, numel=None
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=list(matrices),
+            x=[html.escape(m) for m in matrices],  # Plotly reads names as pseudo-HTML
             y=[_layer_label(la) for la in layers],
             colorscale="Viridis",
             colorbar=dict(tickformat=fmt),

@@ -40,7 +40,7 @@ def local_environment(data_dir: Path, env: dict | None = None) -> dict:
     env.update(
         {
             "DELTALENS_DATA_DIR": str(data_dir),
-            "DELTALENS_BROKER_URL": "filesystem://",
+            "DELTALENS_BROKER_URL": "filesystem://localhost/",  # a host (ignored) keeps kombu from warning
             "DELTALENS_RESULT_BACKEND": f"file://{data_dir / 'celery-results'}",
             "DELTALENS_QUEUE": env.get("DELTALENS_QUEUE", "local"),
         }
@@ -89,9 +89,15 @@ def run_api(host: str, port: int, log_level: str = "info", proxy_headers: bool =
     return 0
 
 
-def _http(url: str, body: dict | None = None, timeout: float = 60):
+def _auth(env: dict) -> dict:
+    """The hosted-mode token for the API's write routes, when `up` runs with one."""
+    return {"Authorization": f"Bearer {env['DELTALENS_TOKEN']}"} if env.get("DELTALENS_TOKEN") else {}
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 60, headers: dict | None = None):
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"null")
 
@@ -124,20 +130,21 @@ def import_artifacts(files: list[Path], data_dir: Path) -> int:
     return subprocess.run([*python(), "-m", IMPORTER, *map(str, files)], env=env).returncode
 
 
-def queue_demo(url: str, plan: list[tuple[str, str, list[Path]]]) -> list[str]:
+def queue_demo(url: str, plan: list[tuple[str, str, list[Path]]], env: dict) -> list[str]:
     """Register the checkpoints of demo analyses and queue them, once (skipped when already there);
     returns the titles of those now in the catalog."""
+    auth = _auth(env)
     known = {c["path"]: c["id"] for c in _http(url + "/api/checkpoints")}
     done = {tuple(a["checkpoints"]) for a in _http(url + "/api/analyses")}
     for title, kind, paths in plan:
         ids = []
         for p in paths:
             if str(p) not in known:
-                known[str(p)] = _http(url + "/api/checkpoints", {"path": str(p)})["id"]
+                known[str(p)] = _http(url + "/api/checkpoints", {"path": str(p)}, headers=auth)["id"]
             ids.append(known[str(p)])
         if tuple(ids) not in done:
             body = {"kind": kind, "checkpoints": ids, "taus": [1e-5], "title": title}
-            _http(url + "/api/analyses", body)
+            _http(url + "/api/analyses", body, headers=auth)
             print(f"  queued {kind:7} {title}", flush=True)
     return [title for title, _, _ in plan]
 
@@ -150,7 +157,7 @@ class DemoTraining:
     TRIES = 3
 
     def __init__(self, demo: Path, env: dict, quick: bool):
-        self.demo, self.queued, self.tries = demo.resolve(), set(), 0
+        self.demo, self.env, self.queued, self.tries = demo.resolve(), env, set(), 0
         command = [*python(), "-m", CLI, "demo-data", str(self.demo), *(["--quick"] if quick else [])]
         trained = (self.demo / "log.json").is_file()
         self.trainer = None if trained else Child("demo trainer", command, env)
@@ -167,7 +174,7 @@ class DemoTraining:
             a for a in demo_analyses(self.demo) if a[0] not in self.queued and all(p.exists() for p in a[2])
         ]
         if ready:
-            self.queued.update(queue_demo(url, ready))
+            self.queued.update(queue_demo(url, ready, self.env))
         if self.trainer is None or self.trainer.proc.poll() is None:
             return
         self.tries += self.trainer.proc.returncode != 0
@@ -258,8 +265,7 @@ def _alive(pid: int) -> bool:
 def _redeliver(url: str, env: dict) -> None:
     """A worker was lost: the filesystem broker forgets a message once a worker has taken it, so the
     API sends every unfinished analysis again (tasks are idempotent and count their attempts)."""
-    headers = {"Authorization": f"Bearer {env['DELTALENS_TOKEN']}"} if env.get("DELTALENS_TOKEN") else {}
-    request = urllib.request.Request(url + "/api/analyses/redeliver", data=b"{}", headers=headers)
+    request = urllib.request.Request(url + "/api/analyses/redeliver", data=b"{}", headers=_auth(env))
     request.add_header("Content-Type", "application/json")
     for _ in range(60):  # the API may itself be starting again
         try:
@@ -325,7 +331,7 @@ def up(
                 next_poll = time.monotonic() + (1 if training.trainer else 10)
                 try:
                     training.poll(url)
-                except (urllib.error.URLError, OSError) as e:  # the API restarting: next time
+                except (urllib.error.URLError, OSError, ValueError) as e:  # the API restarting: next time
                     print(f"deltalens: demo analyses not queued yet: {e}", file=sys.stderr, flush=True)
     except (KeyboardInterrupt, _Stop):
         pass

@@ -3,12 +3,16 @@ import { h } from "./dom";
 
 export type Cell = string | number | null | undefined;
 
+/** Text that reads as a number (a table cell's "-1.2", "3.4%", "1,234", "-2e-5"): kept as it is. */
+const NUMERIC = /^[-+]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?%?$/i;
+
 /** A CSV field (RFC 4180). Text that a spreadsheet would run as a formula (=, +, -, @ first) gets a
- * leading ' : names are data, never formulas. Numbers are written as they are. */
+ * leading ' : names are data, never formulas. Numbers, and text that is a number, are written as
+ * they are. */
 function field(v: Cell): string {
   if (v === null || v === undefined) return "";
   if (typeof v === "number") return Number.isFinite(v) ? String(v) : "";
-  const text = /^[=+\-@\t\r]/.test(v) ? `'${v}` : v;
+  const text = !NUMERIC.test(v.trim()) && /^[=+\-@\t\r]/.test(v) ? `'${v}` : v;
   return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 

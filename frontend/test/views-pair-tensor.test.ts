@@ -53,6 +53,10 @@ describe("CSV", () => {
     expect(toCsv([["a,b", 'say "x"', null, 1.5, "=SUM(A1)", -2]])).toBe(
       '"a,b","say ""x""",,1.5,\'=SUM(A1),-2\r\n',
     );
+    // a table's text that is a number stays a number; text that only starts like one is defused
+    expect(toCsv([["-3.2", "+1.5e-5", "-12.5%", "-1,234", "-2+3", "@x"]])).toBe(
+      "-3.2,+1.5e-5,-12.5%,\"-1,234\",'-2+3,'@x\r\n",
+    );
   });
   it("a heatmap's grid with its labels, names unescaped", () => {
     const trace = { x: ["q", "a&lt;b"], y: ["layer 0"], z: [[-1, 0]], customdata: [[10, 100]] };

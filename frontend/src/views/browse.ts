@@ -216,6 +216,7 @@ export async function renderBrowse(ctx: Context): Promise<void> {
   };
 
   const draw = () => {
+    editing = null; // a redraw (filter, delete) drops an open title editor: refreshes resume
     const needle = state.filter.toLowerCase();
     const rows = analyses
       .slice()
