@@ -30,6 +30,7 @@ HEATMAP_METRICS = {
     "sparsity": lambda s: 1 - s["changed"] / s["numel"],
     "changed_share": lambda s: s["changed"] / s["numel"],
     "rank_pct": lambda s: s["rank_pct"] / s["ranked"] if s["ranked"] else None,
+    # as a share of full rank (min(m, n)), averaged over the cell's ranked matrices, like rank_pct
     "effective_rank": lambda s: s["effective_rank"] / s["ranked"] if s["ranked"] else None,
     "relative_change": lambda s: math.sqrt(s["sq_delta"]) / math.sqrt(s["sq_base"]) if s["sq_base"] else None,
     "mean_abs_delta": lambda s: s["sum_abs"] / s["numel"],
@@ -81,7 +82,7 @@ class Cells:
     def __init__(self, rows: list[tuple]):
         sums: dict = {}
         hists: dict = {}
-        for layer, matrix, numel, norm_delta, norm_base, sum_abs, rank_pct, effective_rank, counts in rows:
+        for layer, matrix, numel, norm_delta, norm_base, sum_abs, rank_pct, effective, full, counts in rows:
             s = sums.get((layer, matrix))
             if s is None:
                 s = sums[(layer, matrix)] = dict.fromkeys(SUMMED, 0.0)
@@ -93,7 +94,7 @@ class Cells:
             if rank_pct is not None:
                 s["ranked"] += 1
                 s["rank_pct"] += rank_pct
-                s["effective_rank"] += effective_rank
+                s["effective_rank"] += effective / full if full else 0.0
             hists[(layer, matrix)] += np.asarray(counts, np.int64)
         self.layers = sorted({k[0] for k in sums}, key=_layer_order)
         self.matrices = [m for m in MATRIX_TYPES if any(k[1] == m for k in sums)]
@@ -129,7 +130,8 @@ def _cells(catalog: Catalog, aid: str, mode: str) -> Cells:
         cells = Cells(
             catalog.read(
                 "SELECT t.layer, t.matrix, t.numel, t.norm_delta, t.norm_base, t.sum_abs_delta, t.rank_pct, "
-                "t.effective_rank, h.counts FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
+                "t.effective_rank, t.full_rank, h.counts "
+                "FROM tensors t JOIN histograms h USING (analysis_id, run, name) "
                 "WHERE t.analysis_id = ? AND h.kind = ?",
                 [aid, mode],
             )

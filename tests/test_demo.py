@@ -19,7 +19,7 @@ import pytest
 import torch
 from service import ROOT, free_port, wait_done, wait_for
 
-from deltalens.worker.demo import demo_analyses, final_rl
+from deltalens.worker.demo_plan import demo_analyses, final_rl
 
 playwright = pytest.importorskip("playwright.sync_api")
 from test_dashboard import ARGS, CHROMIUM, SHOTS, new_page  # noqa: E402

@@ -86,6 +86,16 @@ def test_heatmap_and_curve_come_from_the_histograms(stack, pair):
     for metric in ("changed_share", "rank_pct", "effective_rank", "relative_change", "mean_abs_delta"):
         r = client.get(f"/api/analyses/{aid}/heatmap", params={"metric": metric, "tau": 1e-4})
         assert r.status_code == 200 and any(v is not None for row in r.json()["values"] for v in row)
+    # effective rank as a share of full rank, averaged over each cell's matrices (as the dashboard shows it)
+    shares: dict = {}
+    for t in client.get(f"/api/analyses/{aid}/tensors").json():
+        if t.get("full_rank"):
+            shares.setdefault((t["layer"], t["matrix"]), []).append(t["effective_rank"] / t["full_rank"])
+    assert shares
+    h = client.get(f"/api/analyses/{aid}/heatmap", params={"metric": "effective_rank"}).json()
+    for (layer, matrix), got in shares.items():
+        value = h["values"][h["layers"].index(layer)][h["matrices"].index(matrix)]
+        assert 0 < value <= 1 and value == pytest.approx(sum(got) / len(got))
     curve = client.get(f"/api/analyses/{aid}/sparsity-curve").json()
     assert len(curve["tau"]) == len(curve["sparsity"]) == len(BIN_EDGES)
     assert all(a <= b + 1e-12 for a, b in zip(curve["sparsity"], curve["sparsity"][1:]))  # grows with τ

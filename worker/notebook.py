@@ -36,7 +36,7 @@ METRICS = {  # heatmap metric -> (label, number format); the first seven: backen
     "sparsity": ("sparsity (share of weights unchanged)", ".2%"),
     "changed_share": ("share of weights changed", ".2%"),
     "rank_pct": ("rank % of full", ".1f"),
-    "effective_rank": ("effective rank", ".1f"),
+    "effective_rank": ("effective rank, share of full", ".1%"),
     "relative_change": ("‖Δ‖ / ‖W‖", ".2e"),
     "mean_abs_delta": ("mean |Δ|", ".2e"),
     "one_ulp_share": ("share moved by at most one ULP", ".1%"),

@@ -168,7 +168,7 @@ class DemoTraining:
 
     def poll(self, url: str) -> None:
         """Queue what became ready; a trainer that failed is started again (it resumes), a few times."""
-        from deltalens.worker.demo import demo_analyses  # imports torch: not before the API is up
+        from deltalens.worker.demo_plan import demo_analyses  # torch-free: the supervisor stays lean
 
         ready = [
             a for a in demo_analyses(self.demo) if a[0] not in self.queued and all(p.exists() for p in a[2])
@@ -186,7 +186,7 @@ class DemoTraining:
             self.give_up()
 
     def give_up(self) -> None:
-        from deltalens.worker.demo import STATUS, read_status, write_json
+        from deltalens.worker.demo_plan import STATUS, read_status, write_json
 
         print("deltalens: the demo trainer keeps failing; serving what it made", file=sys.stderr, flush=True)
         status = read_status(self.demo) or {}

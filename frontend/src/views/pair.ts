@@ -112,9 +112,7 @@ export async function renderPair(ctx: Context): Promise<void> {
       ? grid.sparsity.map((row) =>
           row.map((v) => (v === null ? null : state.metric === "sparsity" ? v : 1 - v)),
         )
-      : state.metric === "effective_rank"
-        ? effectiveRankShares(rows, cube.layers, cube.matrices)
-        : heat.values;
+      : heat.values;
     return heatmapFigure({
       layers: cube.layers,
       matrices: cube.matrices,
@@ -338,21 +336,6 @@ type ExactRow = TensorRow & {
   relative_change?: number | null;
   geometry?: TensorDetail["geometry"];
 };
-
-/** Per layer × matrix cell, the mean effective rank as a share of full rank (the heatmap's API gives it
- * in singular directions, which do not compare across matrix shapes). */
-function effectiveRankShares(rows: ExactRow[], layers: (number | null)[], matrices: string[]) {
-  const sums = layers.map(() => matrices.map(() => ({ sum: 0, n: 0 })));
-  for (const r of rows) {
-    const i = layers.indexOf(r.layer ?? null),
-      j = matrices.indexOf(r.matrix);
-    if (i >= 0 && j >= 0 && r.effective_rank != null && r.full_rank) {
-      sums[i][j].sum += r.effective_rank / r.full_rank;
-      sums[i][j].n++;
-    }
-  }
-  return sums.map((row) => row.map((c) => (c.n ? c.sum / c.n : null)));
-}
 
 /** One row of the matrix table: the figures it shows and sorts by (changed: at the page's τ). */
 interface MatrixRow {
