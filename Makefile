@@ -33,7 +33,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned to 2.13.0 (constraints.txt) for local and CI installs: the CPU build on this disk
-$(STAMP): pyproject.toml constraints.txt worker/_fastpair.c | run-deps $(BIN)/python backend/dashboard/index.html
+$(STAMP): pyproject.toml constraints.txt worker/_fastpair.c worker/_fastmask.c worker/_lanes.h | run-deps $(BIN)/python backend/dashboard/index.html
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@

@@ -74,13 +74,14 @@ class Jobs:
         paths, pins = self._inputs(checkpoint_ids)
         jid = uuid.uuid4().hex[:12]
         self.catalog.add_job(jid, kind, checkpoint_ids, taus, relative, rank, title)
-        groups = shard_groups(Path(paths[0]), self.settings.fanout) if kind == "pair" else []
-        if (
-            len(groups) > 1
-        ):  # fan out: one task per shard group, merged by the chord's callback (task id = jid)
+        # fan out (any kind): one task per shard group of the base — part 0 also takes the tensors the
+        # base does not store — merged by the chord's callback (task id = jid)
+        groups = shard_groups(Path(paths[0]), self.settings.fanout)
+        if len(groups) > 1:
             self.catalog.update_job(jid, detail={"parts": len(groups)})
+            kwargs = {"pins": pins, "geometry": geometry, "kind": kind}
             task = lambda name, args, tid: self.celery.signature(
-                name, args=args, kwargs={"pins": pins, "geometry": geometry}, queue=self.settings.queue
+                name, args=args, kwargs=kwargs, queue=self.settings.queue
             ).set(task_id=tid)  # noqa: E731
             chord(
                 [

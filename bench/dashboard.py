@@ -1,6 +1,6 @@
 """Benchmark: time to the first heatmap in headless Chromium for a 32-layer model (target ≤ 0.8 s).
 
-    python bench/dashboard.py [--layers 32] [--hidden 256] [--repeat 5]
+    python bench/dashboard.py [--layers 32] [--hidden 256] [--repeat 5] [--other-build DIR]
 
 Builds a Llama pair with transformers (bf16), runs the API and a worker (local mode, no Redis),
 analyses the pair (no rank or geometry: the heatmap needs neither), then opens the overview page in
@@ -8,17 +8,24 @@ a fresh Chromium context (empty cache) several times and prints, in one run:
 - the built bundle: every asset's size raw and in its precompressed .br/.gz copies, and what the
   overview page really fetched (the browser's resource timing: bytes on the wire vs decoded);
 - the time from navigation to the drawn heatmap (median, min, max of the fresh contexts) against
-  the 0.8 s target, and a repeat visit in the same context (hashed assets from the cache);
+  the 0.8 s target, and a repeat visit in the same context (hashed assets from the cache). The first
+  heatmap drawn is the quick SVG one (frontend/src/quickheatmap.ts: every cell in Plotly's colours,
+  the values in the cells, axis labels and colour bar, all in one DOM insertion; checked below), or
+  Plotly's where that draws first; the time to Plotly's interactive heatmap is printed too;
 - the baseline the page cannot beat, measured side by side: the API requests behind the page,
   made one after another, and the ratio page / API;
 - the load average before and after (the machine is shared: absolute times are noisy).
+With --other-build DIR (a copy of another build's backend/dashboard), a second API serves that build
+and the fresh contexts alternate between the two: an A/B under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from service import Api, Worker, running, service_env, wait_done  # noqa: E402
+from service import Api, Worker, running, service_env, wait_done, wait_for  # noqa: E402
+
+from deltalens.worker.service import safe_environment  # noqa: E402
 
 TARGET_S = 0.8
 ASSETS = ROOT / "backend" / "dashboard" / "assets"
@@ -42,7 +51,19 @@ PAGE_REQUESTS = (
     "/api/analyses/{id}/sparsity-curve?mode=abs",
     "/api/analyses/{id}/heatmap?metric=sparsity&tau=1e-5&mode=abs",
     "/api/checkpoints",
+    "/api/analyses/{id}/tensors",
 )
+# the first heatmap: the quick SVG one or Plotly's (its drag layer is drawn last), whichever is first
+FIRST = "#heatmap .quick-heatmap, #heatmap .nsewdrag"
+INTERACTIVE = "#heatmap .nsewdrag"
+# in the page: ms from navigation start to the DOM insertion of each (no polling latency)
+OBSERVE = f"""window.__seen = {{}}; new MutationObserver(() => {{
+  for (const [k, sel] of [['first', '{FIRST}'], ['interactive', '{INTERACTIVE}']])
+    if (!window.__seen[k] && document.querySelector(sel)) window.__seen[k] = performance.now();
+}}).observe(document, {{subtree: true, childList: true}});"""
+# what the quick heatmap holds when first seen: [cells, cell values, x labels, y labels, colour bar ticks]
+QUICK_PARTS = """() => ['.cells rect', '.celltext', '.xt', '.yt', '.cbtick'].map(
+  (s) => document.querySelectorAll('#heatmap .quick-heatmap ' + s).length)"""
 # the page's own files as the browser fetched them: [name, bytes on the wire, encoded body, decoded body]
 RESOURCES = """() => performance.getEntries()
   .filter((e) => e.entryType === "navigation" || e.name.includes("/assets/"))
@@ -100,25 +121,63 @@ def print_fetched(entries: list) -> None:
         print(f"  {file:40} {kib(dec)} decoded {kib(encoded)} encoded")
 
 
-def measure(url: str, repeat: int) -> tuple[list[float], list[float], list]:
-    """Navigation -> drawn heatmap: in `repeat` fresh contexts, and reloaded in each (cached assets)."""
+class BuildApi(Api):
+    """The API serving another build of the dashboard: `folder` in place of the package's."""
+
+    CODE = (
+        "import sys, pathlib, uvicorn; import deltalens.backend.app as a; "
+        "a.dashboard_folder = lambda: pathlib.Path(sys.argv[1]); "
+        "uvicorn.run(a.create_app(), host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')"
+    )
+
+    def __init__(self, env: dict, log: Path, folder: Path):
+        super().__init__(env, log)
+        self.folder = folder
+
+    def start(self) -> BuildApi:
+        command = [sys.executable, "-c", self.CODE, str(self.folder), str(self.port)]
+        log = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            command, env=safe_environment(self.env), cwd=ROOT, stdout=log, stderr=log
+        )
+        wait_for(
+            lambda: httpx.get(self.url + "/api/health", timeout=2).status_code == 200, 60, what="the API"
+        )
+        return self
+
+
+def measure(urls: dict[str, str], repeat: int) -> dict[str, tuple[list, list, list, list, list]]:
+    """For each build (name -> the overview's URL), alternating: navigation -> first drawn heatmap, and
+    -> Plotly's interactive one, in `repeat` fresh contexts; then the first heatmap again in each
+    context, reloaded (cached assets). name -> (fresh, interactive, cached, resource entries, in-page
+    [first, interactive] of each fresh context in s)."""
     from playwright.sync_api import sync_playwright
 
-    fresh, cached, entries = [], [], []
+    out = {name: ([], [], [], [], []) for name in urls}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
         for _ in range(repeat):
-            context = browser.new_context(viewport={"width": 1280, "height": 800})
-            page = context.new_page()
-            for times in (fresh, cached):
-                start = time.perf_counter()
-                page.goto(url)
-                page.locator("#heatmap .nsewdrag").wait_for(timeout=60_000)
-                times.append(time.perf_counter() - start)
-                entries = entries or page.evaluate(RESOURCES)
-            context.close()
+            for name, url in urls.items():
+                fresh, interactive, cached, entries, seen = out[name]
+                context = browser.new_context(viewport={"width": 1280, "height": 800})
+                context.add_init_script(OBSERVE)
+                page = context.new_page()
+                for times in (fresh, cached):
+                    start = time.perf_counter()
+                    page.goto(url, wait_until="commit")  # not its load event: that waits for preloads
+                    page.locator(FIRST).first.wait_for(timeout=60_000)
+                    times.append(time.perf_counter() - start)
+                    parts = page.evaluate(QUICK_PARTS)
+                    assert parts[0] == 0 or all(parts), f"a quick heatmap without all its parts: {parts}"
+                    page.locator(INTERACTIVE).wait_for(timeout=60_000)
+                    if times is fresh:
+                        interactive.append(time.perf_counter() - start)
+                        at = page.evaluate("() => window.__seen")
+                        seen.append([at["first"] / 1000, at["interactive"] / 1000])
+                    entries[:] = entries or page.evaluate(RESOURCES)
+                context.close()
         browser.close()
-    return fresh, cached, entries
+    return out
 
 
 def main() -> None:
@@ -126,6 +185,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--other-build", type=Path, help="a copy of another build's backend/dashboard: A/B")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -147,20 +207,37 @@ def main() -> None:
                 for path in PAGE_REQUESTS:
                     client.get(path.format(id=aid)).raise_for_status()
                 api_times.append(time.perf_counter() - start)
-            fresh, cached, entries = measure(f"{api.url}/analyses/{aid}", args.repeat)
+        # the catalog is closed now: each build's API gets a copy of the data folder (DuckDB: one process)
+        builds = {"this build": None, **({"other build": args.other_build} if args.other_build else {})}
+        apis = []
+        for i, folder in enumerate(builds.values()):
+            shutil.copytree(tmp / "data", tmp / f"data-{i}")
+            env_i = {**env, "DELTALENS_DATA_DIR": str(tmp / f"data-{i}")}
+            log = tmp / f"api-{i}.log"
+            apis.append(Api(env_i, log) if folder is None else BuildApi(env_i, log, folder))
+        with running(*apis) as started:
+            urls = {name: f"{api.url}/analyses/{aid}" for name, api in zip(builds, started)}
+            results = measure(urls, args.repeat)
     load_after = os.getloadavg()
     print_bundle()
-    print_fetched(entries)
-    first, api_s = statistics.median(fresh), statistics.median(api_times)
+    print_fetched(results["this build"][3])
     print(
         f"\n{args.layers}-layer Llama (hidden {args.hidden}); median of {args.repeat}, "
         "a fresh browser context each (empty cache)"
     )
-    print(
-        f"{'first heatmap, fresh context (navigation -> drawn)':52} {first:6.2f} s  "
-        f"(min {min(fresh):.2f}, max {max(fresh):.2f})"
-    )
-    print(f"{'first heatmap, repeat visit (assets cached)':52} {statistics.median(cached):6.2f} s")
+    for name, (fresh, interactive, cached, _, seen) in results.items():
+        if len(results) > 1:
+            print(f"{name}:")
+        print(
+            f"{'first heatmap, fresh context (navigation -> drawn)':52} {statistics.median(fresh):6.2f} s  "
+            f"(min {min(fresh):.2f}, max {max(fresh):.2f})"
+        )
+        print(f"{'interactive (Plotly) heatmap, fresh context':52} {statistics.median(interactive):6.2f} s")
+        print(f"{'first heatmap, repeat visit (assets cached)':52} {statistics.median(cached):6.2f} s")
+        first_in, interactive_in = (statistics.median(x) for x in zip(*seen))
+        print(f"{'in the page (navigation start -> inserted): first':52} {first_in:6.2f} s")
+        print(f"{'in the page: interactive (Plotly)':52} {interactive_in:6.2f} s")
+    first, api_s = statistics.median(results["this build"][0]), statistics.median(api_times)
     print(f"{'baseline: the API requests behind it, in a row':52} {api_s:6.2f} s")
     print(f"ratio page/API: {first / api_s:.1f}")
     verdict = "met" if first <= TARGET_S else f"missed by {first - TARGET_S:.2f} s"

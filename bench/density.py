@@ -1,6 +1,7 @@
 """Benchmark: `pair` at every update density — read floor, engine and naive loop side by side, one run.
 
     python bench/density.py [--quick] [--layers N] [--repeat 3] [--other-kernel OLD.so]
+    python bench/density.py --kernel [--repeat 9] [--other-kernel OLD.so]
 
 Generates (once, cached in bench/.data/) one Qwen2-0.5B-shaped bfloat16 base and one target per
 density, in which a share (~10 %, ~50 %, ~100 %) of every tensor's stored values move by 2^-7 ..
@@ -14,6 +15,9 @@ alike; it prints the best of --repeat, peak RSS, the ratios against the targets 
 naive >= 5x engine, peak RSS <= 1.2 GiB) and the machine's load average before and after.
 --other-kernel adds one more row, interleaved with the others: the engine with another build of
 worker/_fastpair.c (same pair_rows signature), for an old/new kernel ratio under the same load.
+--kernel times the kernel alone instead: one 4864×896 bf16 matrix (an MLP projection's shape) at
+0 / 10 / 50 / 100 % moved, in this process on one thread, as thread CPU time (robust to other
+load), best of --repeat, with --other-kernel interleaved and its figures checked equal.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ DENSITIES = {"10%": 0.1, "50%": 0.5, "100%": 1.0}  # share of stored values chan
 TARGETS = {"engine/read": 3.0, "naive/engine": 5.0, "rss_gib": 1.2}
 QUICK_LAYERS = 2
 WIDTHS = (8, 8, 7, 9, 8, 15, 12, 13)
+KERNEL_SHAPE = (4864, 896)
 
 
 def dense_update(share: float):
@@ -60,6 +65,46 @@ def other_kernel_cmd(engine: list[str], library: str) -> list[str]:
     return [sys.executable, "-c", code, library, *engine[3:]]
 
 
+def kernel_alone(repeat: int, other: str | None) -> None:
+    """Thread CPU time of FusedPairAccumulator on one matrix, per density (see the module doc)."""
+    import ctypes
+    import time
+
+    import numpy as np
+    import torch
+
+    from deltalens.worker import fused
+    from deltalens.worker.contract import ULP_FORMATS
+
+    kernels = {"this build": fused._pair_rows}
+    if other:
+        kernels["other"] = ctypes.CDLL(other).pair_rows
+        kernels["other"].argtypes, kernels["other"].restype = fused._pair_rows.argtypes, None
+    fused.THREADS, (rows, cols) = 1, KERNEL_SHAPE
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    print(f"kernel alone: {rows}x{cols} bf16, one thread, thread CPU time, best of {repeat}; {load()}")
+    for share in (0.0, *DENSITIES.values()):
+        t = dense_update(share)("", b, g)
+        base, target = (x.view(torch.int16).numpy().view(np.uint16) for x in (b, t))
+        best, figures = dict.fromkeys(kernels, math.inf), {}
+        for _ in range(repeat):
+            for name, kernel in kernels.items():
+                fused._pair_rows = kernel
+                acc = fused.FusedPairAccumulator(rows, cols, [1e-5], False, True, False, None, False,
+                                                 ulp=ULP_FORMATS["BF16"])  # fmt: skip
+                start = time.thread_time()
+                acc.add(base, [target], 0)
+                acc._flush()  # the kernel calls (add may leave them to result())
+                best[name] = min(best[name], time.thread_time() - start)
+                figures[name] = json.dumps(acc.result())
+        line = "  ".join(f"{k} {v * 1e3:6.2f} ms" for k, v in best.items())
+        if other:
+            same = "same" if figures["other"] == figures["this build"] else "DIFFER"
+            line += f"  other/this {best['other'] / best['this build']:.2f}, figures {same}"
+        print(f"{share:5.0%} moved: {line}")
+
+
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -70,7 +115,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: all 24)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--other-kernel", metavar="SO", help="also time the engine with this kernel build")
+    ap.add_argument("--kernel", action="store_true", help="time the kernel alone (thread CPU time)")
     args = ap.parse_args()
+    if args.kernel:
+        kernel_alone(args.repeat, args.other_kernel)
+        return
     c = SHAPES["qwen2-0.5b"]
     layers = args.layers or (QUICK_LAYERS if args.quick else c["layers"])
     data = ROOT / "bench" / ".data" / f"qwen2-0.5b-density-{layers}l"

@@ -225,6 +225,44 @@ def test_randomized_svd_matches_numpy_on_a_gapped_spectrum(monkeypatch):
     assert [s["observed"] for s in g["enrichment"]["magnitude"]] == [s["observed"] for s in ref["magnitude"]]
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["tall", "wide"])
+def test_randomized_route_is_float64_accurate_for_a_generic_update(monkeypatch, wide):
+    """ΔW in every direction (energy shares move to first order with any error in W₀'s subspaces):
+    the float32 steps of the iteration leave no trace after its float64 step and Rayleigh–Ritz."""
+    monkeypatch.setattr(G, "EXACT_MAX", 100)
+    rng = np.random.default_rng(2)
+    m, n = 200, 150
+    u, v = _orthonormal(rng, m)[:, :n], _orthonormal(rng, n)
+    sigma = np.concatenate([np.geomspace(100, 10, 64), np.geomspace(1, 0.01, n - 64)])
+    w0 = (u * sigma) @ v.T
+    w1 = w0 + 1e-2 * rng.standard_normal((m, n))
+    w0, w1 = (np.ascontiguousarray(w.T) for w in (w0, w1)) if wide else (w0, w1)
+    sigma1 = np.linalg.svd(w1 - w0, compute_uv=False)[0]  # σ₁(ΔW) from the rank, as the pass gives it
+    g, ref = G.geometry(w0, w1, 1e-3, False, sigma1), reference(w0, w1, 1e-3, False)
+    assert g["method"] == "randomized"
+    check(g, ref)
+    for key in ("energy_in_topk", "left_in_topk", "right_in_topk"):
+        assert g[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert g["drift"] == pytest.approx(ref["drift"], rel=1e-12)
+
+
+def test_top_selections_exact_where_the_sample_misleads():
+    """The top-p % selections equal a stable sort's, ties in row-major order, also when the strided
+    sample sees only large values (fewer candidates than K: all values are searched) or none."""
+    n = 12 * G.SAMPLE
+    stride = n // G.SAMPLE
+    at = np.arange(n)
+    cases = {
+        "sample sees large only": np.where(at % (2 * stride) == 0, 5.0, 1.0),
+        "sample sees small only": np.where(at % stride == 0, 0.0, np.round(at % 7 * 0.5, 1)),
+        "ties everywhere": np.round(np.random.default_rng(3).random(n) * 8) / 8,
+    }
+    for name, values in cases.items():
+        for (selected, k), p in zip(G._selections(values), G.PERCENTS, strict=True):
+            assert k == -(-n * p // 100), name
+            assert np.array_equal(np.sort(selected), np.flatnonzero(_top_mask(values, p))), (name, p)
+
+
 # --- CLI, DuckDB, API ---------------------------------------------------------------------------
 def test_cli_json_and_no_geometry(pair, tmp_path):
     base, target, weights = pair

@@ -1,11 +1,12 @@
-"""Scale-out: a pair analysis of a sharded checkpoint fans out as one Celery task per shard group
-(a chord) to two real worker processes, and the merged result is identical to one worker's."""
+"""Scale-out: a pair, series or overlap analysis of a sharded base fans out as one Celery task per
+shard group (a chord) to two real worker processes, and the merged result is identical to one worker's."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import duckdb
 import httpx
 import pytest
 import torch
@@ -14,6 +15,7 @@ from service import Api, Redis, Worker, running, service_env, wait_done
 
 from deltalens.backend.jobs import shard_groups
 from deltalens.worker.analyses import Options, run_analysis
+from deltalens.worker.store import write_artifact
 
 LAYERS, SHARDS, SIZE = 8, 4, 768
 
@@ -103,17 +105,38 @@ def test_shard_groups_are_whole_shards_balanced(sharded_pair):
     assert len(shard_groups(base, 8)) == SHARDS and shard_groups(base, 1) == []
 
 
+def artifact_rows(path) -> dict[str, list[str]]:
+    """Every table of an artifact: its rows (analysis id and creation time left out), sorted."""
+    with duckdb.connect(str(path), read_only=True) as con:
+        tables = con.execute(
+            "SELECT table_name, list(column_name ORDER BY ordinal_position) "
+            "FROM information_schema.columns GROUP BY table_name"
+        ).fetchall()
+        return {
+            table: sorted(
+                map(repr, con.execute(f"SELECT {', '.join(kept)} FROM {table}").fetchall())
+            )  # repr: NaN equals NaN, floats compare bit for bit
+            for table, columns in tables
+            if (kept := [c for c in columns if c not in ("analysis_id", "created_at")])
+        }
+
+
 def test_fanned_out_analysis_equals_the_single_worker_run(tmp_path, sharded_pair, tied_and_adapter):
-    pairs = [sharded_pair, *tied_and_adapter]
+    (tied_base, untied), (base, adapter) = tied_and_adapter
+    target = sharded_pair[1]
+    analyses = [("pair", pair, [1e-5, 1e-3]) for pair in (sharded_pair, *tied_and_adapter)] + [
+        ("series", (base, adapter, target), [1e-5]),  # a LoRA step merged onto the sharded base
+        ("overlap", (base, target, adapter), [1e-5]),
+        ("series", (tied_base, untied), [1e-5]),  # only the tied head and embedding align: empty parts
+    ]
     singles = [
         # geometry off: the merge of per-matrix figures is what is tested here, and SVDs of 96
         # 768×768 matrices would triple the test's time (tests/test_geometry.py covers geometry)
-        run_analysis(
-            "pair", [str(b), str(t)], Options(taus=[1e-5, 1e-3], device="cpu", geometry=False)
-        ).document
-        for b, t in pairs
+        run_analysis(kind, [str(p) for p in paths], Options(taus=taus, device="cpu", geometry=False))
+        for kind, paths, taus in analyses
     ]
-    base = sharded_pair[0]
+    for i, single in enumerate(singles):
+        write_artifact(single, tmp_path / f"single{i}.duckdb", f"single{i}")
     redis = Redis(tmp_path / "redis")
     with running(redis):
         env = service_env(
@@ -130,27 +153,31 @@ def test_fanned_out_analysis_equals_the_single_worker_run(tmp_path, sharded_pair
             httpx.Client(base_url=api.url, timeout=30) as client,
         ):
             aids = []
-            for pair in pairs:
-                answers = [client.post("/api/checkpoints", json={"path": str(p)}).json() for p in pair]
+            for kind, paths, taus in analyses:
+                answers = [client.post("/api/checkpoints", json={"path": str(p)}).json() for p in paths]
                 assert all("id" in a for a in answers), answers
                 ids = [a["id"] for a in answers]
                 aids.append(
                     client.post(
                         "/api/analyses",
-                        json={"kind": "pair", "checkpoints": ids, "taus": [1e-5, 1e-3], "geometry": False},
+                        json={"kind": kind, "checkpoints": ids, "taus": taus, "geometry": False},
                     ).json()["id"]
                 )
             statuses = [wait_done(client, aid, 300) for aid in aids]
             docs = [client.get(f"/api/analyses/{aid}/result").json() for aid in aids]
-    for status, doc, single in zip(statuses, docs, singles):
+    for i, (aid, status, doc, single) in enumerate(zip(aids, statuses, docs, singles)):
         assert status["status"] == "done", status
         assert status["detail"]["parts"] >= 2
-        assert sum(p["matrices"] for p in status["detail"]["workers"]) == len(single["tensors"])
-        assert doc["tensors"] == single["tensors"]  # every figure of every matrix, in the same order
-        for key in ("summary", "skipped", "warnings", "notes", "adapters"):
-            assert doc.get(key) == single.get(key), key
+        assert sum(p["matrices"] for p in status["detail"]["workers"]) == len(single.details)
+        assert doc == single.document  # every figure of every matrix, in the same order
+        # and the published artifact holds the same rows, table by table
+        assert artifact_rows(tmp_path / "data" / "results" / f"{aid}.duckdb") == artifact_rows(
+            tmp_path / f"single{i}.duckdb"
+        ), analyses[i][0]
     assert statuses[0]["detail"]["parts"] == SHARDS
     assert len({p["worker"] for p in statuses[0]["detail"]["workers"]}) == 2  # both workers took parts
+    assert [p["matrices"] for p in statuses[5]["detail"]["workers"]].count(0) >= 2  # layers skipped
+    assert [t["source"] for t in docs[5]["tensors"]] == ["model.embed_tokens.weight", "lm_head.weight"]
     assert docs[1]["tensors"][-1]["tied_to"] == "model.embed_tokens.weight"  # the target-only head
     assert [w["code"] for w in docs[1]["warnings"]] == ["tied_embedding"]
     assert len(docs[2]["adapters"][0]["modules"]) == LAYERS  # exact ΔW figures of the adapter

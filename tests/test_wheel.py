@@ -55,7 +55,8 @@ def test_the_wheel_holds_one_package_and_the_dashboard(wheel):
     assert {n.split("/")[0] for n in names} == {"deltalens", "deltalens-0.1.0.dist-info"}
     assert "deltalens/backend/dashboard/index.html" in names
     assert any(n.startswith("deltalens/backend/dashboard/assets/") and n.endswith(".js") for n in names)
-    assert any(n.startswith("deltalens/worker/_fastpair") for n in names)
+    for kernel in ("_fastpair", "_fastmask"):
+        assert any(n.startswith(f"deltalens/worker/{kernel}") for n in names), kernel
 
 
 def test_installed_wheel_serves_and_analyses_from_a_shadowing_folder(wheel, tmp_path, family_pair):

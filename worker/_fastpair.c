@@ -25,8 +25,9 @@
  *    three slots by a loop the compiler vectorises, from float bits (fine cells as bits >> 45, the
  *    ULP bin from the cell of |Δ| shifted by the base's exponent and one table; no log, no
  *    division but |Δ|/|b|), then three scalar increments per lane in an unrolled run. So slot
- *    work is per moved weight, never per weight, and only the loop gathering a partly moved
- *    block's lanes branches on which lanes moved.
+ *    work is per moved weight, never per weight. A partly moved block's lanes go to the stage
+ *    four at a time, branch-free (one shuffle per vector, from a table of the 16 ways to pick
+ *    lanes), where AVX2 and GCC's variable shuffles are at hand; else one by one.
  * Sums are kept per lane and added up at the end (a fixed order, not a plain element loop's: the
  * moments are float sums, compared to the reference with a tolerance; every count is exact).
  *
@@ -37,8 +38,9 @@
  * NaN |Δ| makes max |Δ| NaN; comparisons with NaN are false, so no τ counts it.
  *
  * Vector code: GCC/Clang vector extensions (four doubles per vector) and plain loops the compiler
- * vectorises, whichever it compiles better; AVX2 registers in the AVX2 clone of each kernel, SSE2
- * or NEON ones elsewhere. bench/density.py measures it at 10 %, 50 % and 100 % moved.
+ * vectorises, whichever it compiles better; AVX2 registers in the AVX2 build of each kernel (picked
+ * per call by __builtin_cpu_supports), SSE2 or NEON ones elsewhere. bench/density.py measures it
+ * at 10 %, 50 % and 100 % moved.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,20 +48,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_lanes.h"
+
 #define MAX_TAUS 16 /* the API and CLI accept at most 16 tolerances */
-#define LANES 16    /* one 32-byte load of bfloat16 bits; four vectors of doubles */
-#define QUARTERS (LANES / 4)
 #define STAGE (16 * LANES) /* moved lanes gathered before their slots are computed */
 #define ULP_EXACT 16
 #define ULP_TOP_OCTAVE 64
 #define ULP_BINS (ULP_EXACT + ULP_TOP_OCTAVE - 2) /* contract.ULP_BINS */
 #define CELL_SHIFT 45 /* float64 bits -> bfloat16-grid cell */
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-#pragma GCC diagnostic ignored "-Wpsabi" /* vector arguments only between always-inlined functions */
-typedef double v4d __attribute__((vector_size(32)));
-typedef int64_t v4i __attribute__((vector_size(32)));
-typedef uint64_t v4u __attribute__((vector_size(32)));
 #define SPLAT(T, x) ((T){(x), (x), (x), (x)})
 
 /* Comparisons give -1 (true) or 0 per lane; casts between vector types of one size keep the bits. */
@@ -152,44 +148,6 @@ ALWAYS_INLINE int64_t ulp_index(int kind, double a, double abs_base, double min_
     u = u < ULP_HIGH ? u : ULP_HIGH;
     u = u < 0.5 ? 0.5 : u;
     return cell_of(u) - (ULP_CELL_HALF - 1);
-}
-
-/* Bit i set where element i of the two blocks may have moved: its stored bits differ, or the base
- * is NaN or ±Inf (all exponent bits set), whose Δ is NaN even against the same bits. Every other
- * lane has Δ = 0. */
-#if defined(__SSE2__)
-#include <emmintrin.h>
-/* bfloat16 (the common case): 8 lanes at a time, equal and finite; packed to bytes, one movemask */
-ALWAYS_INLINE __m128i still_u16(const uint16_t *b, const uint16_t *t) {
-    const __m128i exponent = _mm_set1_epi16(0x7F80);
-    __m128i x = _mm_loadu_si128((const __m128i *)b);
-    __m128i equal = _mm_cmpeq_epi16(x, _mm_loadu_si128((const __m128i *)t));
-    return _mm_andnot_si128(_mm_cmpeq_epi16(_mm_and_si128(x, exponent), exponent), equal);
-}
-ALWAYS_INLINE uint32_t visit_u16(const uint16_t *b, const uint16_t *t) {
-    return ~(uint32_t)_mm_movemask_epi8(_mm_packs_epi16(still_u16(b, t), still_u16(b + 8, t + 8))) & 0xFFFFu;
-}
-#else
-ALWAYS_INLINE uint32_t visit_u16(const uint16_t *b, const uint16_t *t) {
-    uint32_t visit = 0;
-    for (int i = 0; i < LANES; i++) visit |= (uint32_t)(b[i] != t[i] || (b[i] & 0x7F80) == 0x7F80) << i;
-    return visit;
-}
-#endif
-
-#define VISIT(BITS, EXPONENT)                                                                      \
-    for (int i = 0; i < LANES; i++) {                                                             \
-        BITS x = ((const BITS *)b)[i];                                                            \
-        visit |= (uint32_t)((x != ((const BITS *)t)[i]) | ((x & (EXPONENT)) == (EXPONENT))) << i; \
-    }
-ALWAYS_INLINE uint32_t lanes_to_visit(int kind, const void *b, const void *t) {
-    uint32_t visit = 0;
-    if (kind == 0) return visit_u16(b, t);
-    if (kind == 1)
-        VISIT(uint32_t, 0x7F800000u)
-    else
-        VISIT(uint64_t, 0x7FF0000000000000ull)
-    return visit;
 }
 
 typedef struct { /* the ctypes arguments (see the header) */
@@ -309,17 +267,51 @@ ALWAYS_INLINE void flush_stage(int kind, const Call *c, Stage *st) {
     st->n = 0;
 }
 
-/* The lanes to visit of a block (bit i of visit): all 16 counted at once when all are, else staged
- * one by one. */
-ALWAYS_INLINE void stage_block(int kind, const Call *c, Stage *st, uint32_t visit, const Block *a,
-                               const Block *x) {
+/* Variable shuffles: GCC's __builtin_shuffle, one vpermd in the AVX2 kernels; elsewhere (other
+ * compilers, no AVX2) lanes are staged one by one. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define SHUFFLES 1
+typedef int32_t v8i __attribute__((vector_size(32)));
+#define PAIR(i) 2 * (i), 2 * (i) + 1 /* the two 32-bit halves of double i */
+/* compact[m]: the doubles of a vector picked by the bits of m, first and in order */
+static const v8i compact[16] = {
+    {PAIR(0), PAIR(1), PAIR(2), PAIR(3)}, {PAIR(0), PAIR(1), PAIR(2), PAIR(3)},
+    {PAIR(1), PAIR(0), PAIR(2), PAIR(3)}, {PAIR(0), PAIR(1), PAIR(2), PAIR(3)},
+    {PAIR(2), PAIR(0), PAIR(1), PAIR(3)}, {PAIR(0), PAIR(2), PAIR(1), PAIR(3)},
+    {PAIR(1), PAIR(2), PAIR(0), PAIR(3)}, {PAIR(0), PAIR(1), PAIR(2), PAIR(3)},
+    {PAIR(3), PAIR(0), PAIR(1), PAIR(2)}, {PAIR(0), PAIR(3), PAIR(1), PAIR(2)},
+    {PAIR(1), PAIR(3), PAIR(0), PAIR(2)}, {PAIR(0), PAIR(1), PAIR(3), PAIR(2)},
+    {PAIR(2), PAIR(3), PAIR(0), PAIR(1)}, {PAIR(0), PAIR(2), PAIR(3), PAIR(1)},
+    {PAIR(1), PAIR(2), PAIR(3), PAIR(0)}, {PAIR(0), PAIR(1), PAIR(2), PAIR(3)}};
+#else
+#define SHUFFLES 0
+#endif
+
+/* The lanes to visit of a block (bit i of visit): all 16 counted at once when all are, else staged.
+ * With shuffles (`shuffle`), four lanes at a time, branch-free: each vector's lanes to visit moved
+ * to its front and the whole vector stored, the stage's end moved on by their number (the rest is
+ * overwritten next); else one by one, a branch per lane (mispredicted about once a block). */
+ALWAYS_INLINE void stage_block(int kind, int shuffle, const Call *c, Stage *st, uint32_t visit,
+                               const Block *a, const Block *x) {
     if (visit == (1u << LANES) - 1) {
         count_lanes(kind, c, st, a->e, x->e, LANES);
         return;
     }
-    while (visit) {
+#if SHUFFLES
+    if (shuffle) {
+        int64_t n = st->n;
+        for (int q = 0; q < QUARTERS; q++) {
+            unsigned m = (visit >> (4 * q)) & 15;
+            v4d pa = (v4d)__builtin_shuffle((v8i)a->v[q], compact[m]);
+            v4d pb = (v4d)__builtin_shuffle((v8i)x->v[q], compact[m]);
+            memcpy(st->a + n, &pa, sizeof pa), memcpy(st->b + n, &pb, sizeof pb);
+            n += __builtin_popcount(m);
+        }
+        st->n = n;
+    }
+#endif
+    for (; !(SHUFFLES && shuffle) && visit; visit &= visit - 1) {
         int i = __builtin_ctz(visit);
-        visit &= visit - 1;
         st->a[st->n] = a->e[i], st->b[st->n] = x->e[i];
         st->n++;
     }
@@ -340,7 +332,7 @@ ALWAYS_INLINE void flush_map(const Call *c, int64_t map_row) {
 ALWAYS_INLINE double sum4(v4d s) { return (s[0] + s[2]) + (s[1] + s[3]); }
 ALWAYS_INLINE int64_t count4(v4i s) { return s[0] + s[1] + s[2] + s[3]; }
 
-ALWAYS_INLINE void pair_impl(int kind, const Call *call, Stage *st) {
+ALWAYS_INLINE void pair_impl(int kind, int shuffle, const Call *call, Stage *st) {
     Call copy = *call; /* a local: stores through its pointers cannot change its fields */
     const Call *c = &copy;
     const int size = kind == 0 ? 2 : kind == 1 ? 4 : 8;
@@ -375,7 +367,7 @@ ALWAYS_INLINE void pair_impl(int kind, const Call *call, Stage *st) {
             uint32_t visit = lanes_to_visit(kind, bp, tp);
             if (!visit) continue;
             block_sums(kind, xv, tp, c, tau, &s, c->scratch + j0, &a);
-            stage_block(kind, c, st, visit, &a, &x);
+            stage_block(kind, shuffle, c, st, visit, &a, &x);
         }
         if (c->want_map) c->row_counts[r] = (c->first_strip ? 0 : c->row_counts[r]) + count4(s.in_row);
     }
@@ -400,26 +392,27 @@ ALWAYS_INLINE void pair_impl(int kind, const Call *call, Stage *st) {
     if (sum_a != sum_a) *c->max_abs = sum_a; /* Σ|Δ| is NaN exactly when some |Δ| is: max |Δ| is NaN */
 }
 
-/* One kernel per element kind, each built twice on x86-64 (AVX2 and baseline) and picked at load
- * time. Each call has its own stage, on its stack (~15 KB): the caller's threads run calls side by
- * side. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CLONES __attribute__((target_clones("avx2", "default")))
+/* One kernel per element kind, built twice on x86-64: for AVX2 (and with shuffles) and for the
+ * baseline, picked per call (a build with -DBASELINE_ONLY tests the baseline on an AVX2 machine).
+ * Each call has its own stage, on its stack (~15 KB): the caller's threads run calls side by side. */
+#define KERNEL_AS(name, kind, shuffle, attributes)                                              \
+    attributes static void name(const Call *c) {                                               \
+        Stage st;                                                                              \
+        pair_impl(kind, shuffle, c, &st);                                                      \
+    }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BASELINE_ONLY)
+#define KERNEL(name, kind) \
+    KERNEL_AS(name, kind, 0, ) KERNEL_AS(name##_avx2, kind, 1, __attribute__((target("avx2"))))
+#define HAS_AVX2 __builtin_cpu_supports("avx2")
+#define AVX2_KERNELS {pair_bf16_avx2, pair_f32_avx2, pair_f64_avx2}
 #else
-#define CLONES
+#define KERNEL(name, kind) KERNEL_AS(name, kind, 0, )
+#define HAS_AVX2 0
+#define AVX2_KERNELS {pair_bf16, pair_f32, pair_f64}
 #endif
-CLONES static void pair_bf16(const Call *c) {
-    Stage st;
-    pair_impl(0, c, &st);
-}
-CLONES static void pair_f32(const Call *c) {
-    Stage st;
-    pair_impl(1, c, &st);
-}
-CLONES static void pair_f64(const Call *c) {
-    Stage st;
-    pair_impl(2, c, &st);
-}
+KERNEL(pair_bf16, 0)
+KERNEL(pair_f32, 1)
+KERNEL(pair_f64, 2)
 
 /* The update map's column sums live in a scratch of the row's width: on the stack up to STRIP
  * columns, else on the heap; without heap memory, the rows are done in strips of STRIP columns. */
@@ -427,7 +420,7 @@ CLONES static void pair_f64(const Call *c) {
 #define STRIP 1024
 #endif
 
-static void (*const by_kind[])(const Call *) = {pair_bf16, pair_f32, pair_f64};
+static void (*const by_kind[2][3])(const Call *) = {{pair_bf16, pair_f32, pair_f64}, AVX2_KERNELS};
 
 static void pair_strips(int kind, Call c) {
     const int64_t size = kind == 0 ? 2 : kind == 1 ? 4 : 8, cols = c.cols;
@@ -438,7 +431,7 @@ static void pair_strips(int kind, Call c) {
         strip.b = (const char *)c.b + col0 * size, strip.t = (const char *)c.t + col0 * size;
         strip.cols = cols - col0 < STRIP ? cols - col0 : STRIP;
         strip.col_bin += col0, strip.col_counts += col0, strip.first_strip = col0 == 0;
-        by_kind[kind](&strip);
+        by_kind[HAS_AVX2 != 0][kind](&strip);
     }
 }
 
@@ -457,7 +450,7 @@ void pair_rows(int kind, const void *b, const void *t, int64_t rows, int64_t col
         return;
     }
     c.scratch = heap; /* NULL without a map: never touched */
-    by_kind[kind](&c);
+    by_kind[HAS_AVX2 != 0][kind](&c);
     free(heap);
 }
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deltalens.worker import adapters, fused, geometry, mask_stats, precision
+from deltalens.worker import adapters, fused, fused_masks, geometry, mask_stats, precision
 from deltalens.worker.checkpoint import Checkpoint, open_checkpoints
 from deltalens.worker.contract import BLOCKS, MATRIX_TYPES, MAX_OVERLAP_RUNS
 from deltalens.worker.errors import InputError
@@ -37,7 +37,7 @@ class Options:
     geometry: bool = True  # pair: ΔW against W₀'s singular subspaces, mask enrichment (worker.geometry)
     device: str | None = None  # None: CUDA when available, else CPU
     chunk_elements: int | None = None  # None: per-device default
-    fused: bool | None = None  # pair on CPU: one-pass C kernel (None: when available)
+    fused: bool | None = None  # on CPU: the one-pass C kernels (None: when available)
     progress: Progress | None = None
     names: list[str] | None = None  # only these tensors (one part of a fanned-out analysis)
     unstored: bool = False  # with `names`: also the aligned tensors the base does not store (tied heads)
@@ -490,73 +490,83 @@ def analyze_pair(base: str, target: str, opts: Options) -> AnalysisResult:
         row.update(precision.row_fields(r, dtype))
         row["geometry"] = r.pop("geometry", None)
         details.append({"run": 0, "name": part.name, "row": row, **r})
-    result = pair_result(
-        base, target, opts, details, stream.skipped, stream.family, str(stream.device), notes=stream.notes
-    )
+    result = pair_result([base, target], opts, details, Made.by(stream))
     adapters.annotate(result.document, checkpoints, opts.taus, opts.relative)  # exact ΔW of LoRA inputs
     return result
 
 
-def pair_result(
-    base: str,
-    target: str,
-    opts: Options,
-    details: list[dict],
-    skipped: dict,
-    family: str,
-    device: str,
-    notes: list[str] | None = None,
-) -> AnalysisResult:
+@dataclass(frozen=True)
+class Made:
+    """How a pass ran, which a result builder takes besides the details (a fan-out's part 0 keeps it)."""
+
+    skipped: dict
+    family: str
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def by(cls, stream: _Stream) -> Made:
+        return cls(stream.skipped, stream.family, str(stream.device), list(stream.notes))
+
+    def result(
+        self, kind: str, opts: Options, details: list[dict], labels: list[str], head: dict, figures: dict
+    ) -> AnalysisResult:
+        """The document: head (inputs), mode, family, figures, then the rows and what the pass noted."""
+        tensors = [d["row"] for d in details]
+        document = {
+            "kind": kind,
+            **head,
+            "mode": "relative" if opts.relative else "absolute",
+            "family": self.family,
+            **figures,
+            "tensors": tensors,
+            "skipped": self.skipped,
+            "warnings": warnings_of(tensors, ["base", *labels]),
+            "notes": list(self.notes),
+        }
+        return AnalysisResult(kind, document, details, self.family, self.device)
+
+
+def pair_result(paths: list[str], opts: Options, details: list[dict], made: Made) -> AnalysisResult:
     """The pair document from its per-matrix details — of one pass, or of a fanned-out analysis's
     parts concatenated in tensor order (the same sums in the same order: identical numbers)."""
-    taus, tensors = opts.taus, [d["row"] for d in details]
+    (base, target), taus, tensors = paths, opts.taus, [d["row"] for d in details]
     sq_delta, sq_base = sum(d["sq_delta"] for d in details), sum(d["sq_base"] for d in details)
     numel = sum(t["numel"] for t in tensors)
     changed = [sum(t["changed"][i]["count"] for t in tensors) for i in range(len(taus))]
     ranked = [t["rank_pct"] for t in tensors if t["rank_pct"] is not None]
-    document = {
-        "kind": "pair",
-        "base": str(base),
-        "target": str(target),
-        "taus": taus,
-        "mode": "relative" if opts.relative else "absolute",
-        "family": family,
-        "summary": {
-            "numel": numel,
-            "changed": [{"tau": t, "count": c} for t, c in zip(taus, changed)],
-            "sparsity": [
-                {"tau": t, "value": 1 - c / numel if numel else None} for t, c in zip(taus, changed)
-            ],
-            "similarity": {
-                "tau": taus[0],
-                "equal_share": 1 - changed[0] / numel if numel else None,
-                "relative_l2": _ratio(math.sqrt(sq_delta), math.sqrt(sq_base)),
-            },
-            "mean_rank_pct": sum(ranked) / len(ranked) if ranked else None,
-            "min_rank_pct": min(ranked) if ranked else None,
-            "by_block": _group(tensors, "block", taus),
-            "by_matrix": _group(tensors, "matrix", taus),
-            "by_layer": _group(tensors, "layer", taus),
-            "precision": precision.summary(tensors),
-            "geometry": geometry.summary(tensors),
+    summary = {
+        "numel": numel,
+        "changed": [{"tau": t, "count": c} for t, c in zip(taus, changed)],
+        "sparsity": [{"tau": t, "value": 1 - c / numel if numel else None} for t, c in zip(taus, changed)],
+        "similarity": {
+            "tau": taus[0],
+            "equal_share": 1 - changed[0] / numel if numel else None,
+            "relative_l2": _ratio(math.sqrt(sq_delta), math.sqrt(sq_base)),
         },
-        "tensors": tensors,
-        "skipped": skipped,
-        "warnings": warnings_of(tensors, ["base", "target"]),
-        "notes": list(notes or []),
+        "mean_rank_pct": sum(ranked) / len(ranked) if ranked else None,
+        "min_rank_pct": min(ranked) if ranked else None,
+        "by_block": _group(tensors, "block", taus),
+        "by_matrix": _group(tensors, "matrix", taus),
+        "by_layer": _group(tensors, "layer", taus),
+        "precision": precision.summary(tensors),
+        "geometry": geometry.summary(tensors),
     }
-    return AnalysisResult("pair", document, details, family, device)
+    head = {"base": str(base), "target": str(target), "taus": taus}
+    return made.result("pair", opts, details, ["target"], head, {"summary": summary})
 
 
 # ---------------------------------------------------------------------------------------------
 # series and overlap: masks of several checkpoints against one base
 # ---------------------------------------------------------------------------------------------
 def _mask_stream(paths: list[str], opts: Options, series: bool):
-    checkpoints, stream = _open_all(paths, opts)
+    checkpoints, stream = _open_all(paths, opts, fused_ok=fused_masks.AVAILABLE)
     runs = len(paths) - 1
     tau = opts.taus[0]
 
     def make(part, rows, cols, is_2d, numpy):
+        if numpy:
+            return fused_masks.FusedMaskAccumulator(runs, tau, opts.relative, series)
         import torch
 
         from deltalens.worker.kernels import MaskAccumulator
@@ -566,9 +576,48 @@ def _mask_stream(paths: list[str], opts: Options, series: bool):
     return stream, tau, stream.parts(make)
 
 
-def _series_figures(
-    steps: list[list[int]], union: list[int], numel: int, labels: list[str], sq_delta, sq_base, first
-) -> dict:
+# The raw accumulator figures a mask analysis keeps per matrix — what its totals are summed from —
+# each with its value for no weights at all (the shape, given the number of runs).
+TOTALED: dict[str, dict[str, Callable[[int], object]]] = {
+    "series": {
+        "steps": lambda n: [[0, 0]] * n,  # per step: |M_k|, |M_k ∧ ¬M_final|
+        "union": lambda n: [0, 0],  # |∪M|, |∪M ∧ ¬M_final|
+        "sq_delta": lambda n: [0.0] * n,
+        "sq_base": lambda n: 0.0,
+        "first": lambda n: [[0] * (n + 1)] * 2,  # [reverted, kept] x first step changed
+    },
+    "overlap": {"patterns": lambda n: [0] * (1 << n)},  # weights per membership code
+}
+
+
+def _summed(values: list, zero):
+    """Element-wise sum of numbers or equally shaped nested lists, in the order given (from `zero`)."""
+    if isinstance(zero, list):
+        return [_summed([v[i] for v in values], z) for i, z in enumerate(zero)]
+    return sum(values, zero)
+
+
+def _totals(kind: str, details: list[dict], runs: int) -> dict:
+    return {key: _summed([d[key] for d in details], zero(runs)) for key, zero in TOTALED[kind].items()}
+
+
+def _mask_details(
+    kind: str, paths: list[str], opts: Options, figures: Callable[[dict, int], dict]
+) -> tuple[list[dict], _Stream]:
+    """Stream a series or overlap: per matrix its row (part fields, provenance, `figures(result,
+    numel)`) and the raw figures its totals are summed from (JSON-safe: a fan-out's parts carry them)."""
+    stream, _, parts = _mask_stream(paths, opts, series=kind == "series")
+    details = []
+    for part, shape, dtype, r in parts:
+        row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
+        row.update(figures(r, row["numel"]))
+        details.append({"run": 0, "name": part.name, "row": row} | {k: r[k] for k in TOTALED[kind]})
+    return details, stream
+
+
+def _series_figures(r: dict, numel: int, labels: list[str]) -> dict:
+    """Steps and categories of one matrix's raw series figures, or of their totals."""
+    steps, union, sq_delta = r["steps"], r["union"], r["sq_delta"]
     return {
         "steps": [
             {
@@ -576,11 +625,11 @@ def _series_figures(
                 "changed": c,
                 "outside_final": o,
                 "transient_fraction": _ratio(o, c),
-                "relative_l2": _ratio(math.sqrt(d), math.sqrt(sq_base)),
+                "relative_l2": _ratio(math.sqrt(d), math.sqrt(r["sq_base"])),
                 **extra,
             }
             for label, (c, o), d, extra in zip(
-                labels, steps, sq_delta, mask_stats.step_figures(first, sq_delta)
+                labels, steps, sq_delta, mask_stats.step_figures(r["first"], sq_delta)
             )
         ],
         "categories": {"consistent": steps[-1][0], "transient": union[1], "untouched": numel - union[0]},
@@ -590,46 +639,22 @@ def _series_figures(
 def analyze_series(base: str, checkpoints: list[str], opts: Options) -> AnalysisResult:
     if not checkpoints:
         raise InputError(base, "a series needs at least one checkpoint after the base")
-    stream, tau, parts = _mask_stream([base, *checkpoints], opts, series=True)
-    labels = [str(c) for c in checkpoints]
-    runs = len(checkpoints)
-    tensors, details = [], []
-    steps_total, union_total = [[0, 0] for _ in range(runs)], [0, 0]
-    sq_delta_total, sq_base_total = [0.0] * runs, 0.0
-    first_total = [[0] * (runs + 1) for _ in range(2)]
-    for part, shape, dtype, r in parts:
-        row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
-        row.update(
-            _series_figures(
-                r["steps"], r["union"], row["numel"], labels, r["sq_delta"], r["sq_base"], r["first"]
-            )
-        )
-        tensors.append(row)
-        details.append({"run": 0, "name": part.name, "row": row})
-        steps_total = [[a + x, b + y] for (a, b), (x, y) in zip(steps_total, r["steps"])]
-        union_total = [a + x for a, x in zip(union_total, r["union"])]
-        sq_delta_total = [a + x for a, x in zip(sq_delta_total, r["sq_delta"])]
-        sq_base_total += r["sq_base"]
-        first_total = [[a + x for a, x in zip(t, f)] for t, f in zip(first_total, r["first"])]
+    paths, labels = [base, *checkpoints], [str(c) for c in checkpoints]
+    details, stream = _mask_details("series", paths, opts, lambda r, n: _series_figures(r, n, labels))
+    return series_result(paths, opts, details, Made.by(stream))
+
+
+def series_result(paths: list[str], opts: Options, details: list[dict], made: Made) -> AnalysisResult:
+    """The series document from its per-matrix details (one pass, or a fan-out's parts in tensor order)."""
+    labels, tensors = [str(c) for c in paths[1:]], [d["row"] for d in details]
     numel = sum(t["numel"] for t in tensors)
-    document = {
-        "kind": "series",
-        "base": str(base),
-        "checkpoints": labels,
-        "tau": tau,
-        "mode": "relative" if opts.relative else "absolute",
-        "family": stream.family,
+    figures = {
         "numel": numel,
-        **_series_figures(
-            steps_total, union_total, numel, labels, sq_delta_total, sq_base_total, first_total
-        ),
+        **_series_figures(_totals("series", details, len(labels)), numel, labels),
         "transient_heatmap": mask_stats.transient_heatmap(tensors),
-        "tensors": tensors,
-        "skipped": stream.skipped,
-        "warnings": warnings_of(tensors, ["base", *labels]),
-        "notes": stream.notes,
     }
-    return AnalysisResult("series", document, details, stream.family, str(stream.device))
+    head = {"base": str(paths[0]), "checkpoints": labels, "tau": opts.taus[0]}
+    return made.result("series", opts, details, labels, head, figures)
 
 
 def _overlap_figures(patterns: list[int], runs: int, numel: int) -> dict:
@@ -666,41 +691,35 @@ def analyze_overlap(base: str, runs: list[str], opts: Options) -> AnalysisResult
         raise InputError(base, "an overlap needs at least two runs after the base")
     if len(runs) > MAX_OVERLAP_RUNS:
         raise InputError(runs[MAX_OVERLAP_RUNS], f"an overlap compares at most {MAX_OVERLAP_RUNS} runs")
-    stream, tau, parts = _mask_stream([base, *runs], opts, series=False)
-    tensors, details = [], []
-    totals = [0] * (1 << len(runs))
-    for part, shape, dtype, r in parts:
-        row = _part_fields(part, shape, dtype) | stream.provenance(part.source)
-        row.update(_overlap_figures(r["patterns"], len(runs), row["numel"]))
-        row["pairs"] = mask_stats.tensor_pairs(row["pairs"], row["changed"], row["numel"], r["same_sign"])
-        tensors.append(row)
-        details.append({"run": 0, "name": part.name, "row": row, "patterns": r["patterns"]})
-        totals = [a + b for a, b in zip(totals, r["patterns"])]
+
+    def figures(r: dict, numel: int) -> dict:
+        row = _overlap_figures(r["patterns"], len(runs), numel)
+        row["pairs"] = mask_stats.tensor_pairs(row["pairs"], row["changed"], numel, r["same_sign"])
+        return row
+
+    paths = [base, *runs]
+    details, stream = _mask_details("overlap", paths, opts, figures)
+    return overlap_result(paths, opts, details, Made.by(stream))
+
+
+def overlap_result(paths: list[str], opts: Options, details: list[dict], made: Made) -> AnalysisResult:
+    """The overlap document from its per-matrix details (one pass, or a fan-out's parts in tensor order)."""
+    labels, tensors = [str(r) for r in paths[1:]], [d["row"] for d in details]
+    runs = len(labels)
+    totals = _totals("overlap", details, runs)["patterns"]
     numel = sum(t["numel"] for t in tensors)
-    summary = _overlap_figures(totals, len(runs), numel)
+    summary = _overlap_figures(totals, runs, numel)
     stats = mask_stats.summed_pairs(tensors, summary["changed"], numel)
     summary["pairs"] = [p | s for p, s in zip(summary["pairs"], stats)]
-    summary["upset"] = mask_stats.upset(totals, len(runs))
-    summary.update(
-        {f"by_{key}": mask_stats.grouped(tensors, key, len(runs)) for key in mask_stats.GROUP_KEYS}
-    )
-    document = {
-        "kind": "overlap",
-        "base": str(base),
-        "runs": [str(r) for r in runs],
-        "tau": tau,
-        "mode": "relative" if opts.relative else "absolute",
-        "family": stream.family,
-        "summary": summary,
-        "tensors": tensors,
-        "skipped": stream.skipped,
-        "warnings": warnings_of(tensors, ["base", *[str(r) for r in runs]]),
-        "notes": stream.notes,
-    }
-    return AnalysisResult("overlap", document, details, stream.family, str(stream.device))
+    summary["upset"] = mask_stats.upset(totals, runs)
+    summary.update({f"by_{key}": mask_stats.grouped(tensors, key, runs) for key in mask_stats.GROUP_KEYS})
+    head = {"base": str(paths[0]), "runs": labels, "tau": opts.taus[0]}
+    return made.result("overlap", opts, details, labels, head, {"summary": summary})
 
 
 ANALYSES = {"pair": analyze_pair, "series": analyze_series, "overlap": analyze_overlap}
+# kind -> its document from per-matrix details: what the merge of a fanned-out analysis calls
+RESULTS = {"pair": pair_result, "series": series_result, "overlap": overlap_result}
 
 
 def run_analysis(kind: str, paths: list[str], opts: Options) -> AnalysisResult:

@@ -8,7 +8,7 @@ from celery import Celery
 from deltalens.worker.settings import Settings, get_settings
 
 ANALYSIS_TASK = "deltalens.run_analysis"
-PART_TASK = "deltalens.run_part"  # one shard group of a fanned-out pair analysis
+PART_TASK = "deltalens.run_part"  # one shard group of a fanned-out analysis (pair, series, overlap)
 MERGE_TASK = "deltalens.merge_parts"  # the chord's callback: parts -> one published artifact
 MASK_TASK = "deltalens.export_mask"  # one update-mask file of a finished analysis
 

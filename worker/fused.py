@@ -87,6 +87,19 @@ def _ptr(array: np.ndarray, offset_items: int = 0) -> int:
     return array.ctypes.data + offset_items * array.itemsize
 
 
+def _continues(run: list, base: np.ndarray, target: np.ndarray, row0: int) -> bool:
+    """Whether chunks base, target (contiguous) are the rows right after the pending run's, in memory too."""
+    first_b, first_t, first_row, rows, _ = run
+    step = first_b.shape[1] * first_b.itemsize
+    return (
+        base.dtype == first_b.dtype
+        and base.shape[1] == first_b.shape[1]
+        and row0 == first_row + rows
+        and base.ctypes.data == first_b.ctypes.data + rows * step
+        and target.ctypes.data == first_t.ctypes.data + rows * step
+    )
+
+
 class FusedPairAccumulator:
     """`pair` figures for one matrix from NumPy row chunks (same record as kernels.PairAccumulator)."""
 
@@ -117,14 +130,39 @@ class FusedPairAccumulator:
         self.spectrum = Spectrum(rows, cols, np) if matrix_2d and want_rank else None
         if self.map is None:  # the kernel still wants map buffers; give it small ones it never touches
             self._sink = np.zeros((parts, max(cols, 1)), np.int64)
+        # [base, target, row0, rows, chunks]: rows from base's first row on, not run yet
+        self._pending: list | None = None
 
     def add(self, base: np.ndarray, runs: list[np.ndarray], row0: int, grid_row: int = 0) -> None:
+        """The next rows (row0..). A chunk that continues the last one in memory (the next rows of
+        one array, as the reader cuts a matrix) joins it: the kernel runs once per such run, at the
+        first chunk that does not continue it or at result(), on halves of the whole run instead of
+        on halves of every chunk, with one wait instead of one per chunk."""
         target = runs[0]
         if base.dtype == np.float16:  # no float16 in the kernel; widening to float32 is exact
+            self._flush()
             base, target = base.astype(np.float32), target.astype(np.float32)
         base, target = np.ascontiguousarray(base), np.ascontiguousarray(target)
-        rows, cols = base.shape
-        kind = _KINDS[base.dtype]
+        if self.spectrum is not None:
+            self.spectrum.add_pair(base, target)
+        run = self._pending
+        if run is not None and not _continues(run, base, target, row0):
+            self._flush()
+            run = None
+        if run is None:
+            self._pending = run = [base, target, row0, 0, []]
+        run[3] += base.shape[0]
+        run[4].append((base, target))  # alive until the run is done
+        if base.base is None or target.base is None:  # a copy: run now rather than hold every copy
+            self._flush()
+
+    def _flush(self) -> None:
+        """Runs the kernel on the pending run of rows, on THREADS threads, and waits for it."""
+        if self._pending is None:
+            return
+        base, target, row0, rows, _ = self._pending
+        self._pending = None
+        cols, kind = base.shape[1], _KINDS[base.dtype]
         m = self.map
         parts = len(self.max_abs) if rows * cols >= _MIN_PARALLEL else 1
         bounds = [p * rows // parts for p in range(parts + 1)]
@@ -161,10 +199,9 @@ class FusedPairAccumulator:
             )
 
         _run_parallel([call(p) for p in range(parts) if bounds[p + 1] > bounds[p]])
-        if self.spectrum is not None:
-            self.spectrum.add_pair(base, target)
 
     def result(self) -> dict:
+        self._flush()
         changed = self.changed.sum(0)
         return pair_result(
             self.hist[0].sum(0),

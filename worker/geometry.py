@@ -12,122 +12,166 @@ Per 2-D matrix of a pair, computed while the pair pass holds the matrix in memor
 * enrichment of the update mask M (first τ, the analysis's mode: the counts' rule) in the top p % of
   |W₀| and of |W₀'s rank-PRINCIPAL_K reconstruction|: observed |M ∧ P|, expected |M|·|P|/N, ratio.
 
-torch is imported on first use (the fused CPU path and the backend import this module without it).
-All in float64 torch on the analysis's device. Singular triplets come from the eigendecomposition of
-the short side's Gram matrix when min(m, n) ≤ EXACT_MAX (vectors accurate to ε·σ₁²/gap, the route the
-rank takes), else from a seeded randomized subspace iteration on the short side (OVERSAMPLE extra
-columns; POWER_ITERS steps from a random start for W₀, WARM_ITERS from W₀'s top vectors for W₁, which
-an update moves little), whose top-q subspaces agree with the exact ones to ~1e-10 when the spectrum
-has a gap after q (tests/test_geometry.py checks it against NumPy's SVD). The iteration costs
-2·steps + 1 products with the matrix, about as many flops as the rank's Gram (bench/rank.py).
-A subspace is only defined up to ties: when σ_k(W₀) = σ_{k+1}(W₀) any basis of the tie is as good.
+Float64 throughout the figures: in NumPy on the CPU (the rank's BLAS and thread pool; torch's float64
+GEMM ran 1.7× slower on the development box), in torch on a CUDA device (imported on first use).
+Singular triplets come from the eigendecomposition of the short side's Gram matrix when
+min(m, n) ≤ EXACT_MAX (vectors accurate to ε·σ₁²/gap, the route the rank takes), else from a seeded
+randomized subspace iteration on the short side (OVERSAMPLE extra columns; POWER_ITERS steps from a
+random start for W₀, the first POWER_ITERS32 of them in float32, which only has to find the
+subspace the float64 step then sharpens; WARM_ITERS from W₀'s top vectors for W₁, which an update
+moves little), closed by a float64 Rayleigh–Ritz step. Their top-q subspaces agree with the exact
+ones to ~1e-10 when the spectrum has a gap after q (tests/test_geometry.py checks it against NumPy's
+SVD). W₁'s first step reuses W₀'s: W₁·V₀ = W₀·V₀ + ΔW·V₀, where W₀·V₀ is the Rayleigh–Ritz image
+and ΔW·V₀ the projection the energy shares need anyway. A subspace is only defined up to ties:
+when σ_k(W₀) = σ_{k+1}(W₀) any basis of the tie is as good.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from deltalens.worker.contract import MATRIX_TYPES
-
-if TYPE_CHECKING:
-    import torch
+from deltalens.worker.metrics import as_float32
 
 KS = (1, 8, 32)
 PRINCIPAL_K = 8  # rank of W₀'s reconstruction whose largest entries are the "principal weights"
 PERCENTS = (1, 10)  # top-p % selections of the enrichment
 MATCH = 0.5  # |cosine| above which a singular vector of W₁ matches one of W₀
 EXACT_MAX = 384  # min(m, n) up to which the SVD is exact
-OVERSAMPLE, POWER_ITERS, WARM_ITERS = 16, 3, 1
+OVERSAMPLE, POWER_ITERS, POWER_ITERS32, WARM_ITERS = 16, 3, 2, 1
+SAMPLE = 1 << 14  # values sampled to bound the top-p % thresholds
 MAX_NUMEL = 1 << 27  # larger matrices get {"skipped": ...}: ~5 float64 copies would not fit comfortably
 
 
-def float64(m, segments) -> torch.Tensor:
-    """A part's 2-D view (NumPy, bf16 as uint16 bits, or torch on any device) as one float64 tensor
-    of the rows the counts read (torch converts bf16 in one pass)."""
+def _xp(x):
+    """x's array module: NumPy, or torch for a (CUDA) tensor."""
+    if isinstance(x, np.ndarray):
+        return np
     import torch
 
+    return torch
+
+
+def _host(x) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+
+
+def float64(m, segments):
+    """A part's 2-D view (NumPy, bf16 as uint16 bits, or torch on any device) as one float64 array
+    of the rows the counts read: NumPy unless the view is on a CUDA device."""
     pieces = [m[s:e] for s, e in segments]
     if isinstance(m, np.ndarray):
-        bf16 = m.dtype == np.uint16
-        pieces = [torch.from_numpy(p.view(np.int16) if bf16 else p) for p in pieces]
-        pieces = [p.view(torch.bfloat16) if bf16 else p for p in pieces]
-    wide = [p.to(torch.float64) for p in pieces]
-    return torch.cat(wide) if len(wide) > 1 else wide[0]
+        wide = [as_float32(p).astype(np.float64) for p in pieces]
+        return np.concatenate(wide) if len(wide) > 1 else wide[0]
+    import torch
+
+    out = torch.cat(pieces).to(torch.float64) if len(pieces) > 1 else pieces[0].to(torch.float64)
+    return out if out.is_cuda else out.numpy()
 
 
-def _orth(a: torch.Tensor) -> torch.Tensor:
+def _orth(a):
     """An orthonormal basis of a's columns, each column's direction kept (Q of QR, signs of R's diagonal)."""
+    q, r = _xp(a).linalg.qr(a)
+    return q * _xp(a).where(r.diagonal() < 0, -1.0, 1.0)
+
+
+def _gram_svd(b, q: int):
+    """Thin SVD of long × short b from eigh of its Gram: BLAS-3 and a small eigenproblem instead of
+    a bidiagonalisation. (top-q long vectors, every σ descending, every short vector, b·short)."""
+    xp = _xp(b)
+    lam, w = (xp.flip(x, (-1,)) for x in xp.linalg.eigh(b.T @ b))
+    image = b @ w  # = long·σ, re-orthonormalised where σ ≈ 0
+    return _orth(image[:, :q]), xp.sqrt(xp.clip(lam, 0, None)), w, image
+
+
+def _cast(a, dtype: str):
+    """a in float32 or float64, on its device."""
+    if isinstance(a, np.ndarray):
+        return a.astype(dtype)
     import torch
 
-    q, r = torch.linalg.qr(a)
-    return q * torch.where(r.diagonal() < 0, -1.0, 1.0)
+    return a.to(getattr(torch, dtype))
 
 
-def _gram_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD (U, σ descending, V) of a from eigh of its short side's Gram: BLAS-3 and a small
-    eigenproblem instead of a bidiagonalisation; the long side is a's image of the short one."""
-    import torch
-
-    tall = a.shape[0] >= a.shape[1]
-    b = a if tall else a.T  # long × short
-    lam, w = (x.flip(-1) for x in torch.linalg.eigh(b.T @ b))
-    other = _orth(b @ w)  # = U·σ, re-orthonormalised where σ ≈ 0
-    sigma = lam.clamp_min(0).sqrt()
-    return (other, sigma, w) if tall else (w, sigma, other)
+def _like(x: np.ndarray, ref):
+    """NumPy x as an array of ref's kind, on ref's device."""
+    return x if isinstance(ref, np.ndarray) else _xp(ref).asarray(x, device=ref.device)
 
 
-def top_svd(
-    a: torch.Tensor, q: int, start: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+def _top(b, q: int, start=None):
+    """The top q singular triplets of long × short b (long vectors, σ, short vectors with the
+    oversampled rest, b·short, method). start: (short basis S, b·S) near b's top short subspace;
+    S's columns past q are its oversampling."""
+    r = b.shape[1]
+    if r <= EXACT_MAX:
+        return (*_gram_svd(b, q), "exact")
+    if start is None:
+        omega = np.random.default_rng(0).standard_normal((r, min(r, q + OVERSAMPLE)))
+        basis = _orth(_like(omega, b))
+        b32 = _cast(b, "float32") if POWER_ITERS32 else None  # exact for bf16, f16 and f32 weights
+        for _ in range(POWER_ITERS32):
+            basis = _orth(_cast(b32.T @ (b32 @ _cast(basis, "float32")), "float64"))
+        del b32
+        steps = POWER_ITERS - POWER_ITERS32
+    else:
+        basis = _orth(b.T @ start[1])  # b's first step from S (all its columns): bᵀ(b·S)
+        steps = WARM_ITERS - 1
+    for _ in range(steps):
+        basis = _orth(b.T @ (b @ basis))
+    long, s, w, image = _gram_svd(b @ basis, q)  # Rayleigh–Ritz: b ≈ long·diag(s)·(basis·w)ᵀ
+    return long, s, basis @ w, image, "randomized"
+
+
+def top_svd(a, q: int, start=None):
     """The top-q singular triplets (U m×q, σ, V n×q) of a and how they were found. start: another
     matrix's (U, V) of a's shape near which a's top subspaces lie (W₀'s for W₁): fewer steps."""
-    import torch
-
-    r = min(a.shape)
-    q = min(q, r)
-    if r <= EXACT_MAX:
-        u, s, v = _gram_svd(a)
-        return u[:, :q], s[:q], v[:, :q], "exact"
     tall = a.shape[0] >= a.shape[1]
     b = a if tall else a.T  # iterate on the short side: QR of short × l only
-    given = (start[1] if tall else start[0])[:, : min(r, q + OVERSAMPLE)] if start else b.new_empty((r, 0))
-    gen = torch.Generator(device=a.device).manual_seed(0)
-    extra = min(r, q + OVERSAMPLE) - given.shape[1]
-    omega = torch.randn(r, extra, generator=gen, dtype=a.dtype, device=a.device)
-    basis = _orth(torch.cat([given, omega], 1))
-    for _ in range(WARM_ITERS if start else POWER_ITERS):
-        basis = _orth(b.T @ (b @ basis))
-    image, s, w = _gram_svd(b @ basis)  # Rayleigh–Ritz: b ≈ image·diag(s)·(basis·w)ᵀ
-    long, short = image[:, :q], (basis @ w)[:, :q]
-    return (long, s[:q], short, "randomized") if tall else (short, s[:q], long, "randomized")
+    if start is not None:
+        basis = start[1] if tall else start[0]
+        start = (basis, b @ basis)
+    long, s, short, _, method = _top(b, min(q, min(a.shape)), start)
+    q = long.shape[1]
+    return (long, s[:q], short[:, :q], method) if tall else (short[:, :q], s[:q], long, method)
 
 
-def _tops(values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Per PERCENTS p: the top p % of flat `values`: K = ⌈N·p/100⌉ entries — every value above the
-    K-th largest, then the values equal to it in row-major order (lowest index first) until there are
-    K. One np.partition finds every K-th largest at once."""
-    import torch
-
-    n = values.numel()
+def _selections(values: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """Per PERCENTS p: the flat indices of the top p % of flat `values`, K = ⌈N·p/100⌉ of them —
+    every value above the K-th largest, then the values equal to it in row-major order (lowest index
+    first) until there are K — and K. Worked out on the candidates only (_candidates)."""
+    n = len(values)
     ks = [-(-n * p // 100) for p in PERCENTS]
-    part = np.partition(values.cpu().numpy(), [n - k for k in ks])
+    at = _candidates(values, max(ks))
+    picked = values[at]
+    part = np.partition(picked, [len(picked) - k for k in ks])
     out = []
     for k in ks:
-        above = values > float(part[n - k])
-        ties = torch.nonzero(values == float(part[n - k])).flatten()[: k - _count(above)]
-        out.append((above, ties, k))
+        kth = part[len(picked) - k]
+        above = picked > kth
+        ties = np.flatnonzero(picked == kth)[: k - np.count_nonzero(above)]
+        out.append((np.concatenate([at[above], at[ties]]), k))
     return out
 
 
-def _enrichment(mask: torch.Tensor, changed: int, values: torch.Tensor) -> list[dict]:
+def _candidates(values: np.ndarray, most: int) -> np.ndarray:
+    """Ascending flat indices of every value at or above a bound that a strided sample puts below
+    the `most`-th largest (all indices when the sample misleads): with at least `most` of them, every
+    k-th largest (k ≤ most) and all values above it are among them. Needs no NaN."""
+    n = len(values)
+    sample = values[:: max(1, n // SAMPLE)]
+    rank = min(len(sample), int(most / n * len(sample) * 1.25) + 32)  # the bound sits well below
+    at = np.flatnonzero(values >= np.partition(sample, len(sample) - rank)[len(sample) - rank])
+    return at if len(at) >= most else np.arange(n)
+
+
+def _enrichment(mask: np.ndarray, changed: int, values) -> list[dict]:
     out = []
-    for percent, (above, ties, k) in zip(PERCENTS, _tops(values)):
-        observed = _count(mask & above) + _count(mask[ties])
-        expected = changed * k / mask.numel()
+    for percent, (selected, k) in zip(PERCENTS, _selections(_host(values))):
+        observed = int(np.count_nonzero(mask[selected]))
+        expected = changed * k / len(mask)
         out.append(
             dict(
                 percent=percent,
@@ -140,74 +184,77 @@ def _enrichment(mask: torch.Tensor, changed: int, values: torch.Tensor) -> list[
     return out
 
 
-def _count(x: torch.Tensor) -> int:
-    """True entries of a bool tensor (count_nonzero: no int64 copy as .sum() makes)."""
-    import torch
-
-    return int(torch.count_nonzero(x))
+def _count(x) -> int:
+    """True entries of a bool array (count_nonzero: no int64 copy as .sum() makes)."""
+    return int(_xp(x).count_nonzero(x))
 
 
-def _angles(a: torch.Tensor, b: torch.Tensor, ks: list[int]) -> tuple[list[float], list[float]]:
+def _angles(a, b, ks: list[int]) -> tuple[list[float], list[float]]:
     """Per k: the largest principal angle (degrees) and the mean cos² between span a[:, :k] and b[:, :k]."""
-    import torch
-
     worst, mean = [], []
     for k in ks:
-        cos = torch.linalg.svdvals(a[:, :k].T @ b[:, :k]).clamp(0, 1)
-        worst.append(math.degrees(math.acos(cos.min().item())))
-        mean.append(cos.square().mean().item())
+        cos = np.linalg.svd(_host(a[:, :k].T @ b[:, :k]), compute_uv=False).clip(0, 1)
+        worst.append(math.degrees(math.acos(cos.min())))
+        mean.append(float(np.square(cos).mean()))
     return worst, mean
 
 
-def _share(parts: torch.Tensor, sq: float) -> list[float] | None:
-    return (parts / sq).tolist() if sq else None
+def _share(parts, sq: float) -> list[float] | None:
+    return (_host(parts) / sq).tolist() if sq else None
 
 
-def geometry(
-    w0: torch.Tensor, w1: torch.Tensor, tau: float, relative: bool, sigma1: float | None = None
-) -> dict:
-    """The figures of one matrix (see the module doc). sigma1: σ₁(ΔW) when already known exactly
-    (the rank pass's spectrum), else computed here."""
-    import torch
-
+def geometry(w0, w1, tau: float, relative: bool, sigma1: float | None = None) -> dict:
+    """The figures of one matrix (see the module doc), from float64 W₀ and W₁ (NumPy or torch).
+    sigma1: σ₁(ΔW) when already known exactly (the rank pass's spectrum), else computed here."""
     m, n = w0.shape
     if m * n > MAX_NUMEL:
         return {"skipped": f"larger than {MAX_NUMEL} elements"}
     r = min(m, n)
     ks = sorted({min(k, r) for k in KS})
-    top = ks[-1]
+    top, at = ks[-1], [k - 1 for k in ks]
+    tall = m >= n  # work on long × short views b: the short side's Gram and bases
     delta = w1 - w0
-    sq = float(delta.square().sum())
-    u0, s0, v0, method = top_svd(w0, 2 * top)
-    u1, s1, v1, _ = top_svd(w1, 2 * top, (u0, v0))  # as many as W₀'s, from W₀'s: they move little
-    left = u0[:, :top].T @ delta  # top × n
-    right = delta @ v0[:, :top]  # m × top
-    both = left @ v0[:, :top]
-    at = torch.tensor([k - 1 for k in ks], device=delta.device)
+    flat = delta.ravel()
+    sq = float(flat @ flat)
+    b0, b1, d = (x if tall else x.T for x in (w0, w1, delta))
+    long0, s0, short0, image0, method = _top(b0, 2 * top)
+    cols = min(r, 2 * top + OVERSAMPLE)
+    onto_short = d @ short0[:, :cols]  # ΔW on W₀'s short-side vectors: energies and W₁'s first step
+    long1, s1, short1, _, _ = _top(b1, top, (short0[:, :cols], image0[:, :cols] + onto_short))
+    onto_long = long0[:, :top].T @ d  # top × short
+    both = onto_long @ short0[:, :top]
+    short_sq = (onto_short[:, :top] ** 2).sum(0).cumsum(0)[at]
+    long_sq = (onto_long**2).sum(1).cumsum(0)[at]
+    pairs = ((long0, short0), (long1, short1))
+    (u0, v0), (u1, v1) = ((lng, sht) if tall else (sht, lng) for lng, sht in pairs)  # W's left, right
     if sigma1 is None and sq:
         sigma1 = float(top_svd(delta, 1)[1][0])
     left_deg, left_cos2 = _angles(u0, u1, ks)
     right_deg, right_cos2 = _angles(v0, v1, ks)
-    cosines = (u1[:, :top].T @ u0).abs()  # W₁'s top vectors × W₀'s top 2·top
-    intruders = [torch.nonzero(cosines[:k, : min(2 * k, r)].amax(1) <= MATCH).flatten().tolist() for k in ks]
-    a = delta.abs()
-    mask = (a > tau * w0.abs()) if relative else (a > tau)
+    cosines = abs(_host(u1[:, :top].T @ u0[:, : min(2 * top, r)]))  # W₁'s top vectors × W₀'s top 2·top
+    intruders = [np.flatnonzero(cosines[:k, : min(2 * k, r)].max(1) <= MATCH).tolist() for k in ks]
+    xp = _xp(delta)
+    spent = xp.abs(delta, out=delta)  # ΔW's buffer from here on: |ΔW|, then |W₀|, then principal weights
+    size = abs(w0) if relative else None
+    mask = _host((spent > tau * size if relative else spent > tau).ravel())
     changed = _count(mask)
+    magnitude = _enrichment(mask, changed, (xp.abs(w0, out=spent) if size is None else size).ravel())
     kp = min(PRINCIPAL_K, r)
-    principal = ((u0[:, :kp] * s0[:kp]) @ v0[:, :kp].T).abs().flatten()
+    principal = xp.abs(xp.matmul(u0[:, :kp] * s0[:kp], v0[:, :kp].T, out=spent), out=spent).ravel()
+    s0, s1 = _host(s0[:top]).tolist(), _host(s1[:top]).tolist()
     return dict(
         k=ks,
         method=method,
-        energy_in_topk=_share(torch.stack([both[:k, :k].square().sum() for k in ks]), sq),
-        left_in_topk=_share(left.square().sum(1).cumsum(0)[at], sq),
-        right_in_topk=_share(right.square().sum(0).cumsum(0)[at], sq),
+        energy_in_topk=_share(np.array([float((both[:k, :k] ** 2).sum()) for k in ks]), sq),
+        left_in_topk=_share(long_sq if tall else short_sq, sq),
+        right_in_topk=_share(short_sq if tall else long_sq, sq),
         angles=dict(
             left_max_deg=left_deg,
             left_mean_cos2=left_cos2,
             right_max_deg=right_deg,
             right_mean_cos2=right_cos2,
         ),
-        drift=[b / a if a else None for a, b in zip(s0[:top].tolist(), s1[:top].tolist())],
+        drift=[b / a if a else None for a, b in zip(s0, s1)],
         rank1_dominance=sigma1**2 / sq if sq else None,
         intruders=dict(count=[len(i) for i in intruders], indices=intruders, threshold=MATCH),
         enrichment=dict(
@@ -215,9 +262,9 @@ def geometry(
             mode="relative" if relative else "absolute",
             numel=m * n,
             changed=changed,
-            magnitude=_enrichment(mask.flatten(), changed, w0.abs().flatten()),
+            magnitude=magnitude,
             principal_k=kp,
-            principal=_enrichment(mask.flatten(), changed, principal),
+            principal=_enrichment(mask, changed, principal),
         ),
     )
 

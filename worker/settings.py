@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     )
     fanout: int = Field(
         0,
-        description="split a pair analysis of a sharded checkpoint into up to this many tasks "
+        description="split an analysis (pair, series, overlap) of a sharded base into up to this many tasks "
         "(shard groups) for several workers, merged by a chord; 0 or 1: one task",
     )
     device: str = Field("auto", description="analysis device for workers: auto | cpu | cuda")

@@ -229,8 +229,9 @@ def run_part_task(
     rank: bool = True,
     pins: list[dict | None] | None = None,
     geometry: bool = True,
+    kind: str = "pair",  # last, with a default: parts queued before series and overlap fanned out
 ) -> dict:
-    """One shard group of a pair analysis: its per-matrix details, in results/<id>.parts/<part>.json."""
+    """One shard group of an analysis: its per-matrix details, in results/<id>.parts/<part>.json."""
     out = parts_folder(analysis_id) / f"{part}.json"
     if out.exists():
         return {"status": "done", "part": part}
@@ -259,7 +260,7 @@ def run_part_task(
         **_run(
             self,
             analysis_id,
-            "pair",
+            kind,
             paths,
             _options(taus, relative, rank, names, part == 0, geometry),
             publish,
@@ -279,10 +280,11 @@ def merge_parts_task(
     rank: bool = True,
     pins: list[dict | None] | None = None,
     geometry: bool = True,
+    kind: str = "pair",
 ) -> dict:
     """Chord callback: the parts' details in tensor order -> the same artifact one worker would publish."""
     from deltalens.worker import adapters
-    from deltalens.worker.analyses import pair_result
+    from deltalens.worker.analyses import RESULTS, Made
     from deltalens.worker.checkpoint import open_checkpoints
     from deltalens.worker.store import write_artifact
 
@@ -305,17 +307,11 @@ def merge_parts_task(
                 (d for p in parts for d in p["details"]),
                 key=lambda d: order.get(d["row"]["source"], len(order)),
             )
-            result = pair_result(
-                paths[0],
-                paths[1],
-                opts,
-                details,
-                parts[0]["skipped"],
-                parts[0]["family"],
-                parts[0]["device"],
-                notes=parts[0].get("notes"),
-            )
-            adapters.annotate(result.document, checkpoints, opts.taus, opts.relative)
+            first = parts[0]
+            made = Made(first["skipped"], first["family"], first["device"], first.get("notes") or [])
+            result = RESULTS[kind](paths, opts, details, made)
+            if kind == "pair":  # exact ΔW of LoRA inputs, as analyze_pair adds them
+                adapters.annotate(result.document, checkpoints, opts.taus, opts.relative)
     except InputError as e:
         return input_failure(e)
     write_artifact(result, artifact, analysis_id)

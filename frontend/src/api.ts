@@ -43,15 +43,17 @@ async function request<T>(method: string, path: string, body?: unknown, raw?: Bo
   return response.status === 204 ? (undefined as T) : ((await response.json()) as T);
 }
 
-/** GETs started before the code that reads them has loaded (main.ts: an analysis' status while its
- * view's chunk loads): the next get() of the path takes it; the next getAhead() drops any not taken. */
+/** GETs started before the code that reads them has loaded (main.ts: an analysis' status, and the
+ * overview's data, while its view's chunk loads): the next get() of a path takes it; the next getAhead()
+ * drops any not taken. */
 const ahead = new Map<string, Promise<unknown>>();
-export function getAhead(path: string | null): void {
+export function getAhead(paths: string[]): void {
   ahead.clear();
-  if (path === null) return;
-  const response = request("GET", path);
-  response.catch(() => undefined); // its reader sees the error
-  ahead.set(path, response);
+  for (const path of paths) {
+    const response = request("GET", path);
+    response.catch(() => undefined); // its reader sees the error
+    ahead.set(path, response);
+  }
 }
 
 export function get<T>(path: string): Promise<T> {

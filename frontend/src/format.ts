@@ -2,11 +2,14 @@
 
 export const pct = (x: number | null | undefined, digits = 2) =>
   x === null || x === undefined ? "–" : `${(100 * x).toFixed(digits)}%`;
-/** One formatter for every count: `n.toLocaleString("en-US")` builds one per call (slow on a heatmap's
- * hover texts), same output. */
-const EN = new Intl.NumberFormat("en-US");
-/** A count with thousands separators: 1,234,567. */
-export const count = (n: number) => EN.format(n);
+/** One formatter for every count that is not a whole number: `n.toLocaleString("en-US")` builds one per
+ * call (slow on a heatmap's hover texts), same output. Made on first use: a page's first costs ~20 ms. */
+let en: Intl.NumberFormat | undefined;
+/** A count with thousands separators: 1,234,567 (whole numbers without Intl, as it writes them). */
+export const count = (n: number) =>
+  Number.isSafeInteger(n)
+    ? String(n).replace(/\B(?=(\d{3})+$)/g, ",")
+    : (en ??= new Intl.NumberFormat("en-US")).format(n);
 export const int = (x: number | null | undefined) =>
   x === null || x === undefined ? "–" : count(Math.round(x));
 export const sci = (x: number) => (x === 0 ? "0" : x.toExponential(2));

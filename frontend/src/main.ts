@@ -4,6 +4,7 @@ import { getAhead, post, type LinkIn, type LinkOut } from "./api";
 import type { Context, Renderer } from "./context";
 import { h } from "./dom";
 import { watchDemo } from "./demo";
+import { overviewPaths } from "./prefetch";
 import { format, parse, type View, type ViewState } from "./state";
 import { toast } from "./toast";
 
@@ -21,9 +22,16 @@ const VIEWS: Record<View, () => Promise<Renderer>> = {
 
 /** Views that start from their analysis' status (views/analysis.ts): asked for with the view's code. */
 const FROM_STATUS = new Set<View>(["overview", "series", "overlap"]);
-/** Views that plot: Plotly's chunk (src/plotly.ts, the largest) is asked for with the view's code too,
- * not once that code has loaded. */
-const PLOTS = new Set<View>(["overview", "series", "overlap", "tensor", "compare"]);
+/** Views that plot without a quick heatmap first (plot.ts): Plotly (src/plotly.ts, the largest chunk,
+ * preloaded by index.html) starts with the view's code, not once that code has loaded. The overview
+ * starts it once its heatmap has been painted. */
+const PLOTS = new Set<View>(["series", "overlap", "tensor", "compare"]);
+
+/** The requests a view starts with, asked for with its code. */
+function requestsAhead(state: ViewState): string[] {
+  const status = FROM_STATUS.has(state.view) ? [`/api/analyses/${state.analysis}`] : [];
+  return state.view === "overview" ? [...status, ...Object.values(overviewPaths(state))] : status;
+}
 
 const root = document.getElementById("app")!;
 let generation = 0;
@@ -43,9 +51,10 @@ function render(): void {
   const remember = (next: ViewState) => history.replaceState(null, "", format(next));
   const ctx: Context = { state, root, navigate, remember, alive: () => mine === generation };
   root.replaceChildren();
-  getAhead(FROM_STATUS.has(state.view) ? `/api/analyses/${state.analysis}` : null);
+  const loading = VIEWS[state.view](); // first: its chunks before the requests on the browser's 6 connections
+  getAhead(requestsAhead(state));
   if (PLOTS.has(state.view)) import("./plotly").catch(() => undefined); // plot.ts reports a failure
-  VIEWS[state.view]()
+  loading
     .then((view) => (ctx.alive() ? view(ctx) : undefined)) // not if the user moved on meanwhile
     .catch((e: Error) => {
       if (ctx.alive())

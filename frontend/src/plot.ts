@@ -3,23 +3,37 @@
 import type { Figure } from "./charts";
 import { h } from "./dom";
 import { csvButton, fileName, heatmapCsv } from "./export";
+import { quickHeatmap, quickable } from "./quickheatmap";
 
-/** Plotly (src/plotly.ts) is a chunk of its own: asked for as soon as a view that plots is loaded, so it
- * downloads and compiles while that view's API requests are in flight. */
-const plotly = import("./plotly").then((m) => m.default);
+/** Plotly (src/plotly.ts) is a chunk of its own, fetched and compiled with the page (index.html preloads
+ * it) and started on the first draw, or by main.ts with the code of a view that plots. A heatmap it can
+ * draw (quickheatmap.ts) shows at once instead, and Plotly starts once that has been painted. */
+let Plotly: any = null; // once started
+let starting: Promise<any> | null = null;
+const startPlotly = () => (starting ??= import("./plotly").then((m) => (Plotly = m.default)));
 
 /** Figures draw one per task, in the order asked for: the first (a view's main chart) shows before the
  * next is laid out, and the page answers input while a view with many charts fills in. A failed draw
- * (a Plotly that failed to load too) is reported (window "error") without stopping the ones after it. */
+ * (a Plotly that failed to load too) is reported (window "error") without stopping the ones after it.
+ * `painted`: Plotly (long to start) waits for the page to be painted first. */
 let queue: Promise<unknown> = Promise.resolve();
-function draw(step: (Plotly: any) => unknown): void {
+function draw(step: (Plotly: any) => unknown, painted = false): void {
   queue = queue.then(async () => {
     try {
-      await step(await plotly);
+      if (painted && !Plotly) await afterPaint();
+      await step(await startPlotly());
     } catch (e) {
       reportError(e);
     }
     await nextTask();
+  });
+}
+
+/** After the next frame is painted (or 200 ms: a hidden page paints none). */
+function afterPaint(): Promise<void> {
+  return new Promise((resolve) => {
+    requestAnimationFrame(() => void nextTask().then(resolve));
+    setTimeout(resolve, 200);
   });
 }
 
@@ -68,11 +82,17 @@ function config(Plotly: any, label: string): object {
   };
 }
 
+/** A chart's click handler, for its quick heatmap redrawn before Plotly's. */
+const clicks = new WeakMap<HTMLElement, (point: any) => void>();
+
+/** Draw `fig` into a new chart in `container`. `quick`: a view's first chart, drawn at once by
+ * quickheatmap.ts (when it can and Plotly has not started yet) until Plotly's replaces it. */
 export function plotInto(
   container: HTMLElement,
   fig: Figure,
   label: string,
   onClick?: (point: any) => void,
+  quick = false,
 ): HTMLElement {
   const el = h("div", { class: "plot", role: "img", "aria-label": label });
   if (fig.data[0]?.type === "heatmap") {
@@ -82,15 +102,27 @@ export function plotInto(
   }
   container.append(el);
   const layout = themed(fig.layout);
+  // until Plotly has started: the quick heatmap, over the place Plotly will fill
+  const drawn = quick && !Plotly && quickable(fig) && el.clientWidth > 0; // laid out: not hidden
+  if (onClick) clicks.set(el, onClick);
+  if (drawn) {
+    el.style.minHeight = `${layout.height}px`;
+    el.append(quickHeatmap({ ...fig, layout }, el.clientWidth, onClick));
+  }
   draw(async (Plotly) => {
     await Plotly.newPlot(el, fig.data, layout, config(Plotly, label));
+    el.querySelector(".quick-heatmap")?.remove(); // the first, or the one replot() drew over it
+    el.style.minHeight = "";
     if (onClick) (el as any).on("plotly_click", (e: any) => e.points?.[0] && onClick(e.points[0]));
-  });
+  }, drawn);
   return el;
 }
 
 /** Redraw with new data, after the figure's first draw. */
 export function replot(el: HTMLElement, fig: Figure): void {
   const layout = themed(fig.layout);
+  const quick = el.querySelector(".quick-heatmap"); // Plotly has not drawn this one yet
+  if (quick && quickable(fig))
+    quick.replaceWith(quickHeatmap({ ...fig, layout }, el.clientWidth, clicks.get(el)));
   draw((Plotly) => Plotly.react(el, fig.data, layout));
 }

@@ -9,6 +9,7 @@ import {
   histogramFigure,
   nearestEdge,
 } from "../src/charts";
+import { count } from "../src/format";
 
 const edges = Array.from({ length: 225 }, (_, i) => 10 ** ((i - 192) / 16));
 
@@ -125,5 +126,13 @@ describe("Venn", () => {
     expect(d).toBeGreaterThan(Math.abs(ra - rb));
     expect(d).toBeLessThan(ra + rb);
     expect(circleDistance(a, b, 0)).toBeCloseTo(ra + rb, 6);
+  });
+});
+
+describe("counts", () => {
+  it("groups thousands as en-US Intl does", () => {
+    const intl = new Intl.NumberFormat("en-US");
+    for (const n of [0, 7, 999, 1000, 12345, 1234567, 9007199254740991, 1234.5678, 1e21])
+      expect(count(n)).toBe(intl.format(n));
   });
 });

@@ -27,6 +27,7 @@ import type { Context } from "../context";
 import { card, h, panel } from "../dom";
 import { int, pct, sci, tauText } from "../format";
 import { plotInto, replot } from "../plot";
+import { overviewPaths } from "../prefetch";
 import { METRICS, format, withState, type Metric, type Mode, type Scale } from "../state";
 import { maskExport } from "../mask";
 import { csvForTables } from "../export";
@@ -47,13 +48,14 @@ export async function renderPair(ctx: Context): Promise<void> {
   const atExact = state.mode === (job.relative ? "rel" : "abs") && job.taus.includes(state.tau);
   const changedAt = (tau: number) =>
     get<TensorChanged>(`/api/analyses/${id}/tensor-changed?tau=${tau}&mode=${state.mode}`);
+  const paths = overviewPaths(state);
   const [summary, cube, curve, heat, checkpoints, rows] = await Promise.all([
-    get<PairSummary>(`/api/analyses/${id}/summary`),
-    get<HeatmapCube>(`/api/analyses/${id}/heatmap-cube?mode=${state.mode}`),
-    get<SparsityCurve>(`/api/analyses/${id}/sparsity-curve?mode=${state.mode}`),
-    get<Heatmap>(`/api/analyses/${id}/heatmap?metric=${state.metric}&tau=${state.tau}&mode=${state.mode}`),
-    get<Checkpoint[]>("/api/checkpoints"),
-    get<ExactRow[]>(`/api/analyses/${id}/tensors`),
+    get<PairSummary>(paths.summary),
+    get<HeatmapCube>(paths.cube),
+    get<SparsityCurve>(paths.curve),
+    get<Heatmap>(paths.heat),
+    get<Checkpoint[]>(paths.checkpoints),
+    get<ExactRow[]>(paths.tensors),
   ]);
   if (!ctx.alive()) return;
   const edges = cube.bin_edges;
@@ -206,6 +208,7 @@ export async function renderPair(ctx: Context): Promise<void> {
       const hit = rows.find((t) => t.layer === cube.layers[i] && t.matrix === cube.matrices[j]);
       if (hit) ctx.navigate(withState(state, { view: "tensor", tensor: hit.name, tau: tauNow() }));
     },
+    true, // drawn at once (quickheatmap.ts), before Plotly has started
   );
   heatEl.id = "heatmap";
   const row = h("div", { class: "grid2" });
