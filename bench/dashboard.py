@@ -11,7 +11,10 @@ a fresh Chromium context (empty cache) several times and prints, in one run:
   the 0.8 s target, and a repeat visit in the same context (hashed assets from the cache). The first
   heatmap drawn is the quick SVG one (frontend/src/quickheatmap.ts: every cell in Plotly's colours,
   the values in the cells, axis labels and colour bar, all in one DOM insertion; checked below), or
-  Plotly's where that draws first; the time to Plotly's interactive heatmap is printed too;
+  Plotly's where that draws first; the time to Plotly's interactive heatmap is printed too. In the
+  page, from navigation start: when each is inserted, and when the first is painted (the task after
+  the next frame). The wall clock also pays Playwright's navigation and polling, and a poll cannot
+  run while Plotly's start-up holds the page's main thread, after the quick heatmap is painted;
 - the baseline the page cannot beat, measured side by side: the API requests behind the page,
   made one after another, and the ratio page / API;
 - the load average before and after (the machine is shared: absolute times are noisy).
@@ -56,18 +59,27 @@ PAGE_REQUESTS = (
 # the first heatmap: the quick SVG one or Plotly's (its drag layer is drawn last), whichever is first
 FIRST = "#heatmap .quick-heatmap, #heatmap .nsewdrag"
 INTERACTIVE = "#heatmap .nsewdrag"
-# in the page: ms from navigation start to the DOM insertion of each (no polling latency)
+# in the page: ms from navigation start to the DOM insertion of each (no polling latency), and for the
+# first one to the task after the next frame (its paint: the same wait plot.ts makes Plotly take)
 OBSERVE = f"""window.__seen = {{}}; new MutationObserver(() => {{
   for (const [k, sel] of [['first', '{FIRST}'], ['interactive', '{INTERACTIVE}']])
-    if (!window.__seen[k] && document.querySelector(sel)) window.__seen[k] = performance.now();
+    if (!window.__seen[k] && document.querySelector(sel)) {{
+      window.__seen[k] = performance.now();
+      requestAnimationFrame(() => {{
+        const c = new MessageChannel();
+        c.port1.onmessage = () => (window.__seen[k + 'Painted'] = performance.now());
+        c.port2.postMessage(null);
+      }});
+    }}
 }}).observe(document, {{subtree: true, childList: true}});"""
 # what the quick heatmap holds when first seen: [cells, cell values, x labels, y labels, colour bar ticks]
 QUICK_PARTS = """() => ['.cells rect', '.celltext', '.xt', '.yt', '.cbtick'].map(
   (s) => document.querySelectorAll('#heatmap .quick-heatmap ' + s).length)"""
-# the page's own files as the browser fetched them: [name, bytes on the wire, encoded body, decoded body]
+# what the page fetched (its own files and the API): [name, bytes on the wire, encoded body, decoded
+# body, ms from navigation start to the request's start and to its response's end]
 RESOURCES = """() => performance.getEntries()
-  .filter((e) => e.entryType === "navigation" || e.name.includes("/assets/"))
-  .map((e) => [e.name, e.transferSize, e.encodedBodySize, e.decodedBodySize])"""
+  .filter((e) => e.entryType === "navigation" || e.entryType === "resource")
+  .map((e) => [e.name, e.transferSize, e.encodedBodySize, e.decodedBodySize, e.startTime, e.responseEnd])"""
 
 
 def make_pair(root: Path, layers: int, hidden: int) -> tuple[Path, Path]:
@@ -109,14 +121,21 @@ def print_bundle() -> None:
     print(f"  {'all':40} {' '.join(kib(sum(col)) for col in zip(*sizes))}")
 
 
-def print_fetched(entries: list) -> None:
-    """What one fresh page load fetched, by the browser's own resource timing."""
+def print_fetched(everything: list, seen: list[float]) -> None:
+    """What one fresh page load fetched, by the browser's own resource timing, and when (its first
+    fresh context, the API's caches warm: `seen` holds its in-page times)."""
+    print("\nthe last fresh context's timeline, ms from navigation start (request start -> response end):")
+    for name, *_, start, end in sorted(everything, key=lambda e: e[4]):
+        print(f"  {start:6.0f} -> {end:6.0f}  {name.split('/', 3)[-1][:70]}")
+    for what, at in zip(("first heatmap inserted", "painted", "Plotly's heatmap inserted"), seen):
+        print(f"  {1000 * at:16.0f}  {what}")
+    entries = [e for e in everything if "/api/" not in e[0]]
     wire, decoded = sum(e[1] for e in entries), sum(e[3] for e in entries)
     print(
         f"a fresh overview page fetched {len(entries)} static files: {kib(decoded).strip()} decoded, "
         f"{kib(wire).strip()} on the wire (headers included)"
     )
-    for name, _, encoded, dec in sorted(entries, key=lambda e: -e[3]):
+    for name, _, encoded, dec, *_ in sorted(entries, key=lambda e: -e[3]):
         file = name.rsplit("/", 1)[-1] if "/assets/" in name else "index.html"
         print(f"  {file:40} {kib(dec)} decoded {kib(encoded)} encoded")
 
@@ -164,7 +183,7 @@ def measure(urls: dict[str, str], repeat: int) -> dict[str, tuple[list, list, li
                 page = context.new_page()
                 for times in (fresh, cached):
                     start = time.perf_counter()
-                    page.goto(url, wait_until="commit")  # not its load event: that waits for preloads
+                    page.goto(url, wait_until="commit")  # from the navigation's start, not its load event
                     page.locator(FIRST).first.wait_for(timeout=60_000)
                     times.append(time.perf_counter() - start)
                     parts = page.evaluate(QUICK_PARTS)
@@ -172,9 +191,10 @@ def measure(urls: dict[str, str], repeat: int) -> dict[str, tuple[list, list, li
                     page.locator(INTERACTIVE).wait_for(timeout=60_000)
                     if times is fresh:
                         interactive.append(time.perf_counter() - start)
+                        page.wait_for_function("() => window.__seen.firstPainted", timeout=60_000)
                         at = page.evaluate("() => window.__seen")
-                        seen.append([at["first"] / 1000, at["interactive"] / 1000])
-                    entries[:] = entries or page.evaluate(RESOURCES)
+                        seen.append([at[k] / 1000 for k in ("first", "firstPainted", "interactive")])
+                        entries[:] = page.evaluate(RESOURCES)  # the last fresh context's (a warm API)
                 context.close()
         browser.close()
     return out
@@ -220,7 +240,7 @@ def main() -> None:
             results = measure(urls, args.repeat)
     load_after = os.getloadavg()
     print_bundle()
-    print_fetched(results["this build"][3])
+    print_fetched(results["this build"][3], results["this build"][4][-1])
     print(
         f"\n{args.layers}-layer Llama (hidden {args.hidden}); median of {args.repeat}, "
         "a fresh browser context each (empty cache)"
@@ -234,14 +254,17 @@ def main() -> None:
         )
         print(f"{'interactive (Plotly) heatmap, fresh context':52} {statistics.median(interactive):6.2f} s")
         print(f"{'first heatmap, repeat visit (assets cached)':52} {statistics.median(cached):6.2f} s")
-        first_in, interactive_in = (statistics.median(x) for x in zip(*seen))
+        first_in, painted_in, interactive_in = (statistics.median(x) for x in zip(*seen))
         print(f"{'in the page (navigation start -> inserted): first':52} {first_in:6.2f} s")
+        print(f"{'in the page: first, painted (the frame after)':52} {painted_in:6.2f} s")
         print(f"{'in the page: interactive (Plotly)':52} {interactive_in:6.2f} s")
     first, api_s = statistics.median(results["this build"][0]), statistics.median(api_times)
     print(f"{'baseline: the API requests behind it, in a row':52} {api_s:6.2f} s")
     print(f"ratio page/API: {first / api_s:.1f}")
-    verdict = "met" if first <= TARGET_S else f"missed by {first - TARGET_S:.2f} s"
-    print(f"target ≤ {TARGET_S} s to the first heatmap: {verdict}")
+    painted = statistics.median(x[1] for x in results["this build"][4])
+    for what, t in (("wall clock, as Playwright sees it", first), ("painted, in the page", painted)):
+        verdict = "met" if t <= TARGET_S else f"missed by {t - TARGET_S:.2f} s"
+        print(f"target ≤ {TARGET_S} s to the first heatmap ({what}): {verdict}")
     print(
         "load average (1, 5, 15 min) before: "
         + ", ".join(f"{x:.2f}" for x in load_before)

@@ -32,25 +32,6 @@ function precompress(): Plugin {
   };
 }
 
-/** A <link rel="modulepreload"> for Plotly's chunk (src/plotly.ts) in index.html: the browser fetches
- * and compiles it beside the app's own code from the start, and runs it only when src/plot.ts or
- * src/main.ts imports it (after the overview's quick heatmap has been painted). */
-function preloadPlotly(): Plugin {
-  return {
-    name: "deltalens-preload-plotly",
-    apply: "build",
-    transformIndexHtml: {
-      order: "post",
-      handler(_html, ctx) {
-        const chunk = Object.values(ctx.bundle ?? {}).find((c) => c.type === "chunk" && c.name === "plotly");
-        if (!chunk) throw new Error("no plotly chunk to preload");
-        const attrs = { rel: "modulepreload", crossorigin: true, href: `/${chunk.fileName}` };
-        return [{ tag: "link", attrs, injectTo: "head" }];
-      },
-    },
-  };
-}
-
 /** Modules plotly.js' sources import for trace types src/plotly.ts leaves out, resolved to nothing:
  * the registry requires maplibre's stylesheet (map traces) whatever is registered. */
 const UNUSED = new Set(["maplibre-gl/dist/maplibre-gl.css"]);
@@ -64,7 +45,7 @@ function stubUnused(): Plugin {
 }
 
 export default defineConfig({
-  plugins: [stubUnused(), preloadPlotly(), precompress()],
+  plugins: [stubUnused(), precompress()],
   define: { global: "globalThis" }, // plotly.js' sources (src/plotly.ts) were written for browserify
   // the API serves the build from inside the Python package (deltalens/backend/dashboard)
   build: { outDir: "../backend/dashboard", emptyOutDir: true, chunkSizeWarningLimit: 1600 },

@@ -246,6 +246,22 @@ def test_randomized_route_is_float64_accurate_for_a_generic_update(monkeypatch, 
     assert g["drift"] == pytest.approx(ref["drift"], rel=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e-24, 2.0**-130], ids=["huge", "tiny", "subnormal-f32"])
+def test_randomized_route_does_not_depend_on_the_weights_scale(monkeypatch, scale):
+    """The float32 steps see the matrix scaled by a power of two: weights far outside float32's
+    comfortable range give the figures of the unscaled matrix (no overflow to NaN, no underflow)."""
+    monkeypatch.setattr(G, "EXACT_MAX", 100)
+    rng = np.random.default_rng(4)
+    w0 = rng.standard_normal((200, 150)) * np.geomspace(1, 0.01, 150)
+    w1 = w0 + 1e-3 * rng.standard_normal((200, 150))
+    ref = G.geometry(w0.copy(), w1.copy(), 1e-4, False)
+    g = G.geometry(w0 * scale, w1 * scale, 1e-4 * scale, False)
+    assert g["method"] == ref["method"] == "randomized"
+    for key in ("energy_in_topk", "left_in_topk", "right_in_topk", "drift"):
+        assert g[key] == pytest.approx(ref[key], rel=1e-9), key
+    assert g["angles"]["left_max_deg"] == pytest.approx(ref["angles"]["left_max_deg"], abs=1e-6)
+
+
 def test_top_selections_exact_where_the_sample_misleads():
     """The top-p % selections equal a stable sort's, ties in row-major order, also when the strided
     sample sees only large values (fewer candidates than K: all values are searched) or none."""

@@ -160,7 +160,7 @@ class FusedPairAccumulator:
         """Runs the kernel on the pending run of rows, on THREADS threads, and waits for it."""
         if self._pending is None:
             return
-        base, target, row0, rows, _ = self._pending
+        base, target, row0, rows, chunks = self._pending  # chunks: the memory the kernel reads
         self._pending = None
         cols, kind = base.shape[1], _KINDS[base.dtype]
         m = self.map
@@ -199,6 +199,7 @@ class FusedPairAccumulator:
             )
 
         _run_parallel([call(p) for p in range(parts) if bounds[p + 1] > bounds[p]])
+        del chunks  # released only once the kernel is done with them
 
     def result(self) -> dict:
         self._flush()

@@ -101,6 +101,17 @@ def _like(x: np.ndarray, ref):
     return x if isinstance(ref, np.ndarray) else _xp(ref).asarray(x, device=ref.device)
 
 
+def _unit(b):
+    """b scaled by the power of two (exact) that brings its largest |entry| into [0.5, 1): float32
+    products of it neither overflow nor underflow, whatever the weights' scale (a subspace does not
+    depend on it)."""
+    top = float(abs(b).max()) if b.shape[0] * b.shape[1] else 0.0
+    if not top or not math.isfinite(top):
+        return b
+    exponent = math.frexp(top)[1]
+    return b * math.ldexp(1.0, -exponent) if exponent else b
+
+
 def _top(b, q: int, start=None):
     """The top q singular triplets of long × short b (long vectors, σ, short vectors with the
     oversampled rest, b·short, method). start: (short basis S, b·S) near b's top short subspace;
@@ -111,7 +122,7 @@ def _top(b, q: int, start=None):
     if start is None:
         omega = np.random.default_rng(0).standard_normal((r, min(r, q + OVERSAMPLE)))
         basis = _orth(_like(omega, b))
-        b32 = _cast(b, "float32") if POWER_ITERS32 else None  # exact for bf16, f16 and f32 weights
+        b32 = _cast(_unit(b), "float32") if POWER_ITERS32 else None  # exact for bf16, f16 and f32 weights
         for _ in range(POWER_ITERS32):
             basis = _orth(_cast(b32.T @ (b32 @ _cast(basis, "float32")), "float64"))
         del b32

@@ -45,7 +45,7 @@ async function request<T>(method: string, path: string, body?: unknown, raw?: Bo
 
 /** GETs started before the code that reads them has loaded (main.ts: an analysis' status, and the
  * overview's data, while its view's chunk loads): the next get() of a path takes it; the next getAhead()
- * drops any not taken. */
+ * drops any not taken. A GET started early that failed is made again. */
 const ahead = new Map<string, Promise<unknown>>();
 export function getAhead(paths: string[]): void {
   ahead.clear();
@@ -59,7 +59,8 @@ export function getAhead(paths: string[]): void {
 export function get<T>(path: string): Promise<T> {
   const early = ahead.get(path) as Promise<T> | undefined;
   ahead.delete(path);
-  return early ?? request<T>("GET", path);
+  // asked for before its view knew the analysis was done: a refusal then (409 not_ready) is asked again
+  return early ? early.catch(() => request<T>("GET", path)) : request<T>("GET", path);
 }
 export const post = <T>(path: string, body?: unknown) => request<T>("POST", path, body ?? {});
 export const put = <T>(path: string, data: Blob) => request<T>("PUT", path, undefined, data);

@@ -22,19 +22,21 @@ const VIEWS: Record<View, () => Promise<Renderer>> = {
 
 /** Views that start from their analysis' status (views/analysis.ts): asked for with the view's code. */
 const FROM_STATUS = new Set<View>(["overview", "series", "overlap"]);
-/** Views that plot without a quick heatmap first (plot.ts): Plotly (src/plotly.ts, the largest chunk,
- * preloaded by index.html) starts with the view's code, not once that code has loaded. The overview
- * starts it once its heatmap has been painted. */
+/** Views that plot without a quick heatmap first (plot.ts): Plotly (src/plotly.ts, the largest chunk)
+ * is asked for with the view's code, not once that code has loaded. The overview loads it once its
+ * heatmap has been painted. */
 const PLOTS = new Set<View>(["series", "overlap", "tensor", "compare"]);
 
-/** The requests a view starts with, asked for with its code. */
-function requestsAhead(state: ViewState): string[] {
+/** The requests a view starts with, asked for with its code; a redraw of the same page (an unfinished
+ * analysis polling its status) asks for the status only. */
+function requestsAhead(state: ViewState, redraw: boolean): string[] {
   const status = FROM_STATUS.has(state.view) ? [`/api/analyses/${state.analysis}`] : [];
-  return state.view === "overview" ? [...status, ...Object.values(overviewPaths(state))] : status;
+  return state.view === "overview" && !redraw ? [...status, ...Object.values(overviewPaths(state))] : status;
 }
 
 const root = document.getElementById("app")!;
 let generation = 0;
+let shown = ""; // the URL last rendered
 
 function navigate(state: ViewState, replace = false): void {
   const url = format(state);
@@ -52,7 +54,9 @@ function render(): void {
   const ctx: Context = { state, root, navigate, remember, alive: () => mine === generation };
   root.replaceChildren();
   const loading = VIEWS[state.view](); // first: its chunks before the requests on the browser's 6 connections
-  getAhead(requestsAhead(state));
+  const url = location.pathname + location.search;
+  getAhead(requestsAhead(state, url === shown));
+  shown = url;
   if (PLOTS.has(state.view)) import("./plotly").catch(() => undefined); // plot.ts reports a failure
   loading
     .then((view) => (ctx.alive() ? view(ctx) : undefined)) // not if the user moved on meanwhile

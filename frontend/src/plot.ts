@@ -5,9 +5,10 @@ import { h } from "./dom";
 import { csvButton, fileName, heatmapCsv } from "./export";
 import { quickHeatmap, quickable } from "./quickheatmap";
 
-/** Plotly (src/plotly.ts) is a chunk of its own, fetched and compiled with the page (index.html preloads
- * it) and started on the first draw, or by main.ts with the code of a view that plots. A heatmap it can
- * draw (quickheatmap.ts) shows at once instead, and Plotly starts once that has been painted. */
+/** Plotly (src/plotly.ts) is a chunk of its own, loaded on the first draw, or by main.ts with the code
+ * of a view that plots. A heatmap it can draw (quickheatmap.ts) shows at once instead, and Plotly is
+ * loaded once that has been painted (fetching and compiling it earlier slowed the first paint on 2 cores:
+ * bench/dashboard.py --other-build). */
 let Plotly: any = null; // once started
 let starting: Promise<any> | null = null;
 const startPlotly = () => (starting ??= import("./plotly").then((m) => (Plotly = m.default)));
@@ -103,7 +104,7 @@ export function plotInto(
   container.append(el);
   const layout = themed(fig.layout);
   // until Plotly has started: the quick heatmap, over the place Plotly will fill
-  const drawn = quick && !Plotly && quickable(fig) && el.clientWidth > 0; // laid out: not hidden
+  const drawn = quick && !Plotly && quickable(fig, el.clientWidth);
   if (onClick) clicks.set(el, onClick);
   if (drawn) {
     el.style.minHeight = `${layout.height}px`;
@@ -122,7 +123,8 @@ export function plotInto(
 export function replot(el: HTMLElement, fig: Figure): void {
   const layout = themed(fig.layout);
   const quick = el.querySelector(".quick-heatmap"); // Plotly has not drawn this one yet
-  if (quick && quickable(fig))
+  if (quick && quickable(fig, el.clientWidth))
     quick.replaceWith(quickHeatmap({ ...fig, layout }, el.clientWidth, clicks.get(el)));
+  else quick?.remove(); // not one to draw quick: Plotly's, when it comes
   draw((Plotly) => Plotly.react(el, fig.data, layout));
 }

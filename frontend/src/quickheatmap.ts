@@ -134,9 +134,10 @@ export function textColour(cell: Rgb): string {
 
 /** Whether this figure can be drawn here: one heatmap with a fixed colour range, category axes (the
  * first row on top), no axis titles. */
-export function quickable(fig: Figure): boolean {
+export function quickable(fig: Figure, width: number): boolean {
   const t = fig.data[0];
   return (
+    plotWidth(fig, width) > 0 && // laid out, and wide enough for a plot beside the colour bar
     fig.data.length === 1 &&
     t?.type === "heatmap" &&
     typeof t.zmin === "number" &&
@@ -157,6 +158,10 @@ const CB = { gap: 0.02, pad: 10, thick: 30, width: 114, labelOff: 3.4, titleOff:
 const FONT = '"Open Sans", verdana, arial, sans-serif'; // Plotly's default family
 const LINE_SPACING = 1.3;
 const TICK = "#444"; // Plotly's tick and colour bar outline colour, in either theme
+
+/** The plot area's width in a figure `width` px wide: what the margin and the colour bar leave. */
+const plotWidth = (fig: Figure, width: number) =>
+  Math.round((width - fig.layout.margin.l - Math.max(fig.layout.margin.r, CB.width)) / (1 + CB.gap));
 
 /** Plotly's "nice" tick step: the range over at most ~length/40 ticks, rounded up to 2, 5 or 10 × 10^k. */
 function tickStep(range: number, length: number): number {
@@ -194,7 +199,7 @@ export function quickHeatmap(
   const rows = t.z as (number | null)[][],
     xs = t.x as string[],
     ys = t.y as string[];
-  const plotW = Math.round((width - m.l - Math.max(m.r, CB.width)) / (1 + CB.gap)),
+  const plotW = plotWidth(fig, width),
     plotH = height - m.t - m.b;
   const xAt = (j: number) => Math.round(m.l + (plotW * j) / xs.length);
   const yAt = (i: number) => Math.round(m.t + (plotH * i) / ys.length); // reversed: row 0 on top

@@ -51,8 +51,12 @@ describe("which heatmaps draw quick", () => {
       tauLabel: "1e-5",
     });
   it("draws shares (fixed 0–100 % range), not magnitudes scaled to their data", () => {
-    expect(quickable(figure("sparsity", "linear"))).toBe(true);
-    expect(quickable(figure("sparsity", "log"))).toBe(true); // shares ignore log
-    expect(quickable(figure("relative_change", "linear"))).toBe(false);
+    expect(quickable(figure("sparsity", "linear"), 800)).toBe(true);
+    expect(quickable(figure("sparsity", "log"), 800)).toBe(true); // shares ignore log
+    expect(quickable(figure("relative_change", "linear"), 800)).toBe(false);
+  });
+  it("needs room for a plot beside the colour bar (0: not laid out)", () => {
+    expect(quickable(figure("sparsity", "linear"), 0)).toBe(false);
+    expect(quickable(figure("sparsity", "linear"), 150)).toBe(false);
   });
 });
