@@ -17,8 +17,8 @@
  * may have moved (bits differ, or the base is NaN/±Inf, whose Δ is NaN even against equal bits); a
  * run with none costs nothing more (its lanes have Δ = 0: in no mask, adding 0 to ΣΔ²). Otherwise
  * its Δ, ΣΔ² and 16 mask and sign bits come from branch-free vector code. Series counts are
- * popcounts of those masks; overlap codes are built 16 lanes at a time and counted (every lane of a
- * block where some run has a mask bit). Lanes never counted are in no mask: patterns[0] and
+ * popcounts of those masks; overlap codes are built 16 lanes at a time and counted for the lanes
+ * in some mask. Lanes never counted are in no mask: patterns[0] and
  * first[0][R] are n minus the rest. Σb² runs over every element. Sums are kept per lane and added
  * up at the end (a fixed order, not a plain element loop's: compared with a tolerance).
  *
@@ -175,10 +175,13 @@ ALWAYS_INLINE void mask_impl(int kind, const Call *call, const Work *w) {
             touched += __builtin_popcount(seen);
             continue;
         }
-        uint16_t codes[LANES]; /* every lane (padding: code 0, taken off below) */
+        uint16_t codes[LANES];
         codes_of(masks, R, codes);
-        for (int i = 0; i < LANES; i++) hist[(int64_t)codes[i] << 2 | (i & 3)]++;
-        counted += LANES;
+        for (uint32_t lanes = any; lanes; lanes &= lanes - 1) { /* the lanes in some mask (never padding) */
+            int i = __builtin_ctz(lanes);
+            hist[(int64_t)codes[i] << 2 | (i & 3)]++;
+        }
+        counted += __builtin_popcount(any);
         for (int64_t i = 0; i < R; i++)
             for (int64_t j = i; j < R; j++) {
                 int64_t both = __builtin_popcount(masks[i] & masks[j] & ~(ups[i] ^ ups[j]));
