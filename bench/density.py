@@ -11,7 +11,7 @@ fresh process with a warm page cache, the rows of bench/pair.py:
   engine: `deltalens analyze BASE TARGET --no-rank --no-geometry` (every one-pass figure)
   naive:  load both state dicts fully, then `(t.float() - b.float()).abs() > τ` per tensor
 Runs interleave (every density's rows once, then again) so load from other processes hits all
-alike; it prints the best of --repeat, peak RSS, the ratios against the targets (engine <= 3x read,
+alike; it prints the median of --repeat, peak RSS, the ratios against the targets (engine <= 3x read,
 naive >= 5x engine, peak RSS <= 1.2 GiB) and the machine's load average before and after.
 --other-kernel adds one more row, interleaved with the others: the engine with another build of
 worker/_fastpair.c (same pair_rows signature), for an old/new kernel ratio under the same load.
@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def main() -> None:
     params = sum(math.prod(s) for _, s in shapes(c, layers))
     print(
         f"qwen2-0.5b-shaped bf16 pairs: {layers} layers, {params / 1e6:,.0f}M parameters, "
-        f"{sizes['10%']:.2f} GB read per pair; {os.cpu_count()} CPU cores; best of {args.repeat} "
+        f"{sizes['10%']:.2f} GB read per pair; {os.cpu_count()} CPU cores; median of {args.repeat} "
         f"(process start included); {before} before, {after} after"
     )
     head = (
@@ -170,7 +171,7 @@ def main() -> None:
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, WIDTHS)) + "  count at τ=1e-5")
     met = []
     for d in runs:
-        best = {k: (min(t for t, _ in v), max(r for _, r in v)) for k, v in times[d].items()}
+        best = {k: (statistics.median(t for t, _ in v), max(r for _, r in v)) for k, v in times[d].items()}
         doc = json.loads((out / f"engine-{d[:-1]}.json").read_text())
         changed = doc["summary"]["changed"][0]["count"]
         ulp = doc["summary"]["precision"]["ulp_hist"]  # [0]: stored value unchanged

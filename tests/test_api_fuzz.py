@@ -44,7 +44,7 @@ from service import ROOT, hosted, wait_done, wait_for
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-EXAMPLES = int(os.environ.get("DELTALENS_FUZZ_EXAMPLES", "20"))  # per operation and generation mode
+EXAMPLES = int(os.environ.get("DELTALENS_FUZZ_EXAMPLES", "10"))  # per operation and generation mode
 REPORT = ROOT / "test-output" / "reliability" / "api_fuzz.json"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 NEGATIVE_CHECKS = [*CHECKS, negative_data_rejection]
